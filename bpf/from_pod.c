@@ -1,0 +1,39 @@
+/* Programs on the pod's host veth, tc ingress: every frame the pod sends ("from the pod"). */
+#include "lib/deliver.h"
+#include "lib/flows.h"
+
+/* Fast path for pod-to-pod IPv4: straight into a local pod, or straight to vxsknf for a pod on
+ * another node. Everything else -- ARP, IPv6, the gateway, the Internet, Services, learned NAT
+ * flows, pods this node does not know yet -- stays on the kernel path (TC_ACT_OK). */
+static __always_inline int forward_from_pod(struct __sk_buff *skb)
+{
+	struct sknf_config *cfg = node_config();
+	struct endpoint_info *ep;
+	struct packet pkt = {};
+
+	if (!cfg || parse_ipv4(skb, &pkt) < 0)
+		return TC_ACT_OK;
+	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask) || is_kernel_flow(&pkt.tuple))
+		return TC_ACT_OK;
+	ep = endpoints.lookup(&pkt.tuple.daddr);
+	if (ep)
+		return deliver_to_pod(skb, &pkt, ep);
+	/* Local but unknown (the gateway, a pod not attached yet), routed (sent to the gateway's
+	 * MAC) or broadcast/multicast: the bridge knows better. */
+	if (in_net(pkt.tuple.daddr, cfg->pod_net, cfg->pod_mask) || mac_equal(pkt.h_dest, cfg->gateway_mac) ||
+	    pkt.h_dest[0] & 1)
+		return TC_ACT_OK;
+	skb->mark |= SKNF_MARK_FAST;
+	return bpf_redirect(cfg->vxlan_ifindex, 0);
+}
+
+/* Hook: tc ingress of the pod's host veth (direction: pod -> node). Counts every frame as the pod's
+ * tx, once, with the path it took. */
+int from_pod(struct __sk_buff *skb)
+{
+	__u32 len = skb->len;
+	int verdict = forward_from_pod(skb);
+
+	count_sent(skb->ifindex, len, verdict);
+	return verdict;
+}

@@ -1,0 +1,122 @@
+/* Types and constants shared by every sknf tc program.
+ *
+ * Python never mirrors these layouts by hand: it reads and writes map entries through the ctypes
+ * that BCC generates from this file, so a field added here is visible there by name.
+ */
+#ifndef SKNF_COMMON_H
+#define SKNF_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_packet.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+
+/* skb->mark bit on frames the fast path redirects to vxsknf, so vxsknf's egress hook can tell them
+ * from frames the kernel path (bridge, netfilter) sent and learns nothing from them. Chosen clear of
+ * kube-proxy's 0x4000/0x8000 bits. */
+#define SKNF_MARK_FAST 0x00200000
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+
+/* Node-wide settings, written by the agent (BpfDatapath.setup_node) into the one-slot config map.
+ * Addresses and masks are in network byte order. vxlan_ifindex == 0 means "not set up yet": every
+ * packet then takes the kernel path. */
+struct sknf_config {
+	__be32 cluster_net;
+	__be32 cluster_mask;
+	__be32 pod_net; /* this node's pod CIDR */
+	__be32 pod_mask;
+	__u32 vxlan_ifindex;
+	__u8 gateway_mac[ETH_ALEN];
+	__u16 pad;
+};
+
+/* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
+struct endpoint_info {
+	__u32 ifindex; /* the pod's host-side veth */
+	__u8 mac[ETH_ALEN]; /* the pod's eth0 */
+	__u16 pad;
+};
+
+/* Per-pod traffic, per CPU, keyed by the host veth's ifindex; seen from the pod (rx = delivered to
+ * it). Bytes are whole frames (skb->len with the Ethernet header), like link statistics. */
+struct pod_counters {
+	__u64 rx_packets;
+	__u64 rx_bytes;
+	__u64 tx_packets;
+	__u64 tx_bytes;
+	__u64 fast_packets; /* sent or received on the fast path */
+	__u64 kernel_packets; /* sent or received through the bridge */
+	__u64 drops; /* refused by a redirect helper */
+};
+
+/* One direction of an IPv4 flow. Ports are zero for protocols without them. */
+struct flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* A flow whose packets must take the kernel path (its NAT lives in conntrack). The agent sets
+ * exempt when conntrack no longer knows the flow and deletes the entry one sweep later; a packet
+ * learned in between clears it again. */
+struct flow_state {
+	__u32 exempt;
+};
+
+/* What the programs need from one frame: its destination MAC and, for IPv4, its own 5-tuple. */
+struct packet {
+	__u8 h_dest[ETH_ALEN];
+	struct flow_key tuple;
+};
+
+static __always_inline int in_net(__be32 addr, __be32 net, __be32 mask)
+{
+	return (addr & mask) == net;
+}
+
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+/* Reads an unfragmented IPv4 frame into pkt. Anything else (ARP, IPv6, fragments, headers the
+ * program cannot see) returns -1, and the caller leaves the frame to the kernel path. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl < 5)
+		return -1;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return -1;
+	__builtin_memcpy(pkt->h_dest, eth->h_dest, ETH_ALEN);
+	pkt->tuple.saddr = ip->saddr;
+	pkt->tuple.daddr = ip->daddr;
+	pkt->tuple.proto = ip->protocol;
+	pkt->tuple.sport = 0;
+	pkt->tuple.dport = 0;
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
+		__be16 *ports = (void *)ip + ip->ihl * 4;
+
+		if ((void *)(ports + 2) > data_end)
+			return -1;
+		pkt->tuple.sport = ports[0];
+		pkt->tuple.dport = ports[1];
+	}
+	return 0;
+}
+
+#endif

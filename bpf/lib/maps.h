@@ -1,0 +1,30 @@
+/* Every map sknf uses, declared once and pinned by name under SKNF_PIN_DIR, so a restarted agent
+ * (a second, separate load of these programs) finds the same endpoints, counters and learned flows
+ * while the programs already attached keep forwarding. */
+#ifndef SKNF_MAPS_H
+#define SKNF_MAPS_H
+
+#include "common.h"
+
+#ifndef SKNF_PIN_DIR
+#define SKNF_PIN_DIR "/sys/fs/bpf/sknf"
+#endif
+#ifndef SKNF_MAX_ENDPOINTS
+#define SKNF_MAX_ENDPOINTS 16384
+#endif
+/* The agent passes nf_conntrack_max: one learned flow per conntrack entry at most. */
+#ifndef SKNF_MAX_FLOWS
+#define SKNF_MAX_FLOWS 262144
+#endif
+
+BPF_TABLE_PINNED("array", __u32, struct sknf_config, config, 1, SKNF_PIN_DIR "/config");
+BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, endpoints, SKNF_MAX_ENDPOINTS,
+		 SKNF_PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("percpu_hash", __u32, struct pod_counters, pod_counters, SKNF_MAX_ENDPOINTS,
+		 SKNF_PIN_DIR "/pod_counters");
+/* No LRU and no timers: losing a live flow's entry would fast-path its replies un-NATed and break
+ * it. Entries go only when conntrack has forgotten the flow (see sknf/datapath/flows.py). */
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,
+		 SKNF_PIN_DIR "/kernel_flows", BPF_F_NO_PREALLOC);
+
+#endif

@@ -1,0 +1,5 @@
+import sys
+
+from sknf.cli import main
+
+sys.exit(main())

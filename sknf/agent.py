@@ -1,0 +1,177 @@
+"""The node agent: the one place where sknf's parts are wired together.
+
+Start-up order matters and is the contract with kubelet:
+1. configuration, the node's pod subnet, the address store, the datapath (BPF or kernel);
+2. a first full reconcile of the node (bridge, VXLAN, sysctls, iptables, peers, datapath);
+3. DEL requests the plugin queued while no agent was running are replayed;
+4. the CNI socket and the metrics/health endpoints start serving;
+5. only then, if configured, the plugin and its conflist are installed: kubelet reports the node
+   NotReady until a conflist exists, so no pod is scheduled before its network can be built.
+Then it reconciles on a timer and whenever the peer source changes. Stopping the agent leaves the
+network as it is: running pods keep forwarding, and the next agent picks everything up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from sknf import api, cni, ipam, overlay, pod
+from sknf.config import Config, ConfigError, load
+from sknf.datapath import NodeNet
+from sknf.datapath.select import choose
+from sknf.metrics import Metrics, Snapshot
+from sknf.peers import Node, PeerSource, StaticPeerSource
+from sknf.stats import Sampler, handle_query
+
+log = logging.getLogger("sknf.agent")
+
+
+def peer_source(cfg: Config) -> PeerSource:
+    if cfg.peer_source == "kubernetes":
+        from sknf.kube import KubePeerSource  # the kubernetes client costs 0.3 s to import
+
+        return KubePeerSource(cfg)
+    return StaticPeerSource(cfg.peers_file)
+
+
+def node_pod_cidr(cfg: Config, source: PeerSource, peers: list[Node]) -> ipaddress.IPv4Network:
+    """This node's pod subnet: configured, else what the cluster assigned, else carved without collisions."""
+    if cfg.pod_cidr is not None:
+        return cfg.pod_cidr
+    own = next((p for p in peers if p.name == cfg.node_name and p.pod_cidr), None)
+    if own is not None:
+        return ipaddress.IPv4Network(own.pod_cidr)
+    assigned = getattr(source, "own_pod_cidr", None)
+    if assigned is not None and (cidr := assigned()) is not None:
+        return ipaddress.IPv4Network(cidr)
+    taken = [ipaddress.IPv4Network(p.pod_cidr) for p in peers if p.pod_cidr and p.name != cfg.node_name]
+    carved = ipam.carve_subnet(cfg.cluster_cidr, cfg.node_subnet_prefix, taken, cfg.state_dir)
+    if carved.replaced is not None:
+        log.warning("pod subnet %s now collides with another node's; moved to %s", carved.replaced, carved.subnet)
+    return carved.subnet
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.source = peer_source(cfg)
+        self.peers = self.source.nodes()
+        self.pod_cidr = node_pod_cidr(cfg, self.source, self.peers)
+        self.store = ipam.Store(cfg.state_dir, self.pod_cidr)
+        self.datapath = choose(cfg)
+        self.node: overlay.NodeOverlay | None = None
+        self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
+        self.metrics = Metrics(self.snapshot)
+        self.sampler = Sampler()
+        self.stop = threading.Event()
+        self.serving = False
+        self._servers: list = []
+
+    # -- reconcile -----------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Bring the node to the desired state; each step is idempotent and reports its own errors."""
+        if self.source.changed():
+            self.peers = self.source.nodes()
+        node = overlay.ensure_node(self.cfg, self.pod_cidr)
+        overlay.sync_peers(node, self.peers, self.cfg.node_name)
+        overlay.ensure_rules(self.cfg, node, self.peers)
+        self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
+                                         gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
+                                         cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
+        if self.node is None:
+            self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
+        self.node = node
+        pod.remove_orphan_links(self.net)
+        pod.sync_datapath(self.net)
+
+    def _reconcile_logged(self) -> None:
+        try:
+            self.reconcile()
+        except Exception as e:  # keep running: the next round may succeed (API back, link returned)
+            self.metrics.reconcile_error(type(e).__name__)
+            log.exception("reconcile failed: %s", e)
+
+    # -- serving -------------------------------------------------------------------------------
+    def handle_cni(self, req: cni.Request) -> dict | None:
+        started = time.perf_counter()
+        result = "error"
+        try:
+            out = pod.VERBS[req.command](self.net, req)
+            result = "success"
+            return out
+        finally:
+            self.metrics.observe_cni(req.command, result, time.perf_counter() - started)
+
+    def snapshot(self) -> Snapshot:
+        counters = self.datapath.read_counters()
+        return Snapshot(
+            node=self.cfg.node_name,
+            datapath_mode=self.datapath.mode,
+            datapath_reason=self.datapath.reason,
+            pods=[(lease, counters.get(lease.host_ifname)) for lease in self.store.leases()],
+            ipam_allocated=self.store.allocated,
+            ipam_capacity=self.store.capacity,
+            peers=sum(1 for p in self.peers if p.name != self.cfg.node_name),
+        )
+
+    def ready(self) -> bool:
+        return self.node is not None and self.serving
+
+    def replay_pending_dels(self) -> None:
+        for raw in cni.drain_pending_dels(self.cfg.state_dir):
+            try:
+                pod.delete(self.net, cni.parse_request(raw["env"], raw["config"]))
+            except Exception as e:
+                log.error("replaying a queued DEL failed: %s", e)
+
+    def run(self) -> None:
+        log.info("sknf agent on %s: cluster %s, pod subnet %s, datapath %s%s", self.cfg.node_name,
+                 self.cfg.cluster_cidr, self.pod_cidr, self.datapath.mode,
+                 f" ({self.datapath.reason})" if self.datapath.reason else "")
+        self.reconcile()  # the first one must succeed: a node without its network must not serve
+        self.replay_pending_dels()
+        self._servers.append(api.serve(self.cfg.socket_path, {
+            "cni": self.handle_cni,
+            "stats": lambda _req: handle_query(self.sampler, self.snapshot()),
+        }))
+        self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
+        self.serving = True
+        if self.cfg.install_cni:
+            from sknf import install
+
+            install.install(self.cfg)
+        log.info("ready: serving CNI on %s, metrics on %s", self.cfg.socket_path, self.cfg.metrics_bind)
+        next_full = time.monotonic() + self.cfg.reconcile_interval
+        while not self.stop.wait(1.0):
+            self.sampler.tick(self.snapshot())
+            if self.source.changed() or time.monotonic() >= next_full:
+                self._reconcile_logged()
+                next_full = time.monotonic() + self.cfg.reconcile_interval
+        for server in self._servers:
+            server.shutdown()
+        log.info("stopped; pod networking stays in place")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="YAML settings (environment variables override)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        logging.basicConfig()
+        log.error("bad configuration: %s", e)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop.set())
+    agent.run()
+    return 0

@@ -1,0 +1,38 @@
+"""`sknf` command line: one subcommand per module, imported only when chosen (start-up stays fast).
+
+Each module named in COMMANDS provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "agent": ("sknf.agent", "run the node agent (DaemonSet entry point)"),
+    "stats": ("sknf.stats", "per-pod traffic on this node"),
+    "lab": ("sknf.lab", "a simulated multi-node cluster in network namespaces"),
+    "install-cni": ("sknf.install", "install the CNI plugin and its conflist"),
+    "cleanup": ("sknf.cleanup", "remove everything sknf made on this node"),
+    "bench": ("sknf.bench", "benchmarks (datapath, cni, scale)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="sknf", description="sknf: a simple Kubernetes network fabric")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Agent configuration: one frozen dataclass, read from a YAML file and/or the environment.
+
+Environment variables win over the file, so a DaemonSet can set the two settings users edit
+(CLUSTER_CIDR, HOST_PHYSICAL_IF) and NODE_NAME from the downward API while the rest comes from a
+ConfigMap. Every error names the field (and its source) that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BRIDGE = "brsknf"
+VXLAN = "vxsknf"
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+DATAPATHS = ("auto", "bpf", "kernel")
+PEER_SOURCES = ("static", "kubernetes")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message starts with the field name."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str
+    cluster_cidr: ipaddress.IPv4Network
+    host_physical_if: str | None = None  # None: the interface of the default route
+    pod_cidr: ipaddress.IPv4Network | None = None  # None: from the peer source, else carved
+    node_subnet_prefix: int = 24
+    vxlan_vni: int = 1
+    vxlan_port: int = 4789
+    mtu: int | None = None  # pod/overlay MTU; None: underlay MTU - 50
+    datapath: str = "auto"
+    peer_source: str = "static"
+    peers_file: Path | None = None
+    kubeconfig: Path | None = None
+    masquerade: bool = True
+    state_dir: Path = Path("/var/lib/sknf")
+    run_dir: Path = Path("/run/sknf")
+    bpf_pin_dir: Path = Path("/sys/fs/bpf/sknf")
+    metrics_bind: str = "0.0.0.0:9655"
+    reconcile_interval: float = 10.0
+    install_cni: bool = False
+    cni_bin_dir: Path = Path("/opt/cni/bin")
+    cni_conf_dir: Path = Path("/etc/cni/net.d")
+    cni_conf_name: str = "10-sknf.conflist"
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def socket_path(self) -> Path:
+        """The agent's root-only CNI socket; the conflist carries this path to the plugin."""
+        return self.run_dir / "sknf.sock"
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int]:
+        host, _, port = self.metrics_bind.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _env_name(name: str) -> str:
+    return name.upper()
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    """Turn one raw value (YAML scalar or env string) into the field's type, or raise naming it."""
+    where = f"{name} (from {source})"
+    try:
+        if name in ("cluster_cidr", "pod_cidr"):
+            net = ipaddress.ip_network(str(raw), strict=True)
+            if not isinstance(net, ipaddress.IPv4Network):
+                raise ConfigError(f"{where}: {raw!r} is not an IPv4 network (IPv6 is not supported)")
+            return net
+        if name in ("node_subnet_prefix", "vxlan_vni", "vxlan_port", "mtu"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if name == "reconcile_interval":
+            return float(raw)
+        if name in ("masquerade", "install_cni"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if name in ("peers_file", "kubeconfig", "state_dir", "run_dir", "bpf_pin_dir", "cni_bin_dir",
+                    "cni_conf_dir"):
+            return Path(str(raw))
+        return str(raw)
+    except ConfigError:
+        raise
+    except ValueError:
+        kind = {int: "an integer", float: "a number", bool: "true or false"}
+        ftype = next(f.type for f in dataclasses.fields(Config) if f.name == name)
+        want = next((v for k, v in kind.items() if k.__name__ in str(ftype)), "a valid value")
+        if name.endswith("cidr"):
+            want = "an IPv4 network such as 10.244.0.0/16"
+        raise ConfigError(f"{where}: {raw!r} is not {want}") from None
+
+
+def _validate(cfg: Config) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name}: {why} (got {getattr(cfg, name)!r})")
+
+    if not _NODE_NAME.match(cfg.node_name):
+        raise bad("node_name", "must be a DNS-1123 subdomain")
+    if cfg.host_physical_if is not None and not _IFNAME.match(cfg.host_physical_if):
+        raise bad("host_physical_if", "must be a Linux interface name (1-15 characters)")
+    if not 8 <= cfg.cluster_cidr.prefixlen <= 28:
+        raise bad("cluster_cidr", "prefix length must be between /8 and /28")
+    if not cfg.cluster_cidr.prefixlen < cfg.node_subnet_prefix <= 30:
+        raise bad("node_subnet_prefix", f"must be longer than the cluster prefix /{cfg.cluster_cidr.prefixlen}"
+                  " and at most 30")
+    if cfg.pod_cidr is not None and not cfg.pod_cidr.subnet_of(cfg.cluster_cidr):
+        raise bad("pod_cidr", f"must lie inside cluster_cidr {cfg.cluster_cidr}")
+    if cfg.pod_cidr is not None and cfg.pod_cidr.prefixlen > 30:
+        raise bad("pod_cidr", "must hold at least two pod addresses (/30 or shorter)")
+    if not 1 <= cfg.vxlan_vni <= 0xFFFFFF:
+        raise bad("vxlan_vni", "must be between 1 and 16777215")
+    if not 1 <= cfg.vxlan_port <= 65535:
+        raise bad("vxlan_port", "must be a UDP port (1-65535)")
+    if cfg.mtu is not None and not 576 <= cfg.mtu <= 9000:
+        raise bad("mtu", "must be between 576 and 9000")
+    if cfg.datapath not in DATAPATHS:
+        raise bad("datapath", f"must be one of {', '.join(DATAPATHS)}")
+    if cfg.peer_source not in PEER_SOURCES:
+        raise bad("peer_source", f"must be one of {', '.join(PEER_SOURCES)}")
+    if cfg.peer_source == "static" and cfg.peers_file is None:
+        raise bad("peers_file", "is required when peer_source is static")
+    if cfg.reconcile_interval <= 0:
+        raise bad("reconcile_interval", "must be positive")
+    try:
+        host, port = cfg.metrics_host_port
+        ipaddress.ip_address(host)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise bad("metrics_bind", "must be ADDRESS:PORT, e.g. 127.0.0.1:9655") from None
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise bad("log_level", "must be debug, info, warning or error")
+
+
+FIELDS = {f.name for f in dataclasses.fields(Config)} - {"extra"}
+REQUIRED = ("node_name", "cluster_cidr")
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build and validate the configuration from an optional YAML file plus the environment."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of settings")
+        for key, raw in doc.items():
+            name = str(key).replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"{key} (from {path}): unknown setting; known: {', '.join(sorted(FIELDS))}")
+            if raw is not None:
+                values[name] = _convert(name, raw, str(path))
+    for name in FIELDS:
+        raw = env.get(_env_name(name))
+        if raw not in (None, ""):
+            values[name] = _convert(name, raw, f"${_env_name(name)}")
+    for name in REQUIRED:
+        if name not in values:
+            raise ConfigError(f"{name}: required (set ${_env_name(name)} or '{name}' in the config file)")
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,77 @@
+"""Datapaths: how pod packets move once the overlay exists (Flannel's backend split, two backends).
+
+Both datapaths share everything the overlay builds (bridge, VXLAN, veths, iptables): that is what
+the kernel path forwards over, and what ARP, the gateway and Services always use. The BPF datapath
+adds tc programs that forward pod traffic on a fast path and count it per pod; the kernel datapath
+leaves forwarding to the bridge and reads per-pod figures from each host veth's link statistics.
+
+The agent picks one at start (`datapath: auto|bpf|kernel`); `auto` tries BPF and falls back to the
+kernel path, saying why once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod's attachment as the datapath sees it (built from its IPAM lease and its host veth)."""
+
+    ip: str
+    mac: str  # the pod-side interface's MAC
+    host_ifname: str
+    host_ifindex: int
+    container_id: str
+    ifname: str
+    namespace: str = ""
+    pod: str = ""
+
+
+@dataclass
+class PodCounters:
+    """Traffic of one pod, seen from the pod: rx = delivered to it, tx = sent by it."""
+
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    fast_packets: int | None = None  # None where the datapath cannot tell (kernel mode)
+    kernel_packets: int | None = None
+    drops: int = 0
+
+
+@dataclass(frozen=True)
+class NodeNet:
+    """Facts about this node's overlay that a datapath needs."""
+
+    bridge_ifindex: int
+    vxlan_ifindex: int
+    gateway_ip: str
+    gateway_mac: str
+    cluster_cidr: str
+    pod_cidr: str
+
+
+class Datapath(Protocol):
+    mode: str  # "bpf" or "kernel"
+    reason: str  # why this mode (e.g. the fallback cause); "" when chosen plainly
+
+    def setup_node(self, node: NodeNet) -> None:
+        """Idempotently prepare node-wide pieces (programs on vxsknf, maps, sysctls)."""
+
+    def attach_pod(self, ep: Endpoint) -> None:
+        """Make the pod's fast path and counters live; must be idempotent."""
+
+    def detach_pod(self, ep: Endpoint) -> None:
+        """Forget the pod; must succeed when it is already gone."""
+
+    def sync_endpoints(self, eps: list[Endpoint]) -> None:
+        """Reconcile to exactly these endpoints (after a restart, or to drop stale entries)."""
+
+    def read_counters(self) -> dict[str, PodCounters]:
+        """Per-pod counters keyed by the pod's host_ifname."""
+
+    def cleanup(self) -> None:
+        """Remove every filter, program and pin this datapath made (mode switch, uninstall)."""

@@ -1,0 +1,382 @@
+"""The Kubernetes peer source: Node objects in, this node's VTEP facts out (Flannel's kube subnet manager).
+
+Why it works this way:
+- The overlay needs three facts per node: its underlay (VTEP) address, its pod subnet and, optionally,
+  its VTEP MAC. Kubernetes already holds the pod subnet (spec.podCIDRs, allocated by the controller
+  manager when the cluster was made with a pod network CIDR) and an InternalIP. What it cannot know --
+  the address of HOST_PHYSICAL_IF, which may differ from the InternalIP, the VXLAN device's MAC, and a
+  subnet the agent carved itself when the cluster allocates none -- each agent publishes as annotations
+  on its own Node under one prefix, `sknf.io/`, as Flannel does with `flannel.alpha.coreos.com/`.
+  Annotations written by other nodes are validated; a bad value is ignored (and logged once), falling
+  back to the InternalIP for the address.
+- One background thread lists the Nodes, then watches from the list's resourceVersion, keeping only the
+  projection the overlay needs (not whole Node objects: those carry image lists and conditions). The
+  agent polls changed()/nodes() from its reconcile loop, so no callback crosses threads.
+- A watch that ends (the server's timeout) resumes from the last resourceVersion seen; 410 Gone means
+  that version was compacted away, so it relists. Any other failure backs off exponentially (capped,
+  jittered so a restarted API server is not hit by every node at once) and resets on success. A relist
+  every `resync` seconds repairs whatever a watch could miss; a node missing from a list is gone.
+- Services need nothing from here: ClusterIP translation stays with kube-proxy's iptables rules, which
+  see every pod packet (pods route Service traffic via their gateway, and bridged frames pass
+  br_netfilter), and the eBPF fast path only short-cuts pod-to-pod frames whose addresses it already
+  knows from local leases. So no Service or Endpoints data is read, and RBAC needs only Nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sknf.config import Config
+from sknf.peers import Node
+
+log = logging.getLogger(__name__)
+
+PREFIX = "sknf.io/"
+UNDERLAY_IP = PREFIX + "underlay-ip"
+VTEP_MAC = PREFIX + "vtep-mac"
+POD_CIDR = PREFIX + "pod-cidr"  # set only when the agent carved its subnet (the Node has no spec.podCIDR)
+ANNOTATIONS = (UNDERLAY_IP, VTEP_MAC, POD_CIDR)
+
+MERGE_PATCH = "application/merge-patch+json"  # names only our keys; null deletes one
+REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: for everything but watches
+WAIT_LOG_EVERY = 15.0  # while waiting for spec.podCIDR, say so this often
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class KubeError(RuntimeError):
+    """The API server cannot be used (config, connection, permission); the message says what to check."""
+
+
+def connect(cfg: Config) -> Any:
+    """A CoreV1Api from cfg.kubeconfig, or from the pod's service account when it is unset."""
+    from kubernetes import client, config  # imported here: it costs 0.3 s, and only this peer source needs it
+
+    try:
+        if cfg.kubeconfig is not None:
+            return client.CoreV1Api(config.new_client_from_config(config_file=str(cfg.kubeconfig)))
+        conf = client.Configuration()
+        config.load_incluster_config(client_configuration=conf)
+        return client.CoreV1Api(client.ApiClient(conf))
+    except (config.ConfigException, OSError) as e:
+        where = f"kubeconfig {cfg.kubeconfig}" if cfg.kubeconfig else "in-cluster service account"
+        raise KubeError(f"{where}: {e} (set kubeconfig, or run in a pod with a service account)") from None
+
+
+def _api_errors() -> tuple[type[BaseException], ...]:
+    """What a failed API call raises: an HTTP status, a transport error, or a garbled body."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    return (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
+
+
+def _describe(e: BaseException) -> str:
+    status = getattr(e, "status", None)
+    if status:
+        return f"HTTP {status} {getattr(e, 'reason', '') or ''}".strip()
+    return f"{type(e).__name__}: {e}"
+
+
+def spec_pod_cidr(obj: dict) -> str | None:
+    """The Node's IPv4 pod subnet from spec.podCIDRs (dual-stack lists one per family) or spec.podCIDR."""
+    spec = obj.get("spec") or {}
+    for raw in [*(spec.get("podCIDRs") or []), spec.get("podCIDR")]:
+        with contextlib.suppress(ValueError, TypeError):
+            return str(ipaddress.IPv4Network(raw))
+    return None
+
+
+def internal_ip(obj: dict) -> str | None:
+    for addr in (obj.get("status") or {}).get("addresses") or []:
+        if addr.get("type") == "InternalIP":
+            with contextlib.suppress(ValueError, TypeError):
+                return str(ipaddress.IPv4Address(addr.get("address")))
+    return None
+
+
+def our_annotations(obj: dict) -> dict[str, str]:
+    meta = obj.get("metadata") or {}
+    return {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(PREFIX)}
+
+
+def _mac(value: str) -> str:
+    if not _MAC.match(value):
+        raise ValueError(f"{value!r} is not a MAC address")
+    return value
+
+
+_CHECKS = {
+    UNDERLAY_IP: lambda v: str(ipaddress.IPv4Address(v)),
+    POD_CIDR: lambda v: str(ipaddress.IPv4Network(v)),
+    VTEP_MAC: _mac,
+}
+
+
+@dataclass
+class _Parser:
+    """Turns Node objects into peers; remembers which bad annotations it already complained about."""
+
+    warned: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def valid(self, name: str, annotations: dict[str, str], key: str) -> str | None:
+        raw = annotations.get(key)
+        if raw is None:
+            return None
+        try:
+            return _CHECKS[key](raw.strip().lower())
+        except ValueError:
+            if (name, key, raw) not in self.warned:
+                self.warned.add((name, key, raw))
+                log.warning("node %s: ignoring annotation %s=%r (not valid)", name, key, raw)
+            return None
+
+    def node(self, obj: dict) -> Node | None:
+        """The peer, or None when it has no usable underlay address yet."""
+        name = (obj.get("metadata") or {}).get("name") or ""
+        ours = our_annotations(obj)
+        ip = self.valid(name, ours, UNDERLAY_IP) or internal_ip(obj)
+        if not name or ip is None:
+            return None
+        cidr = spec_pod_cidr(obj) or self.valid(name, ours, POD_CIDR)
+        return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC))
+
+
+class KubePeerSource:
+    """PeerSource over the Node API; constructing it starts the list+watch thread, close() stops it."""
+
+    def __init__(self, cfg: Config, *, resync: float = 300.0, watch_timeout: float = 240.0,
+                 backoff: tuple[float, float] = (0.5, 30.0), poll: float = 2.0,
+                 sync_wait: float = 10.0) -> None:
+        self.cfg = cfg
+        self.name = cfg.node_name
+        self.resync = resync
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff
+        self.poll = poll
+        self.sync_wait = sync_wait
+        self.api = connect(cfg)
+        self._errors = _api_errors()
+        self._parser = _Parser()
+        self._lock = threading.Lock()
+        self._peers: dict[str, Node] = {}
+        self._own: dict | None = None  # this node's sknf.io/ annotations and spec pod subnet, once seen
+        self._version = 0  # bumped whenever the peer set changes
+        self._returned = 0  # the version nodes() last returned
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._resp: Any = None  # the open watch response, so close() can cut it
+        self._thread = threading.Thread(target=self._run, name="sknf-kube-watch", daemon=True)
+        self._thread.start()
+
+    # -- PeerSource ------------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        if not self._synced.wait(self.sync_wait):
+            raise KubeError(f"no Node list from the API server in {self.sync_wait:.0f}s (errors are logged)")
+        with self._lock:
+            self._returned = self._version
+            return sorted(self._peers.values(), key=lambda n: n.name)
+
+    def changed(self) -> bool:
+        with self._lock:
+            return self._version != self._returned
+
+    def publish_self(self, node: Node) -> None:
+        """Set this node's sknf.io/ annotations, patching only those keys and only when they differ."""
+        if node.name != self.name:
+            raise ValueError(f"publish_self: {node.name!r} is not this node ({self.name!r})")
+        with self._lock:
+            own = self._own
+        if own is None:
+            own = self._own_facts(self._get_own())
+        carved = node.pod_cidr if node.pod_cidr != own["spec_cidr"] else None
+        want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved}
+        diff = {k: v for k, v in want.items() if own["annotations"].get(k) != v}
+        if not diff:
+            return
+        self._patch_annotations(diff)
+        with self._lock:
+            if self._own is not None:
+                merged = {**self._own["annotations"], **diff}
+                self._own["annotations"] = {k: v for k, v in merged.items() if v is not None}
+        log.info("node %s: published %s", self.name, ", ".join(f"{k}={v}" for k, v in diff.items()))
+
+    # -- this node ---------------------------------------------------------------------------------
+    def own_pod_cidr(self, timeout: float | None = 60.0) -> str | None:
+        """This Node's spec.podCIDR, waiting (and saying so) until it is set; None after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, next_log = self.backoff[0], 0.0
+        while True:
+            wait = self.poll
+            try:
+                cidr = spec_pod_cidr(self._get_own())
+                if cidr is not None:
+                    self._check_inside_cluster(cidr)
+                    return cidr
+                why = (f"node {self.name} has no spec.podCIDR yet: the controller manager assigns one when "
+                       "the cluster has a pod network CIDR (kubeadm init --pod-network-cidr)")
+            except KubeError as e:
+                why, wait, delay = str(e), delay, min(delay * 2, self.backoff[1])
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                log.warning("%s; gave up waiting after %.0fs", why, timeout)
+                return None
+            if now >= next_log:
+                log.warning("%s; waiting", why)
+                next_log = now + WAIT_LOG_EVERY
+            if self._stop.wait(wait if deadline is None else min(wait, deadline - now)):
+                return None
+
+    def _check_inside_cluster(self, cidr: str) -> None:
+        if not ipaddress.IPv4Network(cidr).subnet_of(self.cfg.cluster_cidr):
+            raise KubeError(f"node {self.name}: spec.podCIDR {cidr} is outside cluster_cidr "
+                            f"{self.cfg.cluster_cidr}: set CLUSTER_CIDR in the DaemonSet to the cluster's "
+                            "pod network CIDR")
+
+    def _get_own(self) -> dict:
+        try:
+            resp = self.api.read_node(self.name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            return json.loads(resp.data)
+        except self._errors as e:
+            if getattr(e, "status", None) == 404:
+                raise KubeError(f"node {self.name} is not registered (is NODE_NAME the Node name?)") from None
+            raise KubeError(f"node {self.name} cannot be read ({_describe(e)})") from None
+
+    def _patch_annotations(self, annotations: dict[str, str | None]) -> None:
+        try:
+            self.api.patch_node(self.name, {"metadata": {"annotations": annotations}},
+                                _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
+                                _preload_content=False)
+        except self._errors as e:
+            raise KubeError(f"node {self.name}: patching annotations failed ({_describe(e)}; "
+                            "the ClusterRole must allow patch on nodes)") from None
+
+    def remove_annotations(self) -> list[str]:
+        """Delete every sknf.io/ annotation from this Node (uninstall); returns the keys removed."""
+        keys = sorted(our_annotations(self._get_own()))
+        if keys:
+            self._patch_annotations(dict.fromkeys(keys))
+        return keys
+
+    @staticmethod
+    def _own_facts(obj: dict) -> dict:
+        return {"annotations": our_annotations(obj), "spec_cidr": spec_pod_cidr(obj)}
+
+    # -- list + watch --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the watch thread (cuts an open watch at once)."""
+        self._stop.set()
+        sock = getattr(getattr(self._resp, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> KubePeerSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        delay = self.backoff[0]
+        version: str | None = None
+        relist_at = 0.0
+        while not self._stop.is_set():
+            try:
+                if version is None or time.monotonic() >= relist_at:
+                    version = self._list()
+                    relist_at = time.monotonic() + self.resync
+                version = self._watch(version, relist_at)
+                delay = self.backoff[0]
+            except ApiException as e:
+                if e.status == 410:
+                    log.info("node watch expired (410 Gone at resourceVersion %s); relisting", version)
+                    version = None
+                    continue
+                delay = self._pause(e, delay)
+            except self._errors as e:
+                delay = self._pause(e, delay)
+            except Exception as e:  # a garbled event must not end the thread: peers would freeze silently
+                log.exception("node list/watch: unexpected error")
+                delay = self._pause(e, delay)
+
+    def _pause(self, e: BaseException, delay: float) -> float:
+        if not self._stop.is_set():
+            wait = random.uniform(delay / 2, delay)
+            log.warning("node list/watch failed (%s); retrying in %.1fs", _describe(e), wait)
+            self._stop.wait(wait)
+        return min(delay * 2, self.backoff[1])
+
+    def _list(self) -> str | None:
+        resp = self.api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+        doc = json.loads(resp.data)
+        peers: dict[str, Node] = {}
+        own = None
+        for obj in doc.get("items") or []:
+            if (node := self._parser.node(obj)) is not None:
+                peers[node.name] = node
+            if (obj.get("metadata") or {}).get("name") == self.name:
+                own = self._own_facts(obj)
+        with self._lock:
+            if peers != self._peers or not self._synced.is_set():
+                self._version += 1
+            self._peers = peers
+            self._own = own
+        self._synced.set()
+        log.debug("listed %d nodes", len(peers))
+        return (doc.get("metadata") or {}).get("resourceVersion")
+
+    def _watch(self, version: str | None, relist_at: float) -> str | None:
+        """Apply watch events until the server ends the watch; returns the last resourceVersion seen."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ReadTimeoutError
+
+        timeout = max(1, int(min(self.watch_timeout, relist_at - time.monotonic())))
+        self._resp = resp = self.api.list_node(
+            watch=True, resource_version=version, timeout_seconds=timeout, allow_watch_bookmarks=True,
+            _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], timeout + 15))
+        try:
+            for line in resp:
+                if self._stop.is_set():
+                    break
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                self._apply(event.get("type"), obj)
+        except ReadTimeoutError:
+            log.debug("node watch idle past its timeout; reconnecting")
+        finally:
+            self._resp = None
+            resp.release_conn()
+        return version
+
+    def _apply(self, kind: str | None, obj: dict) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if kind not in ("ADDED", "MODIFIED", "DELETED") or not name:
+            return  # BOOKMARK: only its resourceVersion matters
+        node = self._parser.node(obj) if kind != "DELETED" else None
+        with self._lock:
+            if name == self.name:
+                self._own = None if kind == "DELETED" else self._own_facts(obj)
+            if self._peers.get(name) != node:
+                if node is None:
+                    del self._peers[name]
+                else:
+                    self._peers[name] = node
+                self._version += 1

@@ -1,0 +1,609 @@
+"""A simulated cluster on one machine, entirely inside network namespaces: `sknf lab up|check|down`.
+
+Topology (every address lives in a namespace the lab made):
+
+    <p>-inet  203.0.113.10 ("the Internet": a TEST-NET host with no route to pods)
+       |
+    <p>-ul    198.51.100.1 / 203.0.113.1: the underlay switch and the nodes' default router
+       |
+    <p>-n1 .. <p>-nN   node i: eth0 198.51.100.(10+i), its own `sknf agent` process, kube-proxy-style
+       |               ClusterIP rules; pods <p>-n<i>p<j> set up by calling the real CNI plugin chain
+    pods               exactly as a container runtime does.
+
+`check` proves the seed design's flows with real TCP/UDP and asserts who the far end saw as the
+source: pod<->pod on a node and across nodes, node<->pod, pod->Internet (SNATed to the node),
+pod->ClusterIP on the same and on another node, a bulk transfer and a full-MTU datagram over VXLAN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from pyroute2 import netns as pnetns
+
+from sknf import netlink, nsutil
+
+UNDERLAY = ipaddress.IPv4Network("198.51.100.0/24")
+INTERNET_HOST = "203.0.113.10"
+INTERNET_GW = "203.0.113.1"
+CLUSTER_CIDR = "10.244.0.0/16"
+SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")
+SERVER_PORT = 8080
+SVC_TCP_PORT, SVC_UDP_PORT = 80, 53
+METRICS_PORT = 9655
+CONFLIST = "10-sknf.conflist"
+REFERENCE_PLUGINS = "/usr/lib/cni"
+ROOT = Path("/run/sknf-lab")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LabPod:
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    ip: str = ""
+    host_ifname: str = ""
+
+
+@dataclass
+class LabNode:
+    name: str
+    netns: str
+    underlay_ip: str
+    pod_cidr: str
+    gateway_ip: str
+    config: str
+    agent_pid: int = 0
+
+
+@dataclass
+class LabState:
+    prefix: str
+    datapath: str
+    nodes: list[LabNode] = field(default_factory=list)
+    pods: list[LabPod] = field(default_factory=list)
+    services: list[dict] = field(default_factory=list)
+    server_pid: int = 0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+# -- a container runtime's view of CNI ----------------------------------------------------------
+
+def cni_exec(plugin_dir: str, command: str, netconf: dict, *, container_id: str, netns: str, ifname: str = "eth0",
+             args: str = "", timeout: float = 60) -> tuple[int, dict | None]:
+    """Run one plugin as a runtime does: bare environment, netconf on stdin, result on stdout."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+           "CNI_ARGS": args, "CNI_PATH": plugin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    binary = next(Path(d) / netconf["type"] for d in plugin_dir.split(":") if (Path(d) / netconf["type"]).exists())
+    proc = subprocess.run([str(binary)], input=json.dumps(netconf).encode(), env=env, capture_output=True,
+                          timeout=timeout)
+    out = proc.stdout.decode().strip()
+    return proc.returncode, (json.loads(out) if out else None)
+
+
+def run_chain(plugin_dir: str, command: str, conflist: dict, **kw) -> dict | None:
+    """ADD/CHECK run the conflist's plugins in order, each with its predecessor's result; DEL in reverse."""
+    plugins = conflist["plugins"]
+    order = list(reversed(plugins)) if command == "DEL" else plugins
+    prev = None
+    for conf in order:
+        netconf = {**conf, "cniVersion": conflist["cniVersion"], "name": conflist["name"]}
+        if prev is not None and command != "DEL":
+            netconf["prevResult"] = prev
+        code, out = cni_exec(plugin_dir, command, netconf, **kw)
+        if code != 0:
+            raise LabError(f"CNI {command} via {conf['type']} failed: {out}")
+        if command == "ADD":
+            prev = out
+    return prev
+
+
+# -- kube-proxy's part -----------------------------------------------------------------------
+
+def kube_proxy_rules(services: list[dict]) -> str:
+    """iptables-restore input shaped like kube-proxy's iptables mode (chains, hairpin masquerade)."""
+    lines = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-POSTROUTING - [0:0]",
+             "-A PREROUTING -j KUBE-SERVICES", "-A OUTPUT -j KUBE-SERVICES",
+             "-A POSTROUTING -j KUBE-POSTROUTING",
+             "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+             "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+             "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+             "-A KUBE-POSTROUTING -j MASQUERADE --random-fully"]
+    for n, svc in enumerate(services):
+        for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT)):
+            svc_chain, sep_chain = f"KUBE-SVC-{n:04d}{proto.upper()}", f"KUBE-SEP-{n:04d}{proto.upper()}"
+            lines += [f":{svc_chain} - [0:0]", f":{sep_chain} - [0:0]",
+                      f"-A KUBE-SERVICES -d {svc['ip']}/32 -p {proto} --dport {port} -j {svc_chain}",
+                      f"-A {svc_chain} -j {sep_chain}",
+                      f"-A {sep_chain} -s {svc['backend']}/32 -j KUBE-MARK-MASQ",
+                      f"-A {sep_chain} -p {proto} -j DNAT --to-destination {svc['backend']}:{SERVER_PORT}"]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+# -- the lab itself ----------------------------------------------------------------------------
+
+class Lab:
+    """Build, check and tear down the simulated cluster; usable as a context manager in tests."""
+
+    def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
+                 extra_services: int = 0) -> None:
+        if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
+            raise LabError("nodes must be 1-50 and pods per node 1-60")
+        self.prefix = prefix
+        self.n_nodes, self.n_pods, self.extra_services = nodes, pods_per_node, extra_services
+        self.root = ROOT / prefix
+        self.state = LabState(prefix=prefix, datapath=datapath)
+
+    # paths and names
+    @property
+    def ul(self) -> str:
+        return f"{self.prefix}-ul"
+
+    @property
+    def inet(self) -> str:
+        return f"{self.prefix}-inet"
+
+    @property
+    def plugin_dir(self) -> str:
+        return f"{self.root / 'bin'}:{REFERENCE_PLUGINS}"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / node
+
+    def conflist(self, node: LabNode) -> dict:
+        """The conflist the node's agent installed, read from disk as a runtime reads it."""
+        return json.loads((self.node_dir(node.name) / "net.d" / CONFLIST).read_text())
+
+    def save(self) -> None:
+        (self.root / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
+
+    @classmethod
+    def load(cls, prefix: str) -> Lab:
+        path = ROOT / prefix / "state.json"
+        if not path.exists():
+            raise LabError(f"no lab {prefix!r} is up (no {path})")
+        raw = json.loads(path.read_text())
+        lab = cls(prefix=prefix, datapath=raw["datapath"])
+        lab.state = LabState(prefix=prefix, datapath=raw["datapath"], services=raw["services"],
+                             server_pid=raw["server_pid"], nodes=[LabNode(**n) for n in raw["nodes"]],
+                             pods=[LabPod(**p) for p in raw["pods"]])
+        return lab
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # building
+    def up(self) -> None:
+        if (self.root / "state.json").exists():
+            raise LabError(f"lab {self.prefix!r} is already up; run `sknf lab down --prefix {self.prefix}` first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.save()
+        self._underlay()
+        for i in range(1, self.n_nodes + 1):
+            self._node(i)
+        self._write_peers()
+        for node in self.state.nodes:
+            self._start_agent(node)
+        for node in self.state.nodes:
+            self._wait_ready(node)
+        for node in self.state.nodes:
+            for j in range(1, self.n_pods + 1):
+                self._pod(node, j)
+        self._services()
+        self._start_servers()
+        self.save()
+
+    def _underlay(self) -> None:
+        for ns in (self.ul, self.inet):
+            pnetns.create(ns)
+        with netlink.route(nsutil.netns_path(self.ul)) as ul:
+            ul.link("add", ifname="ul0", kind="bridge")
+            br = netlink.link_index(ul, "ul0")
+            ul.addr("add", index=br, address=str(UNDERLAY.network_address + 1), prefixlen=UNDERLAY.prefixlen)
+            ul.link("set", index=br, state="up")
+            netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), 1500)
+            idx = netlink.link_index(ul, "inet0")
+            ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
+            ul.link("set", index=idx, state="up")
+        with nsutil.entered(self.ul):
+            netlink.sysctl("net.ipv4.ip_forward", 1)
+        with netlink.route(nsutil.netns_path(self.inet)) as inet:
+            idx = netlink.link_index(inet, "eth0")
+            inet.addr("add", index=idx, address=INTERNET_HOST, prefixlen=24)
+            inet.link("set", index=idx, state="up")
+            inet.link("set", index=netlink.link_index(inet, "lo"), state="up")
+            inet.route("add", dst="0.0.0.0/0", gateway=INTERNET_GW)
+
+    def _node(self, i: int) -> None:
+        name = f"n{i}"
+        ns = f"{self.prefix}-{name}"
+        pnetns.create(ns)
+        underlay_ip = str(UNDERLAY.network_address + 10 + i)
+        with netlink.route(nsutil.netns_path(self.ul)) as ul:
+            netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), 1500)
+            netlink.set_port(ul, netlink.link_index(ul, f"{self.prefix[:8]}-{name}"[:15]),
+                             netlink.link_index(ul, "ul0"))
+        with netlink.route(nsutil.netns_path(ns)) as n:
+            idx = netlink.link_index(n, "eth0")
+            n.addr("add", index=idx, address=underlay_ip, prefixlen=UNDERLAY.prefixlen)
+            n.link("set", index=idx, state="up")
+            n.link("set", index=netlink.link_index(n, "lo"), state="up")
+            n.route("add", dst="0.0.0.0/0", gateway=str(UNDERLAY.network_address + 1))
+        pod_cidr = f"10.244.{i}.0/24"
+        d = self.node_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "node_name": name, "cluster_cidr": CLUSTER_CIDR, "host_physical_if": "eth0",
+            "peer_source": "static", "peers_file": str(self.root / "peers.yaml"),
+            "state_dir": str(d / "state"), "run_dir": str(d / "run"),
+            "bpf_pin_dir": f"/sys/fs/bpf/{self.prefix}-{name}", "datapath": self.state.datapath,
+            "metrics_bind": f"{underlay_ip}:{METRICS_PORT}", "reconcile_interval": 2,
+            "install_cni": True, "cni_bin_dir": str(self.root / "bin"), "cni_conf_dir": str(d / "net.d"),
+            "cni_conf_name": CONFLIST,
+        }
+        (d / "config.yaml").write_text(yaml.safe_dump(settings))
+        self.state.nodes.append(LabNode(name=name, netns=ns, underlay_ip=underlay_ip, pod_cidr=pod_cidr,
+                                        gateway_ip=str(ipaddress.IPv4Network(pod_cidr).network_address + 1),
+                                        config=str(d / "config.yaml")))
+        self.save()
+
+    def _write_peers(self) -> None:
+        doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr}
+                         for n in self.state.nodes]}
+        tmp = self.root / "peers.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(doc))
+        tmp.replace(self.root / "peers.yaml")
+
+    def _start_agent(self, node: LabNode) -> None:
+        log = open(self.node_dir(node.name) / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen([sys.executable, "-m", "sknf", "agent", "-c", node.config], stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=nsutil.preexec_enter(node.netns),
+                                start_new_session=True, cwd=str(REPO))
+        log.close()
+        node.agent_pid = proc.pid
+        self.save()
+
+    def _wait_ready(self, node: LabNode, timeout: float = 60) -> None:
+        """Ready as kubelet sees it: the agent installed its conflist, and the plugin's STATUS succeeds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(node.agent_pid):
+                raise LabError(f"agent on {node.name} exited; see {self.node_dir(node.name) / 'agent.log'}")
+            if not (self.node_dir(node.name) / "net.d" / CONFLIST).exists():
+                time.sleep(0.2)
+                continue
+            conflist = self.conflist(node)
+            code, _ = cni_exec(self.plugin_dir, "STATUS", {**conflist["plugins"][0], "cniVersion": "1.1.0",
+                                                           "name": conflist["name"]},
+                               container_id="", netns="", ifname="")
+            if code == 0:
+                return
+            time.sleep(0.2)
+        raise LabError(f"agent on {node.name} not ready after {timeout:.0f}s; see its agent.log")
+
+    def _pod(self, node: LabNode, j: int) -> None:
+        name = f"{node.name}p{j}"
+        ns = f"{self.prefix}-{name}"
+        pnetns.create(ns)
+        pod = LabPod(name=name, node=node.name, netns=ns,
+                     container_id=hashlib.sha256(f"{self.prefix}/{name}".encode()).hexdigest())
+        self.state.pods.append(pod)
+        self.save()
+        result = run_chain(self.plugin_dir, "ADD", self.conflist(node), container_id=pod.container_id,
+                           netns=nsutil.netns_path(ns), args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
+        pod.ip = result["ips"][0]["address"].split("/")[0]
+        pod.host_ifname = result["interfaces"][0]["name"]
+        self.save()
+
+    def _services(self) -> None:
+        """Service i sends to the first pod of node i; optional extra services make a realistic rule count."""
+        backends = [next(p for p in self.state.pods if p.node == n.name) for n in self.state.nodes]
+        services = [{"ip": str(SERVICE_BASE + k), "backend": b.ip, "backend_pod": b.name}
+                    for k, b in enumerate(backends)]
+        for k in range(self.extra_services):
+            services.append({"ip": str(SERVICE_BASE + 1000 + k), "backend": backends[k % len(backends)].ip,
+                             "backend_pod": backends[k % len(backends)].name})
+        rules = kube_proxy_rules(services)
+        for node in self.state.nodes:
+            subprocess.run(["iptables-restore", "-w", "--noflush"], input=rules, text=True, check=True,
+                           preexec_fn=nsutil.preexec_enter(node.netns), capture_output=True)
+        self.state.services = services[: len(backends)]
+        self.save()
+
+    def _start_servers(self) -> None:
+        targets = [f"{p.name}={nsutil.netns_path(p.netns)}" for p in self.state.pods]
+        targets += [f"{n.name}={nsutil.netns_path(n.netns)}" for n in self.state.nodes]
+        targets.append(f"inet={nsutil.netns_path(self.inet)}")
+        proc = subprocess.Popen(["/usr/bin/python3", "-S", str(Path(__file__).with_name("labserver.py")),
+                                 str(SERVER_PORT), *targets], stdout=subprocess.PIPE, start_new_session=True)
+        self.state.server_pid = proc.pid
+        self.save()
+        if proc.stdout.readline().strip() != b"ready":
+            raise LabError("lab test servers failed to start")
+        proc.stdout.close()
+
+    # tearing down
+    def down(self) -> None:
+        """Undo everything, best effort and in reverse; safe on a half-built lab and when run twice."""
+        errors: list[str] = []
+        for pod in reversed(self.state.pods):
+            node = next((n for n in self.state.nodes if n.name == pod.node), None)
+            if node is not None and pod.ip and _alive(node.agent_pid):
+                try:
+                    run_chain(self.plugin_dir, "DEL", self.conflist(node), container_id=pod.container_id,
+                              netns=nsutil.netns_path(pod.netns))
+                except (LabError, OSError, subprocess.SubprocessError) as e:
+                    errors.append(str(e))
+            _remove_netns(pod.netns)
+        for pid in [self.state.server_pid] + [n.agent_pid for n in self.state.nodes]:
+            _stop(pid)
+        for node in self.state.nodes:
+            with contextlib.suppress(OSError):
+                subprocess.run([sys.executable, "-m", "sknf", "cleanup", "-c", node.config, "--keep-annotations"],
+                               preexec_fn=nsutil.preexec_enter(node.netns), capture_output=True, timeout=60,
+                               cwd=str(REPO))
+            _remove_netns(node.netns)
+            shutil.rmtree(f"/sys/fs/bpf/{self.prefix}-{node.name}", ignore_errors=True)
+        for ns in (self.inet, self.ul):
+            _remove_netns(ns)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if errors:
+            print("lab down: " + "; ".join(errors), file=sys.stderr)
+
+    # checking
+    def check(self, bulk_bytes: int = 32 << 20) -> list[CheckResult]:
+        return run_checks(self, bulk_bytes)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(pid: int, timeout: float = 10) -> None:
+    """SIGTERM one process we started (by its PID), SIGKILL if it lingers, and reap it."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _remove_netns(name: str) -> None:
+    with contextlib.suppress(OSError):
+        pnetns.remove(name)
+
+
+# -- the connectivity matrix ---------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    flow: str
+    src: str
+    dst: str
+    ok: bool
+    detail: str
+
+
+def _connect(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
+    with nsutil.entered(netns):
+        sock = socket.socket(socket.AF_INET, kind)
+    sock.settimeout(5)
+    if kind == socket.SOCK_STREAM:
+        sock.connect(addr)
+    return sock
+
+
+def who(netns: str, ip: str, port: int = SERVER_PORT) -> tuple[str, str]:
+    """(source address the server saw, server name) over TCP."""
+    with _connect(netns, (ip, port)) as s:
+        s.sendall(b"WHO\n")
+        seen, name = s.makefile().readline().split()
+    return seen, name
+
+
+def who_udp(netns: str, ip: str, port: int, size: int = 64) -> tuple[str, str, int]:
+    with _connect(netns, (ip, port), socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
+        s.sendto(b"x" * size, (ip, port))
+        seen, name, length = s.recv(4096).decode().split()
+    return seen, name, int(length)
+
+
+def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
+    """Send nbytes of varied data over TCP; the server must count and hash exactly the same."""
+    block = hashlib.sha256(b"sknf").digest() * 2048
+    digest, sent = hashlib.sha256(), 0
+    started = time.perf_counter()
+    with _connect(netns, (ip, SERVER_PORT)) as s:
+        s.settimeout(60)
+        s.sendall(f"SINK {nbytes}\n".encode())
+        while sent < nbytes:
+            chunk = block[: min(len(block), nbytes - sent)]
+            s.sendall(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+        got, their = s.makefile().readline().split()
+    secs = time.perf_counter() - started
+    ok = int(got) == nbytes and their == digest.hexdigest()
+    return ok, f"{nbytes >> 20} MiB, {nbytes * 8 / secs / 1e9:.2f} Gbit/s, sha256 {'match' if ok else 'MISMATCH'}"
+
+
+def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
+    st = lab.state
+    node_of = {n.name: n for n in st.nodes}
+    pods_by_node = {n.name: [p for p in st.pods if p.node == n.name] for n in st.nodes}
+    svc_of = {s["backend_pod"]: s for s in st.services}
+    jobs = []
+
+    def expect(flow: str, src: str, dst: str, fn, want) -> None:
+        jobs.append((flow, src, dst, fn, want))
+
+    for a in st.pods:
+        for b in st.pods:
+            if a is not b:
+                flow = "pod->pod same node" if a.node == b.node else "pod->pod across nodes"
+                expect(flow, a.name, b.name, lambda a=a, b=b: who(a.netns, b.ip), (a.ip, b.name))
+        for n in st.nodes:
+            flow = "pod->node (own)" if n.name == a.node else "pod->node (other)"
+            expect(flow, a.name, n.name, lambda a=a, n=n: who(a.netns, n.underlay_ip), (a.ip, n.name))
+        expect("pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, INTERNET_HOST),
+               (node_of[a.node].underlay_ip, "inet"))
+        for backend, svc in svc_of.items():
+            where = "same node" if node_of[a.node].name == next(p.node for p in st.pods if p.name == backend) \
+                else "across nodes"
+            if backend == a.name:
+                continue
+            expect(f"pod->ClusterIP TCP {where}", a.name, f"{svc['ip']}({backend})",
+                   lambda a=a, s=svc: who(a.netns, s["ip"], SVC_TCP_PORT), (a.ip, backend))
+            expect(f"pod->ClusterIP UDP {where}", a.name, f"{svc['ip']}({backend})",
+                   lambda a=a, s=svc: who_udp(a.netns, s["ip"], SVC_UDP_PORT)[:2], (a.ip, backend))
+    for n in st.nodes:
+        for p in st.pods:
+            flow = "node->pod (own)" if p.node == n.name else "node->pod (other)"
+            expect(flow, n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[1], p.name)
+            expect(flow + " source", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[0], n.gateway_ip)
+    if len(st.nodes) > 1:
+        a, b = pods_by_node[st.nodes[0].name][0], pods_by_node[st.nodes[1].name][0]
+        mtu = _pod_mtu(a.netns)
+        expect("full-MTU datagram across nodes", a.name, b.name,
+               lambda: who_udp(a.netns, b.ip, SERVER_PORT, mtu - 28), (a.ip, b.name, mtu - 28))
+        jobs.append(("bulk TCP across VXLAN", a.name, b.name, lambda: bulk(a.netns, b.ip, bulk_bytes), None))
+
+    def run(job) -> CheckResult:
+        flow, src, dst, fn, want = job
+        try:
+            got = fn()
+        except OSError as e:
+            return CheckResult(flow, src, dst, False, f"{type(e).__name__}: {e}")
+        if want is None:
+            return CheckResult(flow, src, dst, got[0], got[1])
+        return CheckResult(flow, src, dst, got == want, f"saw {got}" + ("" if got == want else f", want {want}"))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(run, jobs))
+
+
+def _pod_mtu(netns: str) -> int:
+    with netlink.route(nsutil.netns_path(netns)) as ipr:
+        return netlink.link_info(ipr, "eth0").get("IFLA_MTU")
+
+
+def print_matrix(results: list[CheckResult], out=sys.stdout) -> bool:
+    flows: dict[str, list[CheckResult]] = {}
+    for r in results:
+        flows.setdefault(r.flow, []).append(r)
+    width = max(len(f) for f in flows)
+    for flow, rs in flows.items():
+        bad = [r for r in rs if not r.ok]
+        mark = "ok  " if not bad else "FAIL"
+        note = rs[0].detail if len(rs) == 1 else f"{len(rs) - len(bad)}/{len(rs)}"
+        print(f"  {mark} {flow:<{width}}  {note}", file=out)
+        for r in bad:
+            print(f"       {r.src} -> {r.dst}: {r.detail}", file=out)
+    ok = all(r.ok for r in results)
+    print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed", file=out)
+    return ok
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["up", "check", "down", "demo"],
+                        help="demo = up, check, down (down even when check fails)")
+    parser.add_argument("--prefix", default="sknf-lab", help="name prefix of every namespace the lab makes")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--pods", type=int, default=2, help="pods per node")
+    parser.add_argument("--datapath", choices=["auto", "bpf", "kernel"], default="auto")
+    parser.add_argument("--services", type=int, default=0, help="extra ClusterIP services (rule count realism)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("sknf lab: needs root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "down":
+            with contextlib.suppress(LabError):
+                Lab.load(args.prefix).down()
+            return 0
+        if args.action == "check":
+            lab = Lab.load(args.prefix)
+            return 0 if print_matrix(lab.check()) else 1
+        lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services)
+        if args.action == "up":
+            try:
+                lab.up()
+            except BaseException:
+                lab.down()
+                raise
+            _describe(lab)
+            return 0
+        with lab:
+            _describe(lab)
+            return 0 if print_matrix(lab.check()) else 1
+    except LabError as e:
+        print(f"sknf lab: {e}", file=sys.stderr)
+        return 1
+
+
+def _describe(lab: Lab) -> None:
+    st = lab.state
+    print(f"lab {st.prefix}: {len(st.nodes)} nodes, {len(st.pods)} pods")
+    for n in st.nodes:
+        mode = _agent_mode(lab, n)
+        print(f"  node {n.name} ({n.netns}) underlay {n.underlay_ip} pods {n.pod_cidr} datapath {mode}")
+        for p in (p for p in st.pods if p.node == n.name):
+            print(f"    pod {p.name} ({p.netns}) {p.ip} host veth {p.host_ifname}")
+    for s in st.services:
+        print(f"  ClusterIP {s['ip']} tcp/{SVC_TCP_PORT} udp/{SVC_UDP_PORT} -> {s['backend_pod']} {s['backend']}")
+
+
+def _agent_mode(lab: Lab, node: LabNode) -> str:
+    log = lab.node_dir(node.name) / "agent.log"
+    for line in log.read_text(errors="replace").splitlines():
+        if "datapath" in line and "sknf agent on" in line:
+            return line.split("datapath", 1)[1].strip()
+    return "?"

@@ -1,0 +1,95 @@
+"""Test servers for the lab: one process serving in many network namespaces.
+
+For each namespace given, it opens (inside that namespace) a TCP and a UDP socket on the lab's
+service ports. The answers say who the server saw as the client, which is how the lab proves that
+source addresses are preserved (or SNATed where they must be):
+
+TCP `WHO\\n`          -> `<client ip> <server name>\\n`
+TCP `SINK <n>\\n` + n  -> `<bytes received> <sha256>\\n` (bulk transfer over the overlay)
+UDP any datagram      -> `<client ip> <server name> <datagram length>`
+
+Stdlib only and started with `python3 -S`, so forty namespaces cost one small process.
+Usage: labserver.py PORT NAME=NETNS_PATH [NAME=NETNS_PATH ...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import socket
+import socketserver
+import sys
+import threading
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+class _TCP(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    name = ""
+
+
+class _UDP(socketserver.ThreadingUDPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    name = ""
+
+
+class TcpHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline(100).decode(errors="replace").split()
+        if line[:1] == ["WHO"]:
+            self.wfile.write(f"{self.client_address[0]} {self.server.name}\n".encode())
+        elif line[:1] == ["SINK"] and len(line) == 2 and line[1].isdigit():
+            want, got, digest = int(line[1]), 0, hashlib.sha256()
+            while got < want:
+                chunk = self.rfile.read1(min(1 << 20, want - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+                digest.update(chunk)
+            self.wfile.write(f"{got} {digest.hexdigest()}\n".encode())
+
+
+class UdpHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(f"{self.client_address[0]} {self.server.name} {len(data)}".encode(), self.client_address)
+
+
+def main(argv: list[str]) -> int:
+    port = int(argv[0])
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    servers: list[socketserver.BaseServer] = []
+    for spec in argv[1:]:
+        name, _, path = spec.partition("=")
+        _setns(path)  # sockets stay in the namespace they were created in
+        for cls, handler in ((_TCP, TcpHandler), (_UDP, UdpHandler)):
+            srv = cls(("0.0.0.0", port), handler)
+            srv.name = name
+            servers.append(srv)
+        if _libc.setns(home, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back")
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(30)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,244 @@
+"""Netlink operations sknf needs, on pyroute2 (pinned: its API moves between releases).
+
+Convergent helpers are `ensure_*`: look, create if missing, fix what differs, tolerate "already
+exists" from a racing writer. Deletions tolerate "no such device/entry". Callers branch on errno,
+never on message text.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+ZERO_MAC = "00:00:00:00:00:00"
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+
+
+@contextmanager
+def route(netns: str | None = None) -> Iterator[IPRoute]:
+    """An rtnetlink socket, in the current namespace or in the one at path `netns`."""
+    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def link_index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def link_info(ipr: IPRoute, ifname: str):
+    """The link message for ifname, or None."""
+    try:
+        return ipr.get_links(ifname=ifname)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+    except IndexError:
+        return None
+
+
+def link_kind(link) -> str | None:
+    info = link.get("IFLA_LINKINFO")
+    return info.get("IFLA_INFO_KIND") if info else None
+
+
+def delete_link(ipr: IPRoute, ifname: str) -> bool:
+    """Delete ifname if present; True if something was deleted."""
+    idx = link_index(ipr, ifname)
+    if idx is None:
+        return False
+    try:
+        ipr.link("del", index=idx)
+    except NetlinkError as e:
+        if e.code != errno.ENODEV:
+            raise
+        return False
+    return True
+
+
+def ensure_bridge(ipr: IPRoute, name: str, mtu: int) -> int:
+    """The bridge exists, is up, and has the MTU (ports with a larger MTU do not raise it)."""
+    link = link_info(ipr, name)
+    if link is not None and link_kind(link) != "bridge":
+        delete_link(ipr, name)
+        link = None
+    if link is None:
+        try:
+            ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        link = link_info(ipr, name)
+    idx = link["index"]
+    if link.get("IFLA_MTU") != mtu or link.get("state") != "up":
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+    return idx
+
+
+def ensure_vxlan(ipr: IPRoute, name: str, *, vni: int, port: int, dev_index: int, local_ip: str,
+                 mtu: int, master: int) -> int:
+    """The FDB-mode VXLAN device with these parameters exists, enslaved to master and up.
+
+    VNI, port, underlay device and local address cannot change on a live device: a device that
+    differs in any of them is recreated (pods on the bridge keep their links).
+    """
+    link = link_info(ipr, name)
+    if link is not None:
+        data = (link.get("IFLA_LINKINFO") or {}).get("IFLA_INFO_DATA") or {}
+        wanted = (vni, port, dev_index, local_ip)
+        have = (data.get("IFLA_VXLAN_ID"), data.get("IFLA_VXLAN_PORT"), data.get("IFLA_VXLAN_LINK"),
+                data.get("IFLA_VXLAN_LOCAL"))
+        if link_kind(link) != "vxlan" or have != wanted:
+            delete_link(ipr, name)
+            link = None
+    if link is None:
+        try:
+            ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_port=port, vxlan_link=dev_index,
+                     vxlan_local=local_ip, vxlan_learning=1, mtu=mtu)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        link = link_info(ipr, name)
+    idx = link["index"]
+    if link.get("IFLA_MTU") != mtu or link.get("IFLA_MASTER") != master or link.get("state") != "up":
+        ipr.link("set", index=idx, mtu=mtu, master=master, state="up")
+    return idx
+
+
+def ensure_only_addr(ipr: IPRoute, index: int, ip: str, prefixlen: int) -> None:
+    """ip/prefixlen is the link's only IPv4 address (a stale gateway from an old subnet goes)."""
+    present = False
+    for a in ipr.get_addr(family=2, index=index):
+        addr, plen = a.get("IFA_ADDRESS"), a["prefixlen"]
+        if addr == ip and plen == prefixlen:
+            present = True
+        else:
+            ipr.addr("del", index=index, address=addr, prefixlen=plen)
+    if not present:
+        try:
+            ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+
+def ipv4_of(ipr: IPRoute, index: int) -> str | None:
+    for a in ipr.get_addr(family=2, index=index):
+        return a.get("IFA_ADDRESS")
+    return None
+
+
+def default_route_ifindex(ipr: IPRoute) -> int | None:
+    for r in ipr.get_default_routes(family=2):
+        oif = r.get("RTA_OIF")
+        if oif:
+            return oif
+    return None
+
+
+def flood_entries(ipr: IPRoute, vxlan_index: int) -> set[str]:
+    """Remote VTEPs in the VXLAN device's all-zeros FDB entries (the head-end replication list)."""
+    out = set()
+    for f in ipr.fdb("dump", ifindex=vxlan_index):
+        if f.get("NDA_LLADDR") == ZERO_MAC and f.get("NDA_DST") and f["ifindex"] == vxlan_index:
+            out.add(f.get("NDA_DST"))
+    return out
+
+
+def add_flood_entry(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
+    try:
+        ipr.fdb("append", ifindex=vxlan_index, lladdr=ZERO_MAC, dst=remote_ip)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+
+
+def del_flood_entry(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
+    try:
+        ipr.fdb("del", ifindex=vxlan_index, lladdr=ZERO_MAC, dst=remote_ip)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.ENODEV):
+            raise
+
+
+def flush_learned_fdb(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
+    """Forget MACs learned behind a removed VTEP, so nothing keeps pointing at a gone node."""
+    for f in ipr.fdb("dump", ifindex=vxlan_index):
+        if f["ifindex"] == vxlan_index and f.get("NDA_DST") == remote_ip and f.get("NDA_LLADDR") != ZERO_MAC:
+            try:
+                ipr.fdb("del", ifindex=vxlan_index, lladdr=f.get("NDA_LLADDR"), dst=remote_ip)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.ENODEV):
+                    raise
+
+
+def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: str, mtu: int) -> int:
+    """A veth pair with one end already inside the pod's namespace; returns the host end's index."""
+    fd = os.open(peer_netns, os.O_RDONLY)
+    try:
+        ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                 peer={"ifname": peer_ifname, "net_ns_fd": fd, "mtu": mtu})
+    finally:
+        os.close(fd)
+    return link_index(ipr, host_ifname)
+
+
+def configure_pod_interface(pod: IPRoute, ifname: str, ip: str, prefixlen: int, gateway: str) -> str:
+    """Address, MTU-ready link up, loopback up and default route inside the pod; returns its MAC."""
+    lo = link_index(pod, "lo")
+    if lo is not None:
+        pod.link("set", index=lo, state="up")
+    idx = link_index(pod, ifname)
+    pod.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+    pod.link("set", index=idx, state="up")
+    pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=idx)
+    return pod.get_links(index=idx)[0].get("IFLA_ADDRESS")
+
+
+def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str], str | None]:
+    """(mac, IPv4 addresses with prefix, default gateway) of the pod's interface, for CHECK."""
+    link = link_info(pod, ifname)
+    if link is None:
+        return None, [], None
+    addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(family=2, index=link["index"])]
+    gw = next((r.get("RTA_GATEWAY") for r in pod.get_default_routes(family=2)), None)
+    return link.get("IFLA_ADDRESS"), addrs, gw
+
+
+def host_veths(ipr: IPRoute, prefix: str) -> dict[str, int]:
+    """Host-side pod veths by name (those whose name starts with prefix)."""
+    out = {}
+    for link in ipr.get_links():
+        name = link.get("IFLA_IFNAME") or ""
+        if name.startswith(prefix) and link_kind(link) == "veth":
+            out[name] = link["index"]
+    return out
+
+
+def set_port(ipr: IPRoute, index: int, master: int) -> None:
+    ipr.link("set", index=index, master=master, state="up")
+
+
+def sysctl(key: str, value: str | int) -> None:
+    """Write a sysctl of the current network namespace if it differs (net.* are per namespace)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    with open(path) as f:
+        if f.read().strip() == str(value):
+            return
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def prefixlen_of(network: str) -> int:
+    return ipaddress.ip_network(network).prefixlen

@@ -1,0 +1,90 @@
+"""Where the agent learns about the other nodes of the cluster (the overlay peers).
+
+A peer source yields the full current set of nodes; the overlay reconciler diffs that against what
+the kernel holds. Two sources: a static YAML file (lab, bare metal, tests), re-read when it changes,
+and the Kubernetes Node objects (`sknf.kube`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Node:
+    """One cluster node as the overlay needs it."""
+
+    name: str
+    underlay_ip: str  # the VTEP address: VXLAN packets for this node's pods go here
+    pod_cidr: str | None = None  # the node's pod subnet, when known
+    vtep_mac: str | None = None
+
+
+class PeerSource(Protocol):
+    def nodes(self) -> list[Node]:
+        """All nodes currently known (this node included, when the source lists it)."""
+
+    def changed(self) -> bool:
+        """True when nodes() may return something new since the last call to nodes()."""
+
+    def publish_self(self, node: Node) -> None:
+        """Make this node's facts visible to the others (no-op where the source is read-only)."""
+
+
+class PeersFileError(ValueError):
+    """The static peers file is unreadable or malformed; the message names the file and entry."""
+
+
+def parse_nodes(doc: object, where: str) -> list[Node]:
+    """Validate a peers document: {nodes: [{name, underlay_ip, pod_cidr?}, ...]}."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise PeersFileError(f"{where}: expected a mapping with a 'nodes' list")
+    out: list[Node] = []
+    for i, entry in enumerate(doc["nodes"]):
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("underlay_ip"):
+            raise PeersFileError(f"{where}: nodes[{i}] needs 'name' and 'underlay_ip'")
+        try:
+            ip = str(ipaddress.IPv4Address(str(entry["underlay_ip"])))
+            cidr = entry.get("pod_cidr")
+            cidr = str(ipaddress.IPv4Network(str(cidr))) if cidr else None
+        except ValueError as e:
+            raise PeersFileError(f"{where}: nodes[{i}] ({entry['name']}): {e}") from None
+        out.append(Node(name=str(entry["name"]), underlay_ip=ip, pod_cidr=cidr, vtep_mac=entry.get("vtep_mac")))
+    return out
+
+
+class StaticPeerSource:
+    """Nodes from a YAML file; re-read when its mtime or size changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def changed(self) -> bool:
+        return self._current_stamp() != self._stamp
+
+    def nodes(self) -> list[Node]:
+        self._stamp = self._current_stamp()
+        try:
+            doc = yaml.safe_load(self.path.read_text())
+        except OSError as e:
+            raise PeersFileError(f"{self.path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise PeersFileError(f"{self.path}: not valid YAML: {e}") from None
+        return parse_nodes(doc, str(self.path))
+
+    def publish_self(self, node: Node) -> None:
+        """The file is written by whoever lays out the cluster; nothing to publish."""

@@ -1,0 +1,203 @@
+"""Pod network set-up: the CNI verbs as the agent carries them out, one function per verb.
+
+ADD reads top to bottom as the steps it takes. Every acquired resource registers its undo on an
+ExitStack right after it is acquired; `pop_all()` on the last line keeps them. Any failure in
+between rolls back in reverse order: no leftover link, no allocated address.
+
+DEL is idempotent: a missing namespace, link or lease is success, and the lease is always released.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sknf import netlink, nsutil
+from sknf.cni import ALREADY_EXISTS, CniError, Request, build_result
+from sknf.config import BRIDGE, Config
+from sknf.datapath import Datapath, Endpoint
+from sknf.ipam import Lease, Store
+from sknf.overlay import NodeOverlay
+
+log = logging.getLogger(__name__)
+
+HOST_VETH_PREFIX = "sknf"
+ERR_CHECK_FAILED = 110  # CHECK found the pod's network not as ADD left it
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """`sknf` + 11 hex digits: stable per attachment, within the kernel's 15-character limit."""
+    return HOST_VETH_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+@dataclass
+class PodNetwork:
+    """What the verbs need from the agent; `node` is None until the overlay is first reconciled."""
+
+    cfg: Config
+    store: Store
+    datapath: Datapath
+    node: Callable[[], NodeOverlay | None]
+    # Serializes datapath attach/detach with the periodic endpoint sync, so a sync computed before
+    # an ADD cannot remove the entry that ADD has just attached.
+    datapath_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ready_node(self) -> NodeOverlay:
+        node = self.node()
+        if node is None:
+            raise CniError(11, "sknf agent is starting: node network not ready yet")
+        return node
+
+
+def endpoint_of(lease: Lease, host_ifindex: int) -> Endpoint:
+    return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
+                    container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
+                    pod=lease.pod)
+
+
+def _require_netns(req: Request) -> None:
+    if not nsutil.is_netns(req.netns):
+        raise CniError(3, f"network namespace {req.netns!r} does not exist or is not a network namespace")
+
+
+def add(net: PodNetwork, req: Request) -> dict:
+    node = net.ready_node()
+    _require_netns(req)
+    host_ifname = host_veth_name(req.container_id, req.ifname)
+    prefixlen = net.cfg.cluster_cidr.prefixlen
+    with netlink.route() as ipr, ExitStack() as undo:
+        # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
+        lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname)
+        undo.callback(net.store.release, req.container_id, req.ifname)
+
+        # 2. The veth pair, pod end created directly inside the pod's namespace.
+        try:
+            host_index = netlink.create_veth(ipr, host_ifname, req.ifname, req.netns, node.mtu)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                raise CniError(ALREADY_EXISTS, f"interface {req.ifname} or {host_ifname} already exists") from None
+            raise
+        undo.callback(netlink.delete_link, ipr, host_ifname)
+
+        # 3. Inside the pod: address with the cluster-wide prefix, up, default route via the bridge.
+        with netlink.route(req.netns) as pod:
+            mac = netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
+        lease = net.store.set_mac(req.container_id, req.ifname, mac)
+
+        # 4. The host end joins the bridge.
+        netlink.set_port(ipr, host_index, node.bridge_ifindex)
+
+        # 5. Fast path and counters (a no-op in the kernel datapath).
+        with net.datapath_lock:
+            net.datapath.attach_pod(endpoint_of(lease, host_index))
+        undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index))
+
+        result = build_result(
+            req.cni_version,
+            interfaces=[{"name": host_ifname, "mac": ipr.get_links(index=host_index)[0].get("IFLA_ADDRESS")},
+                        {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
+            ips=[{"address": f"{lease.ip}/{prefixlen}", "gateway": node.gateway_ip, "interface": 1}],
+            routes=[{"dst": "0.0.0.0/0", "gw": node.gateway_ip}],
+        )
+        undo.pop_all()
+    log.info("ADD %s/%s %s %s -> %s", req.pod_namespace, req.pod_name, req.container_id[:12], req.ifname, lease.ip)
+    return result
+
+
+def delete(net: PodNetwork, req: Request) -> None:
+    lease = net.store.get(req.container_id, req.ifname)
+    host_ifname = lease.host_ifname if lease else host_veth_name(req.container_id, req.ifname)
+    with netlink.route() as ipr:
+        host_index = netlink.link_index(ipr, host_ifname)
+        if lease is not None:
+            with net.datapath_lock:
+                net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
+        # Deleting the host end removes the pod end too, wherever the namespace is.
+        netlink.delete_link(ipr, host_ifname)
+    net.store.release(req.container_id, req.ifname)
+    if lease is not None:
+        log.info("DEL %s/%s %s %s -> freed %s", lease.namespace, lease.pod, req.container_id[:12], req.ifname,
+                 lease.ip)
+
+
+def check(net: PodNetwork, req: Request) -> None:
+    """The pod still has what ADD gave it: lease, host port on the bridge, address, gateway."""
+    node = net.ready_node()
+    _require_netns(req)
+    lease = net.store.get(req.container_id, req.ifname)
+    if lease is None:
+        raise CniError(ERR_CHECK_FAILED, f"no address allocated to {req.container_id}/{req.ifname}")
+    want = f"{lease.ip}/{net.cfg.cluster_cidr.prefixlen}"
+    for ip in (req.prev_result or {}).get("ips", []):
+        if ip.get("address") != want:
+            raise CniError(ERR_CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease {want}")
+    with netlink.route() as ipr:
+        link = netlink.link_info(ipr, lease.host_ifname)
+        if link is None or link.get("IFLA_MASTER") != node.bridge_ifindex:
+            raise CniError(ERR_CHECK_FAILED, f"host interface {lease.host_ifname} is missing or not on {BRIDGE}")
+    with netlink.route(req.netns) as pod:
+        mac, addrs, gateway = netlink.pod_interface_state(pod, req.ifname)
+    if mac is None:
+        raise CniError(ERR_CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
+    if want not in addrs:
+        raise CniError(ERR_CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
+    if gateway != node.gateway_ip:
+        raise CniError(ERR_CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
+
+
+def gc(net: PodNetwork, req: Request) -> None:
+    """Free every lease (and its link and map entries) not among the runtime's valid attachments."""
+    with netlink.route() as ipr:
+        for lease in net.store.gc(req.valid_attachments or frozenset()):
+            net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
+            netlink.delete_link(ipr, lease.host_ifname)
+            log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
+    remove_orphan_links(net)
+
+
+def status(net: PodNetwork, req: Request) -> None:
+    if net.node() is None:
+        raise CniError(50, "sknf agent has not set up the node network yet")
+    if net.store.allocated >= net.store.capacity:
+        raise CniError(51, f"address pool {net.store.pod_cidr} is exhausted")
+
+
+def remove_orphan_links(net: PodNetwork) -> list[str]:
+    """Host veths no lease accounts for (an agent killed mid-ADD) are deleted.
+
+    Links are listed before leases are read: ADD allocates its lease before it creates its link,
+    so every link listed here that belongs to a live ADD already has its lease when we read them.
+    """
+    removed = []
+    with netlink.route() as ipr:
+        links = netlink.host_veths(ipr, HOST_VETH_PREFIX)
+        known = {lease.host_ifname for lease in net.store.leases()}
+        for name in links:
+            if name not in known and netlink.delete_link(ipr, name):
+                removed.append(name)
+    if removed:
+        log.warning("removed %d orphan pod links: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def sync_datapath(net: PodNetwork) -> int:
+    """Give the datapath exactly the leased pods with a live host link; returns how many."""
+    with net.datapath_lock, netlink.route() as ipr:
+        links = netlink.host_veths(ipr, HOST_VETH_PREFIX)
+        eps = [endpoint_of(lease, links[lease.host_ifname]) for lease in net.store.leases()
+               if lease.host_ifname in links and lease.mac]
+        net.datapath.sync_endpoints(eps)
+    return len(eps)
+
+
+VERBS: dict[str, Callable[[PodNetwork, Request], dict | None]] = {
+    "ADD": add, "DEL": delete, "CHECK": check, "GC": gc, "STATUS": status,
+}
+

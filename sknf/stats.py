@@ -1,0 +1,399 @@
+"""`sknf stats`: per-pod traffic on this node, as a table (or JSON/YAML), once or refreshed in place.
+
+Where the figures come from, in order:
+1. the running agent, over its unix socket ({"op": "stats"}): the agent samples every few seconds
+   (`StatsService.tick`), so even a one-shot call shows current rates;
+2. the agent is down: the kernel still counts, so read the datapath's counters directly (the pinned BPF
+   maps, or each host veth's link statistics in kernel mode) and take pod identities from the IPAM
+   store on disk; rates then need two samples (`--watch`);
+3. neither works: say what is wrong (no socket, not root, no state) and exit 1.
+
+The agent-up path imports only the standard library (json, socket): `kubectl exec ... sknf stats` and
+`watch`-style use stay fast with thousands of pods.
+
+Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sorting):
+    {"version": 1, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
+     "datapath": {"mode": "bpf" | "kernel", "reason": str},
+     "time": unix seconds, "rate_interval": seconds the rates span, or null,
+     "ipam": {"allocated": int, "capacity": int}, "overlay_peers": int,
+     "pods": [{"namespace", "pod", "container_id", "ip", "host_ifname",
+               "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "drops",
+               "fast_packets", "kernel_packets" (null in kernel mode),
+               "rx_bytes_rate", "tx_bytes_rate", "rx_packets_rate", "tx_packets_rate" (per second, or null)}]}
+rx is what the pod received, tx what it sent (the pod's view, as in PodCounters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sknf.metrics import Snapshot
+
+from sknf.datapath import PodCounters
+
+REPLY_VERSION = 1
+RATED = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
+MIN_RATE_SPAN = 1.0  # seconds: a shorter span gives jumpy rates
+SORTS = ("rate", "rx", "tx", "rx-rate", "tx-rate", "packets", "drops", "fast", "name", "namespace", "ip")
+OUTPUTS = ("table", "wide", "json", "yaml")
+
+
+def pod_rows(snap: Snapshot) -> list[dict[str, Any]]:
+    """One reply row per pod, rates not yet filled in."""
+    rows = []
+    for ident, counted in snap.pods:
+        c = counted or PodCounters()
+        rows.append({
+            "namespace": ident.namespace, "pod": ident.pod, "container_id": ident.container_id,
+            "ip": str(ident.ip), "host_ifname": ident.host_ifname,
+            "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "rx_packets": c.rx_packets,
+            "tx_packets": c.tx_packets, "drops": c.drops,
+            "fast_packets": c.fast_packets, "kernel_packets": c.kernel_packets,
+        })
+    return rows
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["container_id"], row["host_ifname"]
+
+
+def add_rates(rows: list[dict[str, Any]], base: list[dict[str, Any]] | None, seconds: float | None) -> None:
+    """Fill the *_rate fields from an earlier sample; null where unknown (new pod, counter went back)."""
+    before = {_key(r): r for r in base or ()}
+    for row in rows:
+        old = before.get(_key(row)) if seconds else None
+        for name in RATED:
+            delta = row[name] - old[name] if old else -1
+            row[f"{name}_rate"] = delta / seconds if old and seconds and delta >= 0 else None
+
+
+def make_reply(snap: Snapshot, rows: list[dict[str, Any]], rate_interval: float | None,
+               source: str) -> dict[str, Any]:
+    return {
+        "version": REPLY_VERSION, "node": snap.node, "source": source,
+        "datapath": {"mode": snap.datapath_mode, "reason": snap.datapath_reason},
+        "time": snap.taken, "rate_interval": rate_interval,
+        "ipam": {"allocated": snap.ipam_allocated, "capacity": snap.ipam_capacity},
+        "overlay_peers": snap.peers, "pods": rows,
+    }
+
+
+class Sampler:
+    """Keeps the agent's last two samples so a one-shot `sknf stats` has current rates.
+
+    The agent ticks it every second or two; `handle_query` measures rates against the newest sample
+    at least MIN_RATE_SPAN old.
+    """
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, list[dict[str, Any]]]] = deque(maxlen=2)
+        self._lock = threading.Lock()
+
+    def tick(self, snap: Snapshot) -> None:
+        rows = pod_rows(snap)
+        with self._lock:
+            self._samples.append((snap.taken, rows))
+
+    def base(self, now: float) -> tuple[float, list[dict[str, Any]]] | None:
+        """The sample to measure rates against at `now`: the newest one old enough, else the oldest."""
+        with self._lock:
+            samples = [s for s in self._samples if s[0] < now]
+        older = [s for s in samples if now - s[0] >= MIN_RATE_SPAN] or samples[:1]
+        return older[-1] if older else None
+
+
+def handle_query(sampler: Sampler, snap: Snapshot) -> dict[str, Any]:
+    """The agent's answer to {"op": "stats"}."""
+    rows = pod_rows(snap)
+    base = sampler.base(snap.taken)
+    span = snap.taken - base[0] if base else None
+    add_rates(rows, base[1] if base else None, span)
+    return make_reply(snap, rows, span, "agent")
+
+
+# ---- getting a reply -------------------------------------------------------------------------------
+
+class SourceError(Exception):
+    """No source could give figures; the message says what each one lacked."""
+
+
+def query_agent(socket_path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the agent (protocol of sknf.api: one JSON request, write side shut, one JSON reply)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(socket_path))
+        s.sendall(json.dumps({"op": "stats"}).encode())
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    reply = json.loads(b"".join(chunks))
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        raise SourceError(f"agent at {socket_path} refused the stats query: {err.get('msg', err)}")
+    return reply["result"]
+
+
+def _agent_problem(socket_path: Path, e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return f"no agent socket at {socket_path} (is the agent running on this node?)"
+    if isinstance(e, PermissionError):
+        return f"permission denied on {socket_path} (the socket is root-only: run as root)"
+    if isinstance(e, ConnectionRefusedError):
+        return f"nothing listens on {socket_path} (the agent stopped)"
+    return f"agent at {socket_path}: {e.strerror or e}"
+
+
+def read_local(state_dir: Path, pin_dir: Path, node: str) -> dict[str, Any]:
+    """Figures without the agent: the datapath's counters read in place, identities from the IPAM store."""
+    from sknf.datapath import local
+    from sknf.ipam import Store
+    from sknf.metrics import Snapshot
+
+    store = Store.open_existing(state_dir)
+    source = local.counter_reader(pin_dir)
+    leases = store.leases()
+    snap = Snapshot.take(node, source, leases, store.capacity, overlay_peers=0)
+    rows = pod_rows(snap)
+    add_rates(rows, None, None)
+    return make_reply(snap, rows, None, "bpf-pins" if source.mode == "bpf" else "kernel-links")
+
+
+def fetch(args: argparse.Namespace) -> dict[str, Any]:
+    """The agent's reply if it answers, else local figures, else SourceError naming every problem."""
+    try:
+        return query_agent(args.socket)
+    except OSError as e:
+        agent_problem = _agent_problem(args.socket, e)
+    try:
+        return read_local(args.state_dir, args.pin_dir, os.environ.get("NODE_NAME") or socket.gethostname())
+    except OSError as e:
+        local_problem = f"{e.filename or 'local state'}: {e.strerror or e}"
+        if isinstance(e, PermissionError):
+            local_problem += " (run as root)"
+    raise SourceError(f"{agent_problem}; and reading the node directly failed: {local_problem}")
+
+
+# ---- presentation ------------------------------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    """IEC units, as `ip -h -s link` and iperf3's transfer column."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000 or unit == "G":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_rate(bytes_per_second: float | None) -> str:
+    """Bits per second, SI, as links and iperf3's bandwidth are quoted."""
+    if bytes_per_second is None:
+        return "-"
+    n = bytes_per_second * 8
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if n < 1000 or unit == "Gbit/s":
+            return f"{n:.0f} {unit}" if unit == "bit/s" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def fast_share(row: dict[str, Any]) -> float | None:
+    """Share of the pod's packets the BPF fast path forwarded; None in kernel mode or with no packets."""
+    fast, kernel = row.get("fast_packets"), row.get("kernel_packets")
+    if fast is None or kernel is None or fast + kernel == 0:
+        return None
+    return fast / (fast + kernel)
+
+
+def matches(row: dict[str, Any], namespace: str | None, pod: str | None) -> bool:
+    """-n is exact (as in kubectl); --pod is a glob if it has *?[ and a substring otherwise."""
+    if namespace is not None and row["namespace"] != namespace:
+        return False
+    if pod is None:
+        return True
+    if any(ch in pod for ch in "*?["):
+        return fnmatch.fnmatchcase(row["pod"], pod)
+    return pod in row["pod"]
+
+
+def _rate(row: dict[str, Any], name: str) -> float:
+    return row.get(f"{name}_rate") or 0.0
+
+
+def _ip_key(row: dict[str, Any]) -> int:
+    try:
+        return int(ipaddress.IPv4Address(row["ip"]))
+    except ValueError:
+        return 0
+
+
+SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "rate": lambda r: -(_rate(r, "rx_bytes") + _rate(r, "tx_bytes")),
+    "rx-rate": lambda r: -_rate(r, "rx_bytes"),
+    "tx-rate": lambda r: -_rate(r, "tx_bytes"),
+    "rx": lambda r: -r["rx_bytes"],
+    "tx": lambda r: -r["tx_bytes"],
+    "packets": lambda r: -(r["rx_packets"] + r["tx_packets"]),
+    "drops": lambda r: -r["drops"],
+    "fast": lambda r: -(fast_share(r) or 0.0),
+    "name": lambda r: 0,
+    "namespace": lambda r: r["namespace"],
+    "ip": _ip_key,
+}
+
+
+def arrange(rows: list[dict[str, Any]], namespace: str | None, pod: str | None,
+            sort: str) -> list[dict[str, Any]]:
+    """Filter, then sort (busiest first for traffic keys); ties go by namespace/pod name."""
+    kept = [r for r in rows if matches(r, namespace, pod)]
+    by = SORT_KEYS[sort]
+    return sorted(kept, key=lambda r: (by(r), r["namespace"], r["pod"], r["container_id"]))
+
+
+def _columns(wide: bool) -> list[tuple[str, Callable[[dict[str, Any]], str], bool]]:
+    """(header, cell, right-aligned) for each column."""
+    def share(r: dict[str, Any]) -> str:
+        s = fast_share(r)
+        return "-" if s is None else f"{100 * s:.0f}%"
+
+    cols = [
+        ("NAMESPACE", lambda r: r["namespace"] or "-", False),
+        ("POD", lambda r: r["pod"] or r["container_id"][:12], False),
+        ("IP", lambda r: r["ip"], False),
+        ("RX", lambda r: human_bytes(r["rx_bytes"]), True),
+        ("TX", lambda r: human_bytes(r["tx_bytes"]), True),
+        ("RX-PKTS", lambda r: human_count(r["rx_packets"]), True),
+        ("TX-PKTS", lambda r: human_count(r["tx_packets"]), True),
+        ("RX-RATE", lambda r: human_rate(r.get("rx_bytes_rate")), True),
+        ("TX-RATE", lambda r: human_rate(r.get("tx_bytes_rate")), True),
+        ("FAST%", share, True),
+        ("DROPS", lambda r: human_count(r["drops"]), True),
+    ]
+    if wide:
+        pps = lambda v: "-" if v is None else human_count(v)  # noqa: E731
+        cols += [
+            ("RX-PPS", lambda r: pps(r.get("rx_packets_rate")), True),
+            ("TX-PPS", lambda r: pps(r.get("tx_packets_rate")), True),
+            ("HOST-IF", lambda r: r["host_ifname"], False),
+            ("CONTAINER", lambda r: r["container_id"][:12], False),
+        ]
+    return cols
+
+
+def summary(reply: dict[str, Any]) -> str:
+    dp = reply["datapath"]
+    mode = dp["mode"] + (f" ({dp['reason']})" if dp.get("reason") else "")
+    ipam = reply["ipam"]
+    span = reply.get("rate_interval")
+    rates = f"rates over {span:.1f} s" if span else "no rates yet (one sample)"
+    peers = f"  peers {reply['overlay_peers']}" if reply["source"] == "agent" else ""
+    return (f"node {reply['node']}  datapath {mode}  pods {len(reply['pods'])}"
+            f"  ipam {ipam['allocated']}/{ipam['capacity']}{peers}  source {reply['source']}  {rates}")
+
+
+def render_table(reply: dict[str, Any], wide: bool, headers: bool = True) -> str:
+    cols = _columns(wide)
+    cells = [[cell(r) for _, cell, _ in cols] for r in reply["pods"]]
+    table = ([[h for h, _, _ in cols]] if headers else []) + cells
+    widths = [max((len(row[i]) for row in table), default=0) for i in range(len(cols))]
+    lines = [summary(reply)] if headers else []
+    for row in table:
+        parts = [c.rjust(w) if right else c.ljust(w)
+                 for c, w, (_, _, right) in zip(row, widths, cols, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def render(reply: dict[str, Any], output: str, headers: bool = True) -> str:
+    if output == "json":
+        return json.dumps(reply, indent=2)
+    if output == "yaml":
+        import yaml  # only here: it costs start-up time the table path does not need
+
+        return "---\n" + yaml.safe_dump(reply, sort_keys=False).rstrip()
+    return render_table(reply, wide=output == "wide", headers=headers)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sknf.config import Config
+
+    defaults = {f: Config.__dataclass_fields__[f].default for f in ("run_dir", "state_dir", "bpf_pin_dir")}
+    parser.description = ("Per-pod traffic on this node: bytes, packets, current rates, fast-path share "
+                          "and drops. Asks the agent; when it is down, reads the kernel's counters directly.")
+    parser.epilog = ("examples:\n  sknf stats                    # all pods, busiest first\n"
+                     "  sknf stats -n default --pod 'web-*' --sort rx\n"
+                     "  sknf stats -w --interval 1   # refresh in place every second\n"
+                     "  sknf stats -o json            # the agent's reply, filtered and sorted")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("-n", "--namespace", help="only pods of this namespace (default: all)")
+    parser.add_argument("--pod", help="only pods whose name contains this, or matches it as a glob (*?[)")
+    parser.add_argument("--sort", choices=SORTS, default="rate", help="order (default: rate, busiest first)")
+    parser.add_argument("-o", "--output", choices=OUTPUTS, default="table", help="output format")
+    parser.add_argument("--no-headers", action="store_true", help="table without summary and header lines")
+    parser.add_argument("-w", "--watch", action="store_true", help="refresh in place until interrupted")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    parser.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+    parser.add_argument("--socket", type=Path, default=defaults["run_dir"] / "sknf.sock",
+                        help="agent socket (default: %(default)s)")
+    parser.add_argument("--state-dir", type=Path, default=defaults["state_dir"],
+                        help="IPAM state, read when the agent is down (default: %(default)s)")
+    parser.add_argument("--pin-dir", type=Path, default=defaults["bpf_pin_dir"],
+                        help="pinned BPF maps, read when the agent is down (default: %(default)s)")
+
+
+def _shown(reply: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    return {**reply, "pods": arrange(reply["pods"], args.namespace, args.pod, args.sort)}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        print("sknf stats: --interval must be positive", file=sys.stderr)
+        return 2
+    try:
+        reply = fetch(args)
+        if not args.watch:
+            print(render(_shown(reply, args), args.output, not args.no_headers))
+            return 0
+        clear = sys.stdout.isatty() and args.output in ("table", "wide")
+        shown = 0
+        while True:
+            text = render(_shown(reply, args), args.output, not args.no_headers)
+            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                return 0
+            time.sleep(args.interval)
+            prev, reply = reply, fetch(args)
+            # Rates between refreshes, whatever span the source used.
+            span = reply["time"] - prev["time"]
+            if span > 0:
+                add_rates(reply["pods"], prev["pods"], span)
+                reply["rate_interval"] = span
+    except SourceError as e:
+        print(f"sknf stats: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,40 @@
+"""Shared test set-up: the repo on sys.path, and skips for tests the machine cannot run.
+
+Tests marked `root` need root (namespaces, links, iptables); `bpf` ones need BCC too. A quick
+unit run is `pytest -m "not root"`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _has_bcc() -> bool:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CI"):
+        return  # CI has root and BCC: a missing one must fail the run, not skip half of it
+    not_root = pytest.mark.skip(reason="needs root")
+    no_bcc = pytest.mark.skip(reason="needs BCC (python3-bpfcc) and kernel headers")
+    bcc_ok = None
+    for item in items:
+        if "root" in item.keywords and os.geteuid() != 0:
+            item.add_marker(not_root)
+        if "bpf" in item.keywords:
+            if bcc_ok is None:
+                bcc_ok = _has_bcc()
+            if not bcc_ok:
+                item.add_marker(no_bcc)
