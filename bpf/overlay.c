@@ -28,12 +28,14 @@ int from_overlay(struct __sk_buff *skb)
  * through the bridge or the routing stack: learn their reply tuple. */
 int to_overlay(struct __sk_buff *skb)
 {
-	struct sknf_config *cfg = node_config();
+	struct sknf_config *cfg;
+	__u32 mark = skb->mark;
 
-	if (skb->mark & SKNF_MARK_FAST) {
-		skb->mark &= ~SKNF_MARK_FAST;
+	if (mark & SKNF_MARK_FAST) {
+		skb->mark = mark & ~SKNF_MARK_FAST;
 		return TC_ACT_OK;
 	}
+	cfg = node_config();
 	if (cfg)
 		learn_reply_flow(skb, cfg);
 	return TC_ACT_OK;

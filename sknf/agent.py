@@ -67,7 +67,7 @@ class Agent:
         self.datapath = choose(cfg)
         self.node: overlay.NodeOverlay | None = None
         self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
-        self.metrics = Metrics(self.snapshot)
+        self.metrics = Metrics(cfg.node_name, self.snapshot)
         self.sampler = Sampler()
         self.stop = threading.Event()
         self.serving = False

@@ -70,12 +70,12 @@ class _Connection(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         version = cni.LATEST
         try:
+            sock.settimeout(READ_TIMEOUT)
+            raw = _read_request(sock)  # read even a refused request: unread input would reset our answer
+            sock.settimeout(None)
             uid = _peer_uid(sock)
             if uid != self.server.peer_uid:
                 raise cni.CniError(cni.FORBIDDEN, "permission denied", f"peer uid {uid} is not allowed")
-            sock.settimeout(READ_TIMEOUT)
-            raw = _read_request(sock)
-            sock.settimeout(None)
             try:
                 payload = json.loads(raw)
             except ValueError as e:
@@ -113,7 +113,8 @@ class ApiServer:
     def __init__(self, server: _Server, path: Path) -> None:
         self._server = server
         self.path = path
-        self._thread = threading.Thread(target=server.serve_forever, name="sknf-api", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="sknf-api", daemon=True)  # poll_interval bounds shutdown()
         self._thread.start()
 
     def shutdown(self) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 BRIDGE = "brsknf"
 VXLAN = "vxsknf"
+HOST_VETH_PREFIX = "sknf"  # host ends of pod veths: sknf + 11 hex digits
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 DATAPATHS = ("auto", "bpf", "kernel")
 PEER_SOURCES = ("static", "kubernetes")

@@ -10,7 +10,9 @@ Why it works this way:
   (tests, `sknf cleanup`) serialise, and nobody works from a stale copy.
 - Allocation is round-robin from the last address handed out, so a just-freed IP (whose old
   owner may still be in a peer's ARP/conntrack tables) is the last to be reused.
-- Network, gateway (first host, on the bridge) and broadcast are never handed out.
+- Network, gateway (first host, on the bridge) and broadcast are never handed out. Leases
+  outside the current pod_cidr (the node's subnet changed) are kept, as the pods still exist,
+  but none are made there. The document records pod_cidr for readers without the agent's config.
 - A document that does not parse or breaks an invariant raises CorruptStore instead of being
   reset: an empty store would hand out the addresses of running pods. The agent rebuilds it from
   the host's veths with `Store.rebuild`.

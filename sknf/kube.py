@@ -16,10 +16,9 @@ Why it works this way:
   that version was compacted away, so it relists. Any other failure backs off exponentially (capped,
   jittered so a restarted API server is not hit by every node at once) and resets on success. A relist
   every `resync` seconds repairs whatever a watch could miss; a node missing from a list is gone.
-- Services need nothing from here: ClusterIP translation stays with kube-proxy's iptables rules, which
-  see every pod packet (pods route Service traffic via their gateway, and bridged frames pass
-  br_netfilter), and the eBPF fast path only short-cuts pod-to-pod frames whose addresses it already
-  knows from local leases. So no Service or Endpoints data is read, and RBAC needs only Nodes.
+- Services need nothing from here: ClusterIP translation stays with kube-proxy in the node's stack, and
+  the eBPF fast path keeps replies of translated flows on that stack (it remembers every flow that went
+  through it), so no Service or Endpoints object is read and RBAC grants Nodes only.
 """
 
 from __future__ import annotations
@@ -109,6 +108,35 @@ def our_annotations(obj: dict) -> dict[str, str]:
     return {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(PREFIX)}
 
 
+def read_node(api: Any, name: str) -> dict:
+    """One Node as raw JSON (the typed models are not needed, and would validate every field)."""
+    try:
+        return json.loads(api.read_node(name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
+    except _api_errors() as e:
+        if getattr(e, "status", None) == 404:
+            raise KubeError(f"node {name} is not registered (is NODE_NAME the Node name?)") from None
+        raise KubeError(f"node {name} cannot be read ({_describe(e)})") from None
+
+
+def patch_annotations(api: Any, name: str, annotations: dict[str, str | None]) -> None:
+    """Set (or, for None, delete) exactly these annotations on a Node: a JSON merge patch names only them."""
+    try:
+        api.patch_node(name, {"metadata": {"annotations": annotations}}, _content_type=MERGE_PATCH,
+                       _request_timeout=REQUEST_TIMEOUT, _preload_content=False)
+    except _api_errors() as e:
+        raise KubeError(f"node {name}: patching annotations failed ({_describe(e)}; "
+                        "the ClusterRole must allow patch on nodes)") from None
+
+
+def remove_annotations(cfg: Config) -> list[str]:
+    """Delete every sknf.io/ annotation from this node's Node (uninstall); returns the keys removed."""
+    api = connect(cfg)
+    keys = sorted(our_annotations(read_node(api, cfg.node_name)))
+    if keys:
+        patch_annotations(api, cfg.node_name, dict.fromkeys(keys))
+    return keys
+
+
 def _mac(value: str) -> str:
     if not _MAC.match(value):
         raise ValueError(f"{value!r} is not a MAC address")
@@ -165,7 +193,6 @@ class KubePeerSource:
         self.poll = poll
         self.sync_wait = sync_wait
         self.api = connect(cfg)
-        self._errors = _api_errors()
         self._parser = _Parser()
         self._lock = threading.Lock()
         self._peers: dict[str, Node] = {}
@@ -197,13 +224,13 @@ class KubePeerSource:
         with self._lock:
             own = self._own
         if own is None:
-            own = self._own_facts(self._get_own())
+            own = self._own_facts(read_node(self.api, self.name))
         carved = node.pod_cidr if node.pod_cidr != own["spec_cidr"] else None
         want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved}
         diff = {k: v for k, v in want.items() if own["annotations"].get(k) != v}
         if not diff:
             return
-        self._patch_annotations(diff)
+        patch_annotations(self.api, self.name, diff)
         with self._lock:
             if self._own is not None:
                 merged = {**self._own["annotations"], **diff}
@@ -218,14 +245,15 @@ class KubePeerSource:
         while True:
             wait = self.poll
             try:
-                cidr = spec_pod_cidr(self._get_own())
+                cidr = spec_pod_cidr(read_node(self.api, self.name))
+            except KubeError as e:
+                why, wait, delay = str(e), delay, min(delay * 2, self.backoff[1])
+            else:
                 if cidr is not None:
                     self._check_inside_cluster(cidr)
                     return cidr
                 why = (f"node {self.name} has no spec.podCIDR yet: the controller manager assigns one when "
                        "the cluster has a pod network CIDR (kubeadm init --pod-network-cidr)")
-            except KubeError as e:
-                why, wait, delay = str(e), delay, min(delay * 2, self.backoff[1])
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 log.warning("%s; gave up waiting after %.0fs", why, timeout)
@@ -241,31 +269,6 @@ class KubePeerSource:
             raise KubeError(f"node {self.name}: spec.podCIDR {cidr} is outside cluster_cidr "
                             f"{self.cfg.cluster_cidr}: set CLUSTER_CIDR in the DaemonSet to the cluster's "
                             "pod network CIDR")
-
-    def _get_own(self) -> dict:
-        try:
-            resp = self.api.read_node(self.name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-            return json.loads(resp.data)
-        except self._errors as e:
-            if getattr(e, "status", None) == 404:
-                raise KubeError(f"node {self.name} is not registered (is NODE_NAME the Node name?)") from None
-            raise KubeError(f"node {self.name} cannot be read ({_describe(e)})") from None
-
-    def _patch_annotations(self, annotations: dict[str, str | None]) -> None:
-        try:
-            self.api.patch_node(self.name, {"metadata": {"annotations": annotations}},
-                                _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
-                                _preload_content=False)
-        except self._errors as e:
-            raise KubeError(f"node {self.name}: patching annotations failed ({_describe(e)}; "
-                            "the ClusterRole must allow patch on nodes)") from None
-
-    def remove_annotations(self) -> list[str]:
-        """Delete every sknf.io/ annotation from this Node (uninstall); returns the keys removed."""
-        keys = sorted(our_annotations(self._get_own()))
-        if keys:
-            self._patch_annotations(dict.fromkeys(keys))
-        return keys
 
     @staticmethod
     def _own_facts(obj: dict) -> dict:
@@ -306,7 +309,7 @@ class KubePeerSource:
                     version = None
                     continue
                 delay = self._pause(e, delay)
-            except self._errors as e:
+            except _api_errors() as e:
                 delay = self._pause(e, delay)
             except Exception as e:  # a garbled event must not end the thread: peers would freeze silently
                 log.exception("node list/watch: unexpected error")

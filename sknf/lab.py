@@ -174,6 +174,13 @@ class Lab:
         """The conflist the node's agent installed, read from disk as a runtime reads it."""
         return json.loads((self.node_dir(node.name) / "net.d" / CONFLIST).read_text())
 
+    def agent_log_tail(self, node: LabNode, lines: int = 30) -> str:
+        try:
+            text = (self.node_dir(node.name) / "agent.log").read_text(errors="replace")
+        except OSError:
+            return "(no agent log)"
+        return "\n".join(text.splitlines()[-lines:])
+
     def save(self) -> None:
         (self.root / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
 
@@ -284,7 +291,8 @@ class Lab:
 
     def _start_agent(self, node: LabNode) -> None:
         log = open(self.node_dir(node.name) / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen([sys.executable, "-m", "sknf", "agent", "-c", node.config], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "sknf", "agent", "-c", node.config], stdin=subprocess.DEVNULL,
+                                stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=nsutil.preexec_enter(node.netns),
                                 start_new_session=True, cwd=str(REPO))
         log.close()
@@ -296,7 +304,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _alive(node.agent_pid):
-                raise LabError(f"agent on {node.name} exited; see {self.node_dir(node.name) / 'agent.log'}")
+                raise LabError(f"agent on {node.name} exited:\n{self.agent_log_tail(node)}")
             if not (self.node_dir(node.name) / "net.d" / CONFLIST).exists():
                 time.sleep(0.2)
                 continue
@@ -307,7 +315,7 @@ class Lab:
             if code == 0:
                 return
             time.sleep(0.2)
-        raise LabError(f"agent on {node.name} not ready after {timeout:.0f}s; see its agent.log")
+        raise LabError(f"agent on {node.name} not ready after {timeout:.0f}s:\n{self.agent_log_tail(node)}")
 
     def _pod(self, node: LabNode, j: int) -> None:
         name = f"{node.name}p{j}"
@@ -342,8 +350,10 @@ class Lab:
         targets = [f"{p.name}={nsutil.netns_path(p.netns)}" for p in self.state.pods]
         targets += [f"{n.name}={nsutil.netns_path(n.netns)}" for n in self.state.nodes]
         targets.append(f"inet={nsutil.netns_path(self.inet)}")
-        proc = subprocess.Popen(["/usr/bin/python3", "-S", str(Path(__file__).with_name("labserver.py")),
-                                 str(SERVER_PORT), *targets], stdout=subprocess.PIPE, start_new_session=True)
+        with open(self.root / "servers.log", "ab") as log:
+            proc = subprocess.Popen(["/usr/bin/python3", "-S", str(Path(__file__).with_name("labserver.py")),
+                                     str(SERVER_PORT), *targets], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=log, start_new_session=True)
         self.state.server_pid = proc.pid
         self.save()
         if proc.stdout.readline().strip() != b"ready":
@@ -384,13 +394,19 @@ class Lab:
 
 
 def _alive(pid: int) -> bool:
+    """True while the process runs; reaps it if it is our exited child (a zombie is not alive)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (started by an earlier `lab up`): ask the kernel
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 def _stop(pid: int, timeout: float = 10) -> None:
@@ -400,13 +416,11 @@ def _stop(pid: int, timeout: float = 10) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
         if not _alive(pid):
             return
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
 
@@ -507,7 +521,9 @@ def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
             expect(flow + " source", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[0], n.gateway_ip)
     if len(st.nodes) > 1:
         a, b = pods_by_node[st.nodes[0].name][0], pods_by_node[st.nodes[1].name][0]
-        mtu = _pod_mtu(a.netns)
+        mtu = _mtu(a.netns)
+        underlay_mtu = _mtu(node_of[a.node].netns)
+        expect("pod MTU = underlay MTU - 50", a.name, a.node, lambda: mtu, underlay_mtu - 50)
         expect("full-MTU datagram across nodes", a.name, b.name,
                lambda: who_udp(a.netns, b.ip, SERVER_PORT, mtu - 28), (a.ip, b.name, mtu - 28))
         jobs.append(("bulk TCP across VXLAN", a.name, b.name, lambda: bulk(a.netns, b.ip, bulk_bytes), None))
@@ -526,7 +542,8 @@ def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
         return list(pool.map(run, jobs))
 
 
-def _pod_mtu(netns: str) -> int:
+def _mtu(netns: str) -> int:
+    """MTU of the namespace's eth0 (a pod's interface, or a node's underlay link)."""
     with netlink.route(nsutil.netns_path(netns)) as ipr:
         return netlink.link_info(ipr, "eth0").get("IFLA_MTU")
 

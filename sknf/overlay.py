@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from sknf import iptables, netlink
-from sknf.config import BRIDGE, VXLAN, VXLAN_OVERHEAD, Config
+from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config
 from sknf.peers import Node
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,10 @@ def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
     return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade)
 
 
-def teardown(host_veth_prefix: str = "sknf") -> None:
+def teardown() -> None:
     """Remove the bridge, the VXLAN device and every pod host veth (uninstall)."""
     with netlink.route() as ipr:
-        for name in netlink.host_veths(ipr, host_veth_prefix):
+        for name in netlink.host_veths(ipr, HOST_VETH_PREFIX):
             netlink.delete_link(ipr, name)
         netlink.delete_link(ipr, VXLAN)
         netlink.delete_link(ipr, BRIDGE)

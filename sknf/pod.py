@@ -20,16 +20,14 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from sknf import netlink, nsutil
-from sknf.cni import ALREADY_EXISTS, CniError, Request, build_result
-from sknf.config import BRIDGE, Config
+from sknf.cni import ALREADY_EXISTS, CHECK_FAILED, CniError, Request, build_result
+from sknf.config import BRIDGE, HOST_VETH_PREFIX, Config
 from sknf.datapath import Datapath, Endpoint
 from sknf.ipam import Lease, Store
 from sknf.overlay import NodeOverlay
 
 log = logging.getLogger(__name__)
 
-HOST_VETH_PREFIX = "sknf"
-ERR_CHECK_FAILED = 110  # CHECK found the pod's network not as ADD left it
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -133,23 +131,23 @@ def check(net: PodNetwork, req: Request) -> None:
     _require_netns(req)
     lease = net.store.get(req.container_id, req.ifname)
     if lease is None:
-        raise CniError(ERR_CHECK_FAILED, f"no address allocated to {req.container_id}/{req.ifname}")
+        raise CniError(CHECK_FAILED, f"no address allocated to {req.container_id}/{req.ifname}")
     want = f"{lease.ip}/{net.cfg.cluster_cidr.prefixlen}"
     for ip in (req.prev_result or {}).get("ips", []):
         if ip.get("address") != want:
-            raise CniError(ERR_CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease {want}")
+            raise CniError(CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease {want}")
     with netlink.route() as ipr:
         link = netlink.link_info(ipr, lease.host_ifname)
         if link is None or link.get("IFLA_MASTER") != node.bridge_ifindex:
-            raise CniError(ERR_CHECK_FAILED, f"host interface {lease.host_ifname} is missing or not on {BRIDGE}")
+            raise CniError(CHECK_FAILED, f"host interface {lease.host_ifname} is missing or not on {BRIDGE}")
     with netlink.route(req.netns) as pod:
         mac, addrs, gateway = netlink.pod_interface_state(pod, req.ifname)
     if mac is None:
-        raise CniError(ERR_CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
+        raise CniError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
     if want not in addrs:
-        raise CniError(ERR_CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
+        raise CniError(CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
     if gateway != node.gateway_ip:
-        raise CniError(ERR_CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
+        raise CniError(CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
 
 
 def gc(net: PodNetwork, req: Request) -> None:
@@ -166,7 +164,7 @@ def status(net: PodNetwork, req: Request) -> None:
     if net.node() is None:
         raise CniError(50, "sknf agent has not set up the node network yet")
     if net.store.allocated >= net.store.capacity:
-        raise CniError(51, f"address pool {net.store.pod_cidr} is exhausted")
+        raise CniError(50, f"address pool {net.store.pod_cidr} is exhausted: no new pod can be added")
 
 
 def remove_orphan_links(net: PodNetwork) -> list[str]:

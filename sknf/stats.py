@@ -26,20 +26,21 @@ rx is what the pod received, tx what it sent (the pod's view, as in PodCounters)
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
-import ipaddress
 import json
-import os
 import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sknf.config import Config
     from sknf.metrics import Snapshot
 
 from sknf.datapath import PodCounters
@@ -157,33 +158,77 @@ def _agent_problem(socket_path: Path, e: OSError) -> str:
     return f"agent at {socket_path}: {e.strerror or e}"
 
 
-def read_local(state_dir: Path, pin_dir: Path, node: str) -> dict[str, Any]:
-    """Figures without the agent: the datapath's counters read in place, identities from the IPAM store."""
-    from sknf.datapath import local
-    from sknf.ipam import Store
-    from sknf.metrics import Snapshot
+def _local_pod_cidr(cfg: Config) -> IPv4Network | None:
+    """This node's pod subnet without asking anyone: configured, or its entry in a static peers file."""
+    if cfg.pod_cidr is not None:
+        return cfg.pod_cidr
+    if cfg.peer_source == "static" and cfg.peers_file is not None:
+        from sknf.peers import PeersFileError, StaticPeerSource
 
-    store = Store.open_existing(state_dir)
-    source = local.counter_reader(pin_dir)
+        try:
+            own = [n for n in StaticPeerSource(cfg.peers_file).nodes() if n.name == cfg.node_name]
+        except PeersFileError:
+            return None
+        if own and own[0].pod_cidr:
+            return IPv4Network(own[0].pod_cidr)
+    return None
+
+
+def read_local(cfg: Config) -> dict[str, Any]:
+    """Figures without the agent, from this node's kernel: the datapath's counters read in place,
+    pod identities from the IPAM store on disk. Raises OSError or SourceError saying what is missing."""
+    from sknf.datapath.kernel import KernelDatapath
+    from sknf.ipam import Store
+    from sknf.metrics import Snapshot, join
+
+    if (cfg.bpf_pin_dir / "pod_counters").exists():
+        raise SourceError(f"this node runs the BPF datapath (pins under {cfg.bpf_pin_dir}); reading its pinned "
+                          "counters without the agent is not supported yet")
+    pod_cidr = _local_pod_cidr(cfg)
+    # Reading leases needs only a network that holds them: the cluster's does when the node's is unknown.
+    store = Store(cfg.state_dir, pod_cidr or cfg.cluster_cidr)
+    if not store.path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no IPAM state (is this a sknf node?)", str(store.path))
     leases = store.leases()
-    snap = Snapshot.take(node, source, leases, store.capacity, overlay_peers=0)
+    source = KernelDatapath(cfg, "read without the agent")
+    snap = Snapshot(node=cfg.node_name, datapath_mode=source.mode, datapath_reason=source.reason,
+                    pods=join(leases, source.read_counters()), ipam_allocated=len(leases),
+                    ipam_capacity=store.capacity if pod_cidr else None, peers=None)
     rows = pod_rows(snap)
     add_rates(rows, None, None)
-    return make_reply(snap, rows, None, "bpf-pins" if source.mode == "bpf" else "kernel-links")
+    return make_reply(snap, rows, None, "kernel-links")
 
 
-def fetch(args: argparse.Namespace) -> dict[str, Any]:
+def agent_config(path: Path | None) -> Config | None:
+    """The agent's configuration (file, then environment, as `sknf agent -c` reads it); None when neither
+    says enough (no file given and no NODE_NAME/CLUSTER_CIDR in the environment)."""
+    from sknf.config import ConfigError, load
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        if path is not None:
+            raise SourceError(f"agent configuration: {e}") from None
+        return None
+
+
+def fetch(cfg: Config | None, sock: Path) -> dict[str, Any]:
     """The agent's reply if it answers, else local figures, else SourceError naming every problem."""
     try:
-        return query_agent(args.socket)
+        return query_agent(sock)
     except OSError as e:
-        agent_problem = _agent_problem(args.socket, e)
+        agent_problem = _agent_problem(sock, e)
+    if cfg is None:
+        raise SourceError(f"{agent_problem}; to read the node directly, give the agent's configuration "
+                          "(-c FILE, or NODE_NAME and CLUSTER_CIDR in the environment)")
     try:
-        return read_local(args.state_dir, args.pin_dir, os.environ.get("NODE_NAME") or socket.gethostname())
+        return read_local(cfg)
     except OSError as e:
         local_problem = f"{e.filename or 'local state'}: {e.strerror or e}"
         if isinstance(e, PermissionError):
             local_problem += " (run as root)"
+    except SourceError as e:
+        local_problem = str(e)
     raise SourceError(f"{agent_problem}; and reading the node directly failed: {local_problem}")
 
 
@@ -243,7 +288,7 @@ def _rate(row: dict[str, Any], name: str) -> float:
 
 def _ip_key(row: dict[str, Any]) -> int:
     try:
-        return int(ipaddress.IPv4Address(row["ip"]))
+        return int(IPv4Address(row["ip"]))
     except ValueError:
         return 0
 
@@ -338,15 +383,14 @@ def render(reply: dict[str, Any], output: str, headers: bool = True) -> str:
 # ---- command line --------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sknf.config import Config
-
-    defaults = {f: Config.__dataclass_fields__[f].default for f in ("run_dir", "state_dir", "bpf_pin_dir")}
     parser.description = ("Per-pod traffic on this node: bytes, packets, current rates, fast-path share "
                           "and drops. Asks the agent; when it is down, reads the kernel's counters directly.")
     parser.epilog = ("examples:\n  sknf stats                    # all pods, busiest first\n"
                      "  sknf stats -n default --pod 'web-*' --sort rx\n"
                      "  sknf stats -w --interval 1   # refresh in place every second\n"
-                     "  sknf stats -o json            # the agent's reply, filtered and sorted")
+                     "  sknf stats -o json            # the agent's reply, filtered and sorted\n"
+                     "  sknf stats -c /etc/sknf/config.yaml   # the agent's paths; needed to read the\n"
+                     "                                        # node directly when the agent is down")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("-n", "--namespace", help="only pods of this namespace (default: all)")
     parser.add_argument("--pod", help="only pods whose name contains this, or matches it as a glob (*?[)")
@@ -356,12 +400,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-w", "--watch", action="store_true", help="refresh in place until interrupted")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     parser.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
-    parser.add_argument("--socket", type=Path, default=defaults["run_dir"] / "sknf.sock",
-                        help="agent socket (default: %(default)s)")
-    parser.add_argument("--state-dir", type=Path, default=defaults["state_dir"],
-                        help="IPAM state, read when the agent is down (default: %(default)s)")
-    parser.add_argument("--pin-dir", type=Path, default=defaults["bpf_pin_dir"],
-                        help="pinned BPF maps, read when the agent is down (default: %(default)s)")
+    parser.add_argument("-c", "--config", type=Path,
+                        help="the agent's configuration file (environment variables override, as for the agent)")
+    parser.add_argument("--socket", type=Path, help="agent socket (default: the configuration's, else "
+                        "/run/sknf/sknf.sock)")
 
 
 def _shown(reply: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -372,8 +414,12 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("sknf stats: --interval must be positive", file=sys.stderr)
         return 2
+    from sknf.config import Config
+
     try:
-        reply = fetch(args)
+        cfg = agent_config(args.config)
+        sock = args.socket or (cfg.socket_path if cfg else Config.run_dir / "sknf.sock")
+        reply = fetch(cfg, sock)
         if not args.watch:
             print(render(_shown(reply, args), args.output, not args.no_headers))
             return 0
@@ -386,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
             if args.count is not None and shown >= args.count:
                 return 0
             time.sleep(args.interval)
-            prev, reply = reply, fetch(args)
+            prev, reply = reply, fetch(cfg, sock)
             # Rates between refreshes, whatever span the source used.
             span = reply["time"] - prev["time"]
             if span > 0:

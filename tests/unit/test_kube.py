@@ -132,14 +132,14 @@ def test_publish_self_patches_only_its_own_annotations(api, make_source, server)
         src.publish_self(Node("skc-b", "198.51.100.2"))
 
 
-def test_publish_self_annotates_a_carved_pod_cidr(api, make_source, server) -> None:
+def test_publish_self_annotates_a_carved_pod_cidr(api, cfg, make_source, server) -> None:
     api.create_node(node(ME, "192.0.2.1"))  # the cluster allocates no pod subnets
     src = make_source()
     src.publish_self(Node(ME, "192.0.2.1", "10.244.7.0/24"))
     assert server.requests("patch")[-1].data == {"metadata": {"annotations": {
         kube.UNDERLAY_IP: "192.0.2.1", kube.POD_CIDR: "10.244.7.0/24"}}}
     eventually(lambda: Node(ME, "192.0.2.1", "10.244.7.0/24") in src.nodes(), what="own carved subnet")
-    assert src.remove_annotations() == [kube.POD_CIDR, kube.UNDERLAY_IP]
+    assert kube.remove_annotations(cfg) == [kube.POD_CIDR, kube.UNDERLAY_IP]  # what `sknf cleanup` does
     assert server.requests("patch")[-1].data == {"metadata": {"annotations": {
         kube.POD_CIDR: None, kube.UNDERLAY_IP: None}}}
     assert api.read_node(ME).metadata.annotations in (None, {})
@@ -149,9 +149,12 @@ def test_watch_resumes_from_the_last_resource_version(api, make_source, server) 
     api.create_node(node("skc-b", "192.0.2.2", rv="41"))
     src = make_source(watch_timeout=1)  # the emulated server ends each watch after 1 s
     src.nodes()
-    api.patch_node("skc-b", {"metadata": {"resourceVersion": "42", "annotations": {kube.VTEP_MAC: "02:00:00:00:00:02"}}})
-    watches = eventually(lambda: server.requests("watch v1/nodes")[2:], what="two reconnected watches")
-    assert watches[0].params["resourceVersion"] == "42"
+    api.patch_node("skc-b", {"metadata": {"resourceVersion": "42",
+                                          "annotations": {kube.VTEP_MAC: "02:00:00:00:00:02"}}})
+    eventually(src.changed, what="the update over the watch")
+    seen = len(server.requests("watch v1/nodes"))
+    following = eventually(lambda: server.requests("watch v1/nodes")[seen:], what="the next watch")
+    assert following[0].params["resourceVersion"] == "42"
     assert len(server.requests("list v1/nodes")) == 1  # resumed, not relisted
     assert src.nodes() == [Node("skc-b", "192.0.2.2", None, "02:00:00:00:00:02")]
 
@@ -244,7 +247,7 @@ def test_no_api_server_is_reported(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     cfg = Config(node_name=ME, cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), peer_source="kubernetes",
                  kubeconfig=tmp_path / "missing")
-    with pytest.raises(KubeError, match="kubeconfig .*missing"):
+    with pytest.raises(KubeError, match=r"kubeconfig .*missing"):
         KubePeerSource(cfg)
     cfg = Config(node_name=ME, cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), peer_source="kubernetes")
     with pytest.raises(KubeError, match="in-cluster service account"):

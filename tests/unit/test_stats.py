@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import yaml
 
 from sknf import api, stats
 from sknf.datapath import PodCounters
-from sknf.ipam import Lease
+from sknf.ipam import Lease, Store
 from sknf.metrics import Snapshot
 
 
@@ -178,10 +178,38 @@ def test_watch_rates_between_refreshes(agent: Path, capsys) -> None:
     assert all(d["pods"][0]["rx_bytes_rate"] == 4000.0 for d in docs)
 
 
-def test_nothing_reachable_says_why(tmp_path: Path, capsys) -> None:
-    argv = ["--socket", str(tmp_path / "none.sock"), "--state-dir", str(tmp_path / "state"),
-            "--pin-dir", str(tmp_path / "pins")]
-    assert stats.run(args_for(argv)) == 1
+def test_nothing_reachable_says_why(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    monkeypatch.delenv("CLUSTER_CIDR", raising=False)
+    assert stats.run(args_for(["--socket", str(tmp_path / "none.sock")])) == 1
     err = capsys.readouterr().err
     assert f"no agent socket at {tmp_path / 'none.sock'}" in err
-    assert str(tmp_path / "state") in err
+    assert "give the agent's configuration (-c FILE" in err
+
+
+def node_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node_name": "n1", "cluster_cidr": "10.244.0.0/16", "pod_cidr": "10.244.1.0/24",
+        "peers_file": str(tmp_path / "peers.yaml"), "state_dir": str(tmp_path / "state"),
+        "run_dir": str(tmp_path / "run"), "bpf_pin_dir": str(tmp_path / "pins")}))
+    return cfg
+
+
+def test_agent_down_and_no_state_says_why(tmp_path: Path, capsys) -> None:
+    assert stats.run(args_for(["-c", str(node_config(tmp_path))])) == 1
+    err = capsys.readouterr().err
+    assert f"no agent socket at {tmp_path / 'run' / 'sknf.sock'}" in err
+    assert f"{tmp_path / 'state' / 'ipam' / 'leases.json'}: no IPAM state" in err
+
+
+def test_agent_down_reads_leases_and_links(tmp_path: Path, capsys) -> None:
+    """No agent: identities from the IPAM store; counters from host veths (none exist here: zeros)."""
+    store = Store(tmp_path / "state", IPv4Network("10.244.1.0/24"))
+    store.allocate("c" * 64, "eth0", "default", "web-1", "sknfdeadbeef00")
+    assert stats.run(args_for(["-c", str(node_config(tmp_path)), "-o", "json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == "kernel-links" and out["node"] == "n1"
+    assert out["ipam"] == {"allocated": 1, "capacity": 253}
+    assert [(p["namespace"], p["pod"], p["ip"], p["rx_bytes"]) for p in out["pods"]] == [
+        ("default", "web-1", "10.244.1.2", 0)]

@@ -1,0 +1,210 @@
+"""`sknf bench observability`: how long a Prometheus scrape and a `sknf stats` take on a busy node.
+
+Set-up, in a throwaway network namespace (nothing touches the host's network):
+- N host veths and an IPAM store in a temp dir holding N leases that name them, as on a node with N
+  pods; the counters come from the real BPF datapath (compiled, one per-CPU entry per pod in its
+  pinned map; --datapath bpf, the default) or from the veths' link statistics (--datapath kernel);
+- a scrape = the agent's work for one GET /metrics: read the leases and the datapath's counters,
+  render the exposition text (timed in-process, then once over HTTP on the namespace's loopback);
+- `sknf stats` = a fresh `python -m sknf stats -o table` process against a socket served by the real
+  socket server (sknf.api) with the agent's stats handler, timed from exec to exit.
+Targets: scrape of 2,000 pods <= 100 ms, `sknf stats` of 1,000 pods <= 300 ms. Printed as
+measured/target ratios (below 1 is within target); medians of several rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from pyroute2 import netns as pnetns
+
+from sknf import api, netlink, nsutil, stats
+from sknf.config import HOST_VETH_PREFIX, Config
+from sknf.datapath import Datapath
+from sknf.datapath.kernel import KernelDatapath
+from sknf.ipam import Lease, Store
+from sknf.metrics import Metrics, Snapshot, join
+
+SCRAPE_TARGET = 0.100
+STATS_TARGET = 0.300
+POD_CIDR = ipaddress.IPv4Network("10.244.0.0/20")  # room for 4,093 pods
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scrape-pods", type=int, default=2000, help="pods for the scrape (default 2000)")
+    parser.add_argument("--stats-pods", type=int, default=1000, help="pods for sknf stats (default 1000)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; the median is reported")
+    parser.add_argument("--netns", default="skd-bench", help="name of the throwaway network namespace")
+    parser.add_argument("--datapath", choices=("bpf", "kernel"), default="bpf",
+                        help="whose counters a scrape reads (default bpf: real maps, needs BCC)")
+
+
+def _leases(n: int) -> list[Lease]:
+    hosts = POD_CIDR.hosts()
+    next(hosts)  # the gateway
+    out = []
+    for i in range(n):
+        cid = f"{i:064x}"
+        out.append(Lease(next(hosts), cid, "eth0", f"ns-{i % 20}", f"pod-{i}",
+                         f"{HOST_VETH_PREFIX}{i:011x}", f"0a:58:00:00:{i >> 8 & 255:02x}:{i & 255:02x}",
+                         created=time.time()))
+    return out
+
+
+def _make_veths(ns: str, leases: list[Lease]) -> None:
+    """One veth pair per lease inside `ns`: the host end carries the lease's name, as on a node."""
+    with netlink.route(nsutil.netns_path(ns)) as ipr:
+        for i, lease in enumerate(leases):
+            ipr.link("add", ifname=lease.host_ifname, kind="veth", peer={"ifname": f"skdp{i:07x}"})
+
+
+def _median(fn: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _snapshot_fn(store: Store, dp: Datapath) -> Callable[[], Snapshot]:
+    """What the agent's snapshot does: current leases joined with the datapath's counters."""
+    def snapshot() -> Snapshot:
+        leases = store.leases()
+        return Snapshot(node="bench", datapath_mode=dp.mode, datapath_reason=dp.reason,
+                        pods=join(leases, dp.read_counters()), ipam_allocated=len(leases),
+                        ipam_capacity=store.capacity, peers=1)
+    return snapshot
+
+
+def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
+    """The real BPF datapath (compiled, maps pinned under /sys/fs/bpf/<ns>) with one per-CPU counter
+    entry per pod veth, filled as if every pod had sent and received on every CPU."""
+    from sknf.datapath.bpf import BpfDatapath
+
+    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
+                 bpf_pin_dir=Path("/sys/fs/bpf") / ns)
+    with nsutil.entered(ns):
+        dp = BpfDatapath(cfg)
+        with netlink.route() as ipr:
+            index = netlink.host_veths(ipr, HOST_VETH_PREFIX)
+    table = dp.bpf["pod_counters"]
+    for i, lease in enumerate(leases):
+        leaf = table.Leaf()
+        for cpu in range(table.total_cpu):
+            leaf[cpu].rx_packets, leaf[cpu].rx_bytes = i + 1, 1500 * (i + 1)
+            leaf[cpu].tx_packets, leaf[cpu].tx_bytes = i + 2, 1500 * (i + 2)
+            leaf[cpu].fast_packets, leaf[cpu].kernel_packets = 2 * i + 2, 1
+        table[table.Key(index[lease.host_ifname])] = leaf
+    return dp
+
+
+def bench_scrape(ns: str, n: int, rounds: int, work: Path, dp_kind: str) -> tuple[float, float, float, str]:
+    """(in-process, over-HTTP, datapath read_counters alone) seconds for one scrape of n pods, and what."""
+    leases = _leases(n)
+    _make_veths(ns, leases)
+    store = Store(work / f"scrape-{n}", POD_CIDR)
+    store.rebuild(leases)
+    if dp_kind == "bpf":
+        dp = _bpf_datapath(ns, leases)
+        what = f"BPF datapath: {n} pods' per-CPU entries in the pinned pod_counters map + {n} host veths"
+    else:
+        cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
+                     bpf_pin_dir=work / "no-pins")
+        dp = KernelDatapath(cfg, "benchmark")
+        what = f"kernel datapath: {n} real host veths' link statistics"
+    metrics = Metrics("bench", _snapshot_fn(store, dp))
+    with nsutil.entered(ns):  # netlink sockets and the HTTP server live in the namespace
+        body = generate_latest(metrics.registry)
+        if body.count(b"sknf_pod_receive_bytes_total{") != n:
+            raise RuntimeError("scrape did not show every pod")
+        in_process = _median(lambda: generate_latest(metrics.registry), rounds)
+        counters = _median(dp.read_counters, rounds)
+        server = metrics.serve(("127.0.0.1", 0), lambda: True)
+        try:
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            # urllib opens its socket in the calling thread, which is inside the namespace.
+            over_http = _median(lambda: urllib.request.urlopen(url, timeout=10).read(), rounds)
+        finally:
+            server.shutdown()
+        if dp_kind == "bpf":
+            dp.cleanup()  # its pins; the namespace (and its veths) goes in run()
+    return in_process, over_http, counters, f"{what}; {len(body)} bytes"
+
+
+def bench_stats(ns: str, n: int, rounds: int, work: Path) -> tuple[float, float, str]:
+    """Seconds for a whole `sknf stats` process against an agent socket serving n pods: with the
+    agent reading the datapath per query (what users get), and with a ready reply (the client alone)."""
+    leases = _leases(n)
+    # The scrape's veths (a superset when n <= scrape pods) carry these names already.
+    with netlink.route(nsutil.netns_path(ns)) as ipr:
+        have = set(netlink.host_veths(ipr, HOST_VETH_PREFIX))
+    _make_veths(ns, [lease for lease in leases if lease.host_ifname not in have])
+    store = Store(work / f"stats-{n}", POD_CIDR)
+    store.rebuild(leases)
+    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
+                 bpf_pin_dir=work / "no-pins")
+    snapshot = _snapshot_fn(store, KernelDatapath(cfg, "benchmark"))
+    sampler = stats.Sampler()
+
+    def handle(_req: dict) -> dict:
+        with nsutil.entered(ns):
+            return stats.handle_query(sampler, snapshot())
+
+    handle({})
+    ready = handle({})
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    results = []
+    for name, handler in (("live", handle), ("ready", lambda _req: ready)):
+        sock = work / name / "sknf.sock"
+        server = api.serve(sock, {"stats": handler}, peer_uid=os.getuid())
+        argv = [sys.executable, "-m", "sknf", "stats", "--socket", str(sock)]
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
+            if len(out.splitlines()) != n + 2:
+                raise RuntimeError(f"sknf stats printed {len(out.splitlines())} lines for {n} pods")
+            results.append(_median(lambda argv=argv: subprocess.run(argv, capture_output=True, env=env,
+                                                                    check=True), rounds))
+        finally:
+            server.shutdown()
+    return results[0], results[1], f"agent socket, {n} pods, table output, whole process"
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("sknf bench observability: needs root (it creates a network namespace)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="skd-bench-"))
+    pnetns.create(args.netns)
+    try:
+        with netlink.route(nsutil.netns_path(args.netns)) as ipr:
+            ipr.link("set", index=netlink.link_index(ipr, "lo"), state="up")
+        scrape, scrape_http, counters, what = bench_scrape(args.netns, args.scrape_pods, args.rounds, work,
+                                                            args.datapath)
+        target = f"ratio to {SCRAPE_TARGET * 1000:.0f} ms target:"
+        print(f"scrape, {args.scrape_pods} pods ({what}):")
+        print(f"  in process  {scrape * 1000:7.1f} ms   {target} {scrape / SCRAPE_TARGET:.2f}")
+        print(f"  over HTTP   {scrape_http * 1000:7.1f} ms   {target} {scrape_http / SCRAPE_TARGET:.2f}")
+        print(f"  of which the datapath's read_counters: {counters * 1000:.1f} ms")
+        live, client, what = bench_stats(args.netns, args.stats_pods, args.rounds, work)
+        target = f"ratio to {STATS_TARGET * 1000:.0f} ms target:"
+        print(f"sknf stats ({what}):")
+        print(f"  agent reads the datapath per query  {live * 1000:7.1f} ms   {target} {live / STATS_TARGET:.2f}")
+        print(f"  agent answers a ready reply         {client * 1000:7.1f} ms   {target} {client / STATS_TARGET:.2f}")
+    finally:
+        pnetns.remove(args.netns)  # its veths go with it
+        shutil.rmtree(work, ignore_errors=True)
+    return 0

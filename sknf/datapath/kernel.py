@@ -1,0 +1,63 @@
+"""The kernel datapath: the bridge forwards every pod, and each host veth's link statistics count it.
+
+Nothing is per pod here: the overlay already bridges each host veth, so attach, detach and sync have
+nothing to do, and counters come from the kernel's own per-link figures (the host veth's rx is what
+the pod sent). The kernel cannot tell a fast path from a kernel path, so those figures stay None.
+"""
+
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+
+from sknf import netlink
+from sknf.config import HOST_VETH_PREFIX, Config
+from sknf.datapath import Endpoint, NodeNet, PodCounters
+
+# Service NAT (kube-proxy) must see frames the bridge forwards between pods of one node.
+BR_NETFILTER = "net.bridge.bridge-nf-call-iptables"
+
+
+def host_veth_stats(ipr: IPRoute) -> dict[int, tuple[str, dict]]:
+    """{ifindex: (name, IFLA_STATS64)} of every pod host veth in this namespace."""
+    out = {}
+    for link in ipr.get_links():
+        name = link.get("IFLA_IFNAME") or ""
+        if name.startswith(HOST_VETH_PREFIX) and netlink.link_kind(link) == "veth":
+            out[link["index"]] = (name, link.get("IFLA_STATS64") or {})
+    return out
+
+
+class KernelDatapath:
+    mode = "kernel"
+
+    def __init__(self, cfg: Config, reason: str = "") -> None:
+        self.cfg = cfg
+        self.reason = reason
+
+    def setup_node(self, node: NodeNet) -> None:
+        netlink.sysctl(BR_NETFILTER, 1)
+
+    def attach_pod(self, ep: Endpoint) -> None:
+        """Nothing to do: the bridge port the overlay made is the whole datapath."""
+
+    def detach_pod(self, ep: Endpoint) -> None:
+        """Nothing to do: the pod's counters go with its link."""
+
+    def sync_endpoints(self, eps: list[Endpoint]) -> None:
+        """Nothing to do: no per-pod state exists outside the kernel's links."""
+
+    def read_counters(self) -> dict[str, PodCounters]:
+        with netlink.route() as ipr:
+            links = host_veth_stats(ipr)
+        return {
+            name: PodCounters(rx_bytes=s.get("tx_bytes", 0), rx_packets=s.get("tx_packets", 0),
+                              tx_bytes=s.get("rx_bytes", 0), tx_packets=s.get("rx_packets", 0),
+                              drops=s.get("rx_dropped", 0) + s.get("tx_dropped", 0))
+            for name, s in links.values()
+        }
+
+    def cleanup(self) -> None:
+        """Remove what an earlier eBPF run left (filters, pins), so switching modes leaves nothing stale."""
+        from sknf.datapath.bpf import remove_bpf_state
+
+        remove_bpf_state(self.cfg.bpf_pin_dir)

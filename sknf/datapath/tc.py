@@ -1,0 +1,94 @@
+"""tc attachment of sknf's programs: a clsact qdisc and direct-action cls_bpf filters named sknf_*.
+
+A filter is always written with "replace" at one fixed priority and handle, so attaching a freshly
+loaded program over an old one (agent restart, upgrade) swaps it atomically under live traffic. The
+sknf_ name prefix is how cleanup tells our filters from other tools' and removes only ours (Cilium's
+cil_ convention).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+INGRESS = 0xFFFFFFF2  # clsact's ingress hook (tc's ffff:fff2)
+EGRESS = 0xFFFFFFF3  # clsact's egress hook (ffff:fff3)
+HOOKS = {INGRESS: "ingress", EGRESS: "egress"}
+FILTER_PREFIX = "sknf_"
+PRIO = 1
+HANDLE = 1
+_GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)  # link or qdisc already gone
+
+
+def ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+
+
+def attach(ipr: IPRoute, ifindex: int, hook: int, fd: int, name: str) -> None:
+    """Program fd becomes the filter `name` on the link's hook, replacing whatever sknf had there."""
+    ensure_clsact(ipr, ifindex)
+    ipr.tc("replace-filter", "bpf", ifindex, handle=HANDLE, prio=PRIO, parent=hook, fd=fd, name=name,
+           classid=1, direct_action=True)
+
+
+def filter_name(msg) -> str | None:
+    options = msg.get_attr("TCA_OPTIONS")
+    return options.get_attr("TCA_BPF_NAME") if options else None
+
+
+def sknf_filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, str, int]]:
+    """(hook, name, prio) of every sknf filter on the link; [] if the link or its clsact is gone."""
+    found = []
+    for hook in HOOKS:
+        try:
+            msgs = ipr.get_filters(index=ifindex, parent=hook)
+        except NetlinkError as e:
+            if e.code in _GONE:
+                continue
+            raise
+        for msg in msgs:
+            name = filter_name(msg)
+            if name and name.startswith(FILTER_PREFIX):
+                found.append((hook, name, msg["info"] >> 16))
+    return found
+
+
+def detach(ipr: IPRoute, ifindex: int) -> int:
+    """Remove sknf's filters from the link (and clsact if nothing else uses it); returns how many."""
+    removed = 0
+    for hook, _name, prio in sknf_filters(ipr, ifindex):
+        try:
+            ipr.tc("del-filter", index=ifindex, parent=hook, prio=prio)
+            removed += 1
+        except NetlinkError as e:
+            if e.code not in _GONE:
+                raise
+    if removed and not _has_filters(ipr, ifindex):
+        try:
+            ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code not in _GONE:
+                raise
+    return removed
+
+
+def _has_filters(ipr: IPRoute, ifindex: int) -> bool:
+    for hook in HOOKS:
+        try:
+            if any(msg["handle"] for msg in ipr.get_filters(index=ifindex, parent=hook)):
+                return True
+        except NetlinkError as e:
+            if e.code not in _GONE:
+                raise
+    return False
+
+
+def detach_everywhere(ipr: IPRoute) -> int:
+    """Remove sknf's filters from every link of this namespace; returns how many."""
+    return sum(detach(ipr, link["index"]) for link in ipr.get_links())

@@ -1,0 +1,41 @@
+"""Fixtures for the eBPF datapath tests: a fresh two-node cluster per test, removed even on failure."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from topo import Cluster, servers
+
+from sknf import nsutil
+from sknf.lab import kube_proxy_rules
+
+# ClusterIP 10.96.0.10 -> the second pod of node 1 (same node as the client, pod 1 of node 1),
+# 10.96.0.11 -> the first pod of node 2 (across nodes); TCP port 80 and UDP port 53 -> 8080.
+SERVICES = {"10.96.0.10": (1, 2), "10.96.0.11": (2, 1)}
+SVC_TCP, SVC_UDP = 80, 53
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture
+def serving(cluster: Cluster) -> Iterator[Cluster]:
+    """Test servers in every pod and node, and kube-proxy-style ClusterIP rules on every node."""
+    targets = {p.name: p.netns for n in cluster.nodes for p in n.pods}
+    targets.update({n.cfg.node_name: n.netns for n in cluster.nodes})
+    rules = kube_proxy_rules([{"ip": vip, "backend": cluster.pod(*where).ip} for vip, where in SERVICES.items()])
+    for node in cluster.nodes:
+        subprocess.run(["iptables-restore", "-w", "--noflush"], input=rules, text=True, check=True,
+                       capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
+    with servers(targets):
+        yield cluster
