@@ -87,6 +87,7 @@ class Agent:
         if self.node is None:
             self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
         self.node = node
+        self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
         pod.remove_orphan_links(self.net)
         pod.sync_datapath(self.net)
 
@@ -135,7 +136,6 @@ class Agent:
                  self.cfg.cluster_cidr, self.pod_cidr, self.datapath.mode,
                  f" ({self.datapath.reason})" if self.datapath.reason else "")
         self.reconcile()  # the first one must succeed: a node without its network must not serve
-        self.replay_pending_dels()
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
             "stats": lambda _req: handle_query(self.sampler, self.snapshot()),

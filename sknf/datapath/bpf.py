@@ -23,7 +23,6 @@ import errno
 import ipaddress
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -34,13 +33,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from sknf import netlink
 from sknf.config import Config
-from sknf.datapath import Endpoint, NodeNet, PodCounters, flows, tc
-from sknf.datapath.kernel import BR_NETFILTER, host_veth_stats
+from sknf.datapath import Endpoint, NodeNet, PodCounters, flows, pins, tc
+from sknf.datapath.kernel import BR_NETFILTER, host_veth_stats, remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-BPFFS = Path("/sys/fs/bpf")
 # Dependency order: each file after everything it includes.
 UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h",
          "from_pod.c", "to_pod.c", "overlay.c")
@@ -150,7 +148,7 @@ class BpfDatapath:
 
     def cleanup(self) -> None:
         self.close()
-        remove_bpf_state(self.pin_dir)
+        remove_bpf_leftovers(self.pin_dir)
 
     # -- beyond the protocol -------------------------------------------------------------------
     def close(self) -> None:
@@ -273,40 +271,15 @@ def _pin(fd: int, path: Path) -> None:
         raise BpfUnavailable(f"cannot pin {path}: {os.strerror(err) if err else 'failed'}")
 
 
-def _fs_type(path: Path) -> str:
-    """The filesystem type of the mount holding path (longest mount-point prefix in mountinfo)."""
-    best, fstype = "", ""
-    target = str(path.resolve() if path.exists() else path)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        mount_point = left.split()[4].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, fstype = mount_point, right.split()[0]
-    return fstype
-
-
 def ensure_bpffs(pin_dir: Path) -> None:
     """The pin directory exists on a bpf filesystem; /sys/fs/bpf is mounted if nothing is (fresh boot)."""
-    if _fs_type(pin_dir) != "bpf":
-        if not pin_dir.is_relative_to(BPFFS):
+    if pins.fs_type(pin_dir) != "bpf":
+        if not pin_dir.is_relative_to(pins.BPFFS):
             raise BpfUnavailable(f"bpf_pin_dir {pin_dir} is not on a bpf filesystem")
         libc = ctypes.CDLL(None, use_errno=True)
-        if _fs_type(BPFFS) != "bpf" and libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, None) != 0:
-            raise BpfUnavailable(f"cannot mount bpffs on {BPFFS}: {os.strerror(ctypes.get_errno())}")
+        if pins.fs_type(pins.BPFFS) != "bpf" and libc.mount(b"bpf", str(pins.BPFFS).encode(), b"bpf", 0, None):
+            raise BpfUnavailable(f"cannot mount bpffs on {pins.BPFFS}: {os.strerror(ctypes.get_errno())}")
     pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def remove_bpf_state(pin_dir: Path) -> None:
-    """Every sknf filter in this namespace and every pin under pin_dir: nothing stale after a mode switch."""
-    with netlink.route() as ipr:
-        removed = tc.detach_everywhere(ipr)
-    pinned = pin_dir.is_dir() and _fs_type(pin_dir) == "bpf"  # never rmtree a mistyped non-bpffs path
-    if pinned:
-        shutil.rmtree(pin_dir)
-    if removed or pinned:
-        log.info("removed eBPF datapath state: %d tc filters, pins under %s", removed,
-                 pin_dir if pinned else "(none)")
 
 
 def _max_flows() -> int:

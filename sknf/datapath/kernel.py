@@ -7,11 +7,16 @@ the pod sent). The kernel cannot tell a fast path from a kernel path, so those f
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from pyroute2 import IPRoute
 
 from sknf import netlink
 from sknf.config import HOST_VETH_PREFIX, Config
-from sknf.datapath import Endpoint, NodeNet, PodCounters
+from sknf.datapath import Endpoint, NodeNet, PodCounters, pins, tc
+
+log = logging.getLogger(__name__)
 
 # Service NAT (kube-proxy) must see frames the bridge forwards between pods of one node.
 BR_NETFILTER = "net.bridge.bridge-nf-call-iptables"
@@ -58,6 +63,13 @@ class KernelDatapath:
 
     def cleanup(self) -> None:
         """Remove what an earlier eBPF run left (filters, pins), so switching modes leaves nothing stale."""
-        from sknf.datapath.bpf import remove_bpf_state
+        remove_bpf_leftovers(self.cfg.bpf_pin_dir)
 
-        remove_bpf_state(self.cfg.bpf_pin_dir)
+
+def remove_bpf_leftovers(pin_dir: Path) -> None:
+    """Every sknf tc filter in this namespace and every pin under pin_dir; needs no BCC."""
+    with netlink.route() as ipr:
+        removed = tc.detach_everywhere(ipr)
+    unpinned = pins.remove_pins(pin_dir)
+    if removed or unpinned:
+        log.info("removed eBPF datapath state: %d tc filters%s", removed, f", pins under {pin_dir}" if unpinned else "")
