@@ -32,7 +32,7 @@ from pyroute2 import netns as pnetns
 
 from sknf import api, netlink, nsutil, stats
 from sknf.config import HOST_VETH_PREFIX, Config
-from sknf.datapath import Datapath
+from sknf.datapath import Datapath, Endpoint
 from sknf.datapath.kernel import KernelDatapath
 from sknf.ipam import Lease, Store
 from sknf.metrics import Metrics, Snapshot, join
@@ -90,8 +90,8 @@ def _snapshot_fn(store: Store, dp: Datapath) -> Callable[[], Snapshot]:
 
 
 def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
-    """The real BPF datapath (compiled, maps pinned under /sys/fs/bpf/<ns>) with one per-CPU counter
-    entry per pod veth, filled as if every pod had sent and received on every CPU."""
+    """The real BPF datapath (compiled, maps pinned under /sys/fs/bpf/<ns>) with every pod attached and
+    one per-CPU counter entry per pod, filled as if every pod had sent and received on every CPU."""
     from sknf.datapath.bpf import BpfDatapath
 
     cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
@@ -100,6 +100,10 @@ def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
         dp = BpfDatapath(cfg)
         with netlink.route() as ipr:
             index = netlink.host_veths(ipr, HOST_VETH_PREFIX)
+        for lease in leases:  # as the agent does at ADD: tc filters and the endpoint entry
+            dp.attach_pod(Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname,
+                                   host_ifindex=index[lease.host_ifname], container_id=lease.container_id,
+                                   ifname=lease.ifname, namespace=lease.namespace, pod=lease.pod))
     table = dp.bpf["pod_counters"]
     for i, lease in enumerate(leases):
         leaf = table.Leaf()
