@@ -115,24 +115,24 @@ def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
     return dp
 
 
-def bench_scrape(ns: str, n: int, rounds: int, work: Path, dp_kind: str) -> tuple[float, float, float, str]:
-    """(in-process, over-HTTP, datapath read_counters alone) seconds for one scrape of n pods, and what."""
-    leases = _leases(n)
+def _node(ns: str, leases: list[Lease], dp_kind: str, work: Path) -> tuple[Datapath, str]:
+    """The pods' host veths in `ns` and the datapath that counts them; (datapath, description)."""
     _make_veths(ns, leases)
-    store = Store(work / f"scrape-{n}", POD_CIDR)
-    store.rebuild(leases)
     if dp_kind == "bpf":
-        dp = _bpf_datapath(ns, leases)
-        what = f"BPF datapath: {n} pods' per-CPU entries in the pinned pod_counters map + {n} host veths"
-    else:
-        cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
-                     bpf_pin_dir=work / "no-pins")
-        dp = KernelDatapath(cfg, "benchmark")
-        what = f"kernel datapath: {n} real host veths' link statistics"
+        return _bpf_datapath(ns, leases), "BPF datapath: per-CPU entries in the pinned pod_counters map"
+    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
+                 bpf_pin_dir=work / "no-pins")
+    return KernelDatapath(cfg, "benchmark"), "kernel datapath: the host veths' link statistics"
+
+
+def bench_scrape(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: Path) -> tuple[float, ...]:
+    """(in-process, over-HTTP, datapath read_counters alone, body bytes) for one scrape of these pods."""
+    store = Store(work / "scrape", POD_CIDR)
+    store.rebuild(leases)
     metrics = Metrics("bench", _snapshot_fn(store, dp))
     with nsutil.entered(ns):  # netlink sockets and the HTTP server live in the namespace
         body = generate_latest(metrics.registry)
-        if body.count(b"sknf_pod_receive_bytes_total{") != n:
+        if body.count(b"sknf_pod_receive_bytes_total{") != len(leases):
             raise RuntimeError("scrape did not show every pod")
         in_process = _median(lambda: generate_latest(metrics.registry), rounds)
         counters = _median(dp.read_counters, rounds)
@@ -143,34 +143,25 @@ def bench_scrape(ns: str, n: int, rounds: int, work: Path, dp_kind: str) -> tupl
             over_http = _median(lambda: urllib.request.urlopen(url, timeout=10).read(), rounds)
         finally:
             server.shutdown()
-        if dp_kind == "bpf":
-            dp.cleanup()  # its pins; the namespace (and its veths) goes in run()
-    return in_process, over_http, counters, f"{what}; {len(body)} bytes"
+    return in_process, over_http, counters, len(body)
 
 
-def bench_stats(ns: str, n: int, rounds: int, work: Path) -> tuple[float, float, str]:
-    """Seconds for a whole `sknf stats` process against an agent socket serving n pods: with the
+def bench_stats(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: Path) -> tuple[float, float]:
+    """Seconds for a whole `sknf stats` process against an agent socket serving these pods: with the
     agent reading the datapath per query (what users get), and with a ready reply (the client alone)."""
-    leases = _leases(n)
-    # The scrape's veths (a superset when n <= scrape pods) carry these names already.
-    with netlink.route(nsutil.netns_path(ns)) as ipr:
-        have = set(netlink.host_veths(ipr, HOST_VETH_PREFIX))
-    _make_veths(ns, [lease for lease in leases if lease.host_ifname not in have])
-    store = Store(work / f"stats-{n}", POD_CIDR)
+    store = Store(work / "stats", POD_CIDR)
     store.rebuild(leases)
-    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
-                 bpf_pin_dir=work / "no-pins")
-    snapshot = _snapshot_fn(store, KernelDatapath(cfg, "benchmark"))
+    snapshot = _snapshot_fn(store, dp)
     sampler = stats.Sampler()
 
     def handle(_req: dict) -> dict:
         with nsutil.entered(ns):
             return stats.handle_query(sampler, snapshot())
 
-    handle({})
+    with nsutil.entered(ns):
+        sampler.tick(snapshot())
     ready = handle({})
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     results = []
     for name, handler in (("live", handle), ("ready", lambda _req: ready)):
         sock = work / name / "sknf.sock"
@@ -178,13 +169,13 @@ def bench_stats(ns: str, n: int, rounds: int, work: Path) -> tuple[float, float,
         argv = [sys.executable, "-m", "sknf", "stats", "--socket", str(sock)]
         try:
             out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
-            if len(out.splitlines()) != n + 2:
-                raise RuntimeError(f"sknf stats printed {len(out.splitlines())} lines for {n} pods")
+            if len(out.splitlines()) != len(leases) + 2:
+                raise RuntimeError(f"sknf stats printed {len(out.splitlines())} lines for {len(leases)} pods")
             results.append(_median(lambda argv=argv: subprocess.run(argv, capture_output=True, env=env,
                                                                     check=True), rounds))
         finally:
             server.shutdown()
-    return results[0], results[1], f"agent socket, {n} pods, table output, whole process"
+    return results[0], results[1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,22 +184,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="skd-bench-"))
     pnetns.create(args.netns)
+    dp = None
     try:
         with netlink.route(nsutil.netns_path(args.netns)) as ipr:
             ipr.link("set", index=netlink.link_index(ipr, "lo"), state="up")
-        scrape, scrape_http, counters, what = bench_scrape(args.netns, args.scrape_pods, args.rounds, work,
-                                                            args.datapath)
+        leases = _leases(max(args.scrape_pods, args.stats_pods))
+        dp, what = _node(args.netns, leases, args.datapath, work)
+        print(f"a node with {len(leases)} pods; {what}")
+        scrape, scrape_http, counters, size = bench_scrape(args.netns, leases[: args.scrape_pods], dp,
+                                                           args.rounds, work)
         target = f"ratio to {SCRAPE_TARGET * 1000:.0f} ms target:"
-        print(f"scrape, {args.scrape_pods} pods ({what}):")
+        print(f"scrape of {args.scrape_pods} pods ({size} bytes):")
         print(f"  in process  {scrape * 1000:7.1f} ms   {target} {scrape / SCRAPE_TARGET:.2f}")
         print(f"  over HTTP   {scrape_http * 1000:7.1f} ms   {target} {scrape_http / SCRAPE_TARGET:.2f}")
         print(f"  of which the datapath's read_counters: {counters * 1000:.1f} ms")
-        live, client, what = bench_stats(args.netns, args.stats_pods, args.rounds, work)
+        live, client = bench_stats(args.netns, leases[: args.stats_pods], dp, args.rounds, work)
         target = f"ratio to {STATS_TARGET * 1000:.0f} ms target:"
-        print(f"sknf stats ({what}):")
+        print(f"sknf stats of {args.stats_pods} pods (agent socket, table output, whole process):")
         print(f"  agent reads the datapath per query  {live * 1000:7.1f} ms   {target} {live / STATS_TARGET:.2f}")
         print(f"  agent answers a ready reply         {client * 1000:7.1f} ms   {target} {client / STATS_TARGET:.2f}")
     finally:
+        if dp is not None and args.datapath == "bpf":
+            with nsutil.entered(args.netns):
+                dp.cleanup()  # its filters and pins
         pnetns.remove(args.netns)  # its veths go with it
         shutil.rmtree(work, ignore_errors=True)
     return 0

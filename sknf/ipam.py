@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -71,7 +71,7 @@ class Lease:
     namespace: str = ""
     pod: str = ""
     host_ifname: str = ""
-    mac: str = ""  # the pod-side MAC, known only after the veth exists (set_mac)
+    mac: str = ""  # the pod-side MAC (sknf chooses it before the veth exists)
     created: float = 0.0  # unix time
 
     @property
@@ -198,7 +198,7 @@ class Store:
     # -- operations ------------------------------------------------------------------------------
 
     def allocate(self, container_id: str, ifname: str, namespace: str = "", pod: str = "",
-                 host_ifname: str = "") -> Lease:
+                 host_ifname: str = "", mac: str = "") -> Lease:
         """Lease the next free address after the last one handed out (wrapping)."""
         with self._locked():
             state = self._load()
@@ -216,20 +216,9 @@ class Store:
             else:
                 raise Exhausted(f"no free address in pod subnet {self.pod_cidr}",
                                 f"all {self.capacity} addresses are leased")
-            lease = Lease(IPv4Address(candidate), container_id, ifname, namespace, pod, host_ifname,
+            lease = Lease(IPv4Address(candidate), container_id, ifname, namespace, pod, host_ifname, mac,
                           created=time.time())
             self._save(_State({**state.leases, lease.key: lease}, lease.ip))
-            return lease
-
-    def set_mac(self, container_id: str, ifname: str, mac: str) -> Lease | None:
-        """Record the pod interface's MAC; None when the attachment holds no lease."""
-        with self._locked():
-            state = self._load()
-            old = state.leases.get((container_id, ifname))
-            if old is None:
-                return None
-            lease = replace(old, mac=mac)
-            self._save(state._replace(leases={**state.leases, lease.key: lease}))
             return lease
 
     def release(self, container_id: str, ifname: str) -> Lease | None:

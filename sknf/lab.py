@@ -299,6 +299,12 @@ class Lab:
         node.agent_pid = proc.pid
         self.save()
 
+    def restart_agent(self, node: LabNode) -> None:
+        """Stop the node's agent (SIGTERM to its PID) and start a new one as `up` does; wait until it serves."""
+        _stop(node.agent_pid)
+        self._start_agent(node)
+        self._wait_ready(node)
+
     def _wait_ready(self, node: LabNode, timeout: float = 60) -> None:
         """Ready as kubelet sees it: the agent installed its conflist, and the plugin's STATUS succeeds."""
         deadline = time.monotonic() + timeout

@@ -77,7 +77,7 @@ def underlay(cfg: Config) -> tuple[int, str, int]:
             idx = netlink.default_route_ifindex(ipr)
             if idx is None:
                 raise OverlayError("host_physical_if: not set and this node has no IPv4 default route to infer it")
-        link = ipr.get_links(index=idx)[0]
+        link = ipr.link("get", index=idx)[0]
         ip = netlink.ipv4_of(ipr, idx)
         if ip is None:
             raise OverlayError(f"host_physical_if: {link.get('IFLA_IFNAME')} has no IPv4 address")
@@ -94,7 +94,7 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
         netlink.ensure_only_addr(ipr, br, gateway, cfg.cluster_cidr.prefixlen)
         vx = netlink.ensure_vxlan(ipr, VXLAN, vni=cfg.vxlan_vni, port=cfg.vxlan_port, dev_index=dev_index,
                                   local_ip=local_ip, mtu=mtu, master=br)
-        gateway_mac = ipr.get_links(index=br)[0].get("IFLA_ADDRESS")
+        gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
     for key, value in SYSCTLS.items():
         netlink.sysctl(key, value)
     return NodeOverlay(underlay_ifindex=dev_index, underlay_ip=local_ip, bridge_ifindex=br, vxlan_ifindex=vx,

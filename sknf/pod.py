@@ -35,6 +35,16 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return HOST_VETH_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
+def pod_mac(container_id: str, ifname: str) -> str:
+    """The pod interface's MAC, chosen up front so the lease is written once, complete.
+
+    Locally administered unicast (02:...), derived from the attachment so it is stable across
+    retries; 40 hashed bits make a clash in one L2 domain unlikely below millions of pods.
+    """
+    digest = hashlib.sha256(f"mac/{container_id}/{ifname}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 @dataclass
 class PodNetwork:
     """What the verbs need from the agent; `node` is None until the overlay is first reconciled."""
@@ -72,12 +82,13 @@ def add(net: PodNetwork, req: Request) -> dict:
     prefixlen = net.cfg.cluster_cidr.prefixlen
     with netlink.route() as ipr, ExitStack() as undo:
         # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
-        lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname)
+        mac = pod_mac(req.container_id, req.ifname)
+        lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac)
         undo.callback(net.store.release, req.container_id, req.ifname)
 
         # 2. The veth pair, pod end created directly inside the pod's namespace.
         try:
-            host_index = netlink.create_veth(ipr, host_ifname, req.ifname, req.netns, node.mtu)
+            host_index = netlink.create_veth(ipr, host_ifname, req.ifname, req.netns, node.mtu, peer_mac=mac)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 raise CniError(ALREADY_EXISTS, f"interface {req.ifname} or {host_ifname} already exists") from None
@@ -86,8 +97,7 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         # 3. Inside the pod: address with the cluster-wide prefix, up, default route via the bridge.
         with netlink.route(req.netns) as pod:
-            mac = netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
-        lease = net.store.set_mac(req.container_id, req.ifname, mac)
+            netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
 
         # 4. The host end joins the bridge.
         netlink.set_port(ipr, host_index, node.bridge_ifindex)
@@ -99,7 +109,7 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         result = build_result(
             req.cni_version,
-            interfaces=[{"name": host_ifname, "mac": ipr.get_links(index=host_index)[0].get("IFLA_ADDRESS")},
+            interfaces=[{"name": host_ifname, "mac": ipr.link("get", index=host_index)[0].get("IFLA_ADDRESS")},
                         {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
             ips=[{"address": f"{lease.ip}/{prefixlen}", "gateway": node.gateway_ip, "interface": 1}],
             routes=[{"dst": "0.0.0.0/0", "gw": node.gateway_ip}],

@@ -45,6 +45,7 @@ UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/del
 POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's host veth
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
 PROGRAMS = (*POD_PROGRAMS, *OVERLAY_PROGRAMS)
+MAPS = ("config", "endpoints", "pod_counters", "kernel_flows")  # pinned under these names (bpf/lib/maps.h)
 DEFAULT_MAX_FLOWS = 262144
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "fast_packets", "kernel_packets", "drops")
@@ -131,20 +132,7 @@ class BpfDatapath:
                 _delete(counters, key)
 
     def read_counters(self) -> dict[str, PodCounters]:
-        """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed."""
-        with netlink.route() as ipr:
-            links = host_veth_stats(ipr)
-        counted = {key.value: per_cpu for key, per_cpu in self.bpf[b"pod_counters"].items()}
-        out = {}
-        for entry in self.bpf[b"endpoints"].values():
-            if entry.ifindex not in links:
-                continue
-            name, stats = links[entry.ifindex]
-            per_cpu = counted.get(entry.ifindex, ())
-            sums = {f: sum(getattr(cpu, f) for cpu in per_cpu) for f in COUNTER_FIELDS}
-            sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
-            out[name] = PodCounters(**sums)
-        return out
+        return _pod_counters(self.bpf)
 
     def cleanup(self) -> None:
         self.close()
@@ -194,8 +182,41 @@ class BpfDatapath:
                 log.exception("learned-flow sweep failed")
 
 
-def _load(bpf_dir: Path, pin_dir: Path, max_flows: int):
-    """Compile and load every program; returns (the BCC object, {program: fd}) or raises BpfUnavailable."""
+def read_pinned_counters(pin_dir: Path, bpf_dir: Path = BPF_DIR) -> dict[str, PodCounters]:
+    """Per-pod counters of a node whose agent is not running, read from the pinned maps in place.
+
+    The sources are compiled only to get BCC's view of the maps; no program is loaded or attached.
+    Raises FileNotFoundError when pins are missing (BCC would create empty maps in their place).
+    """
+    missing = [name for name in MAPS if not (pin_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(errno.ENOENT, f"no pinned sknf maps ({', '.join(missing)})", str(pin_dir))
+    bpf, _ = _load(bpf_dir, pin_dir, DEFAULT_MAX_FLOWS, programs=())
+    try:
+        return _pod_counters(bpf)
+    finally:
+        bpf.cleanup()
+
+
+def _pod_counters(bpf) -> dict[str, PodCounters]:
+    """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth."""
+    with netlink.route() as ipr:
+        links = host_veth_stats(ipr)
+    counted = {key.value: per_cpu for key, per_cpu in bpf[b"pod_counters"].items()}
+    out = {}
+    for entry in bpf[b"endpoints"].values():
+        if entry.ifindex not in links:
+            continue
+        name, stats = links[entry.ifindex]
+        per_cpu = counted.get(entry.ifindex, ())
+        sums = {f: sum(getattr(cpu, f) for cpu in per_cpu) for f in COUNTER_FIELDS}
+        sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
+        out[name] = PodCounters(**sums)
+    return out
+
+
+def _load(bpf_dir: Path, pin_dir: Path, max_flows: int, programs: tuple[str, ...] = PROGRAMS):
+    """Compile, then load the programs; returns (the BCC object, {program: fd}) or raises BpfUnavailable."""
     try:
         from bcc import BPF
     except ImportError as e:
@@ -210,7 +231,7 @@ def _load(bpf_dir: Path, pin_dir: Path, max_flows: int):
     with _stderr_captured() as output:
         try:
             bpf = BPF(text=text.encode(), cflags=cflags)
-            fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in PROGRAMS}
+            fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in programs}
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             failure = e
     if failure is not None:

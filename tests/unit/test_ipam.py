@@ -92,18 +92,15 @@ def test_release_is_idempotent(store: Store) -> None:
     assert store.allocated == 0
 
 
-def test_set_mac(store: Store) -> None:
-    store.allocate("c1", "eth0")
-    updated = store.set_mac("c1", "eth0", "02:00:00:00:00:01")
-    assert updated is not None and updated.mac == "02:00:00:00:00:01"
-    assert store.get("c1", "eth0") == updated
-    assert store.set_mac("nope", "eth0", "02:00:00:00:00:02") is None
+def test_allocate_records_the_mac(store: Store) -> None:
+    lease = store.allocate("c1", "eth0", mac="02:00:00:00:00:01")
+    assert lease.mac == "02:00:00:00:00:01"
+    assert store.get("c1", "eth0") == lease
 
 
 def test_leases_survive_a_restart_and_round_robin_continues(tmp_path: Path) -> None:
     first = Store(tmp_path, NET)
-    a = first.allocate("a", "eth0", "ns", "pod-a", "sknf1")
-    first.set_mac("a", "eth0", "02:00:00:00:00:0a")
+    a = first.allocate("a", "eth0", "ns", "pod-a", "sknf1", "02:00:00:00:00:0a")
     first.allocate("b", "eth0")
     first.release("b", "eth0")
     again = Store(tmp_path, NET)
