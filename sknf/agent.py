@@ -76,6 +76,7 @@ class Agent:
     # -- reconcile -----------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Bring the node to the desired state; each step is idempotent and reports its own errors."""
+        self.recover_store()  # before anything reads leases
         if self.source.changed():
             self.peers = self.source.nodes()
         node = overlay.ensure_node(self.cfg, self.pod_cidr)
@@ -89,7 +90,20 @@ class Agent:
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
         pod.remove_orphan_links(self.net)
+        pod.ensure_ports(self.net, node)
         pod.sync_datapath(self.net)
+
+    def recover_store(self) -> None:
+        """A lease store that no longer parses is rebuilt from the records on the pods' host veths.
+
+        Never reset to empty: that would hand the addresses of running pods to new ones.
+        """
+        try:
+            self.store.leases()
+        except ipam.CorruptStore as e:
+            leases = pod.rebuild_from_host(self.net)
+            self.metrics.reconcile_error(type(e).__name__)
+            log.error("%s (%s); rebuilt it from the host: %d leases", e.msg, e.details, len(leases))
 
     def _reconcile_logged(self) -> None:
         try:
@@ -149,7 +163,10 @@ class Agent:
         log.info("ready: serving CNI on %s, metrics on %s", self.cfg.socket_path, self.cfg.metrics_bind)
         next_full = time.monotonic() + self.cfg.reconcile_interval
         while not self.stop.wait(1.0):
-            self.sampler.tick(self.snapshot())
+            try:
+                self.sampler.tick(self.snapshot())
+            except ipam.CorruptStore:
+                next_full = 0.0  # reconcile now: it rebuilds the store
             if self.source.changed() or time.monotonic() >= next_full:
                 self._reconcile_logged()
                 next_full = time.monotonic() + self.cfg.reconcile_interval

@@ -40,9 +40,13 @@ def agent_running(cfg: Config) -> bool:
 
 
 def remove_dir(path: Path) -> list[str]:
-    """Remove a directory sknf owns; a mount point (a container's hostPath) is emptied and kept."""
-    if "sknf" not in path.name:
-        raise CleanupError(f"{path}: not removing a directory whose name does not say sknf")
+    """Remove a directory sknf owns; a mount point (a container's hostPath) is emptied and kept.
+
+    The path must say sknf somewhere (/var/lib/sknf, /run/sknf-lab/<lab>/n1/state): a mistyped
+    setting such as state_dir: /var/lib never empties a directory others use.
+    """
+    if not any("sknf" in part for part in path.parts):
+        raise CleanupError(f"{path}: not removing a directory whose path does not say sknf")
     if not path.exists():
         return []
     for child in path.iterdir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -104,7 +105,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         return str(raw)
     except ConfigError:
         raise
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):  # "x", a YAML list or mapping, .inf for an integer
         kind = {int: "an integer", float: "a number", bool: "true or false"}
         ftype = next(f.type for f in dataclasses.fields(Config) if f.name == name)
         want = next((v for k, v in kind.items() if k.__name__ in str(ftype)), "a valid value")
@@ -142,8 +143,8 @@ def _validate(cfg: Config) -> None:
         raise bad("peer_source", f"must be one of {', '.join(PEER_SOURCES)}")
     if cfg.peer_source == "static" and cfg.peers_file is None:
         raise bad("peers_file", "is required when peer_source is static")
-    if cfg.reconcile_interval <= 0:
-        raise bad("reconcile_interval", "must be positive")
+    if not 0 < cfg.reconcile_interval < math.inf:  # also refuses .nan, which compares false to everything
+        raise bad("reconcile_interval", "must be a positive number of seconds")
     try:
         host, port = cfg.metrics_host_port
         ipaddress.ip_address(host)

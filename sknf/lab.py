@@ -299,9 +299,13 @@ class Lab:
         node.agent_pid = proc.pid
         self.save()
 
-    def restart_agent(self, node: LabNode) -> None:
-        """Stop the node's agent (SIGTERM to its PID) and start a new one as `up` does; wait until it serves."""
-        _stop(node.agent_pid)
+    def stop_agent(self, node: LabNode, sig: int = signal.SIGTERM) -> None:
+        """Stop the node's agent by its PID: SIGTERM as kubelet does, SIGKILL for a crash (both are reaped)."""
+        _stop(node.agent_pid, sig)
+
+    def restart_agent(self, node: LabNode, sig: int = signal.SIGTERM) -> None:
+        """Stop the node's agent (if it still runs) and start a new one as `up` does; wait until it serves."""
+        self.stop_agent(node, sig)
         self._start_agent(node)
         self._wait_ready(node)
 
@@ -383,7 +387,7 @@ class Lab:
             _stop(pid)
         for node in self.state.nodes:
             with contextlib.suppress(OSError):
-                subprocess.run([sys.executable, "-m", "sknf", "cleanup", "-c", node.config, "--keep-annotations"],
+                subprocess.run([sys.executable, "-m", "sknf", "cleanup", "-c", node.config],
                                preexec_fn=nsutil.preexec_enter(node.netns), capture_output=True, timeout=60,
                                cwd=str(REPO))
             _remove_netns(node.netns)
@@ -415,11 +419,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _stop(pid: int, timeout: float = 10) -> None:
-    """SIGTERM one process we started (by its PID), SIGKILL if it lingers, and reap it."""
+def _stop(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal one process we started (by its PID), SIGKILL it if it lingers, and reap it."""
     if not _alive(pid):
         return
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):

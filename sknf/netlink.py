@@ -21,6 +21,7 @@ from sknf import nsutil
 ZERO_MAC = "00:00:00:00:00:00"
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+IFALIAS_MAX = 255  # IFALIASZ (256) less the terminating NUL
 
 
 @contextmanager
@@ -77,22 +78,27 @@ def delete_link(ipr: IPRoute, ifname: str) -> bool:
     return True
 
 
-def ensure_bridge(ipr: IPRoute, name: str, mtu: int) -> int:
-    """The bridge exists, is up, and has the MTU (ports with a larger MTU do not raise it)."""
+def ensure_bridge(ipr: IPRoute, name: str, mtu: int, mac: str) -> int:
+    """The bridge exists, is up, and has the MTU (ports with a larger MTU do not raise it) and MAC.
+
+    A fixed MAC, because a bridge otherwise takes its lowest port's, which changes as ports come
+    and go and whenever the bridge is recreated: the pods' ARP entries for a gateway address would
+    then point at a MAC nobody answers to until they expire (tens of seconds without traffic).
+    """
     link = link_info(ipr, name)
     if link is not None and link_kind(link) != "bridge":
         delete_link(ipr, name)
         link = None
     if link is None:
         try:
-            ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            ipr.link("add", ifname=name, kind="bridge", address=mac, br_stp_state=0, br_forward_delay=0)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
         link = link_info(ipr, name)
     idx = link["index"]
-    if link.get("IFLA_MTU") != mtu or link.get("state") != "up":
-        ipr.link("set", index=idx, mtu=mtu, state="up")
+    if link.get("IFLA_MTU") != mtu or link.get("state") != "up" or link.get("IFLA_ADDRESS") != mac:
+        ipr.link("set", index=idx, mtu=mtu, address=mac, state="up")
     return idx
 
 
@@ -228,18 +234,29 @@ def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str
     return link.get("IFLA_ADDRESS"), addrs, gw
 
 
-def host_veths(ipr: IPRoute, prefix: str) -> dict[str, int]:
-    """Host-side pod veths by name (those whose name starts with prefix)."""
+def host_veth_links(ipr: IPRoute, prefix: str) -> dict:
+    """Host-side pod veths (those whose name starts with prefix): name -> link message."""
     out = {}
     for link in ipr.get_links():
         name = link.get("IFLA_IFNAME") or ""
         if name.startswith(prefix) and link_kind(link) == "veth":
-            out[name] = link["index"]
+            out[name] = link
     return out
+
+
+def host_veths(ipr: IPRoute, prefix: str) -> dict[str, int]:
+    """Host-side pod veths by name: their ifindex."""
+    return {name: link["index"] for name, link in host_veth_links(ipr, prefix).items()}
 
 
 def set_port(ipr: IPRoute, index: int, master: int) -> None:
     ipr.link("set", index=index, master=master, state="up")
+
+
+def set_alias(ipr: IPRoute, index: int, alias: str) -> None:
+    """The link's ifalias (IFLA_IFALIAS, at most IFALIAS_MAX bytes): a note the kernel keeps for us."""
+    ipr.link("set", index=index, ifalias=alias)
+
 
 
 def sysctl(key: str, value: str | int) -> None:

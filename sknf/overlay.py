@@ -66,6 +66,11 @@ def gateway_of(pod_cidr: ipaddress.IPv4Network) -> str:
     return str(pod_cidr.network_address + 1)
 
 
+def gateway_mac_of(gateway_ip: str) -> str:
+    """0a:58 + the gateway's IPv4 bytes: locally administered, unique per node, the same after any rebuild."""
+    return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *ipaddress.IPv4Address(gateway_ip).packed))
+
+
 def underlay(cfg: Config) -> tuple[int, str, int]:
     """(ifindex, IPv4 address, MTU) of the physical interface VXLAN runs over."""
     with netlink.route() as ipr:
@@ -90,7 +95,7 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
     mtu = cfg.mtu or underlay_mtu - VXLAN_OVERHEAD
     gateway = gateway_of(pod_cidr)
     with netlink.route() as ipr:
-        br = netlink.ensure_bridge(ipr, BRIDGE, mtu)
+        br = netlink.ensure_bridge(ipr, BRIDGE, mtu, gateway_mac_of(gateway))
         netlink.ensure_only_addr(ipr, br, gateway, cfg.cluster_cidr.prefixlen)
         vx = netlink.ensure_vxlan(ipr, VXLAN, vni=cfg.vxlan_vni, port=cfg.vxlan_port, dev_index=dev_index,
                                   local_ip=local_ip, mtu=mtu, master=br)

@@ -5,12 +5,18 @@ ExitStack right after it is acquired; `pop_all()` on the last line keeps them. A
 between rolls back in reverse order: no leftover link, no allocated address.
 
 DEL is idempotent: a missing namespace, link or lease is success, and the lease is always released.
+
+Each pod's host veth carries its lease in the link's ifalias, so the lease store is a copy of what
+the host holds: when the store is lost or corrupt, `rebuild_from_host` reads the leases back and no
+running pod's address is handed out again.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -27,7 +33,6 @@ from sknf.ipam import Lease, Store
 from sknf.overlay import NodeOverlay
 
 log = logging.getLogger(__name__)
-
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -94,6 +99,11 @@ def add(net: PodNetwork, req: Request) -> dict:
                 raise CniError(ALREADY_EXISTS, f"interface {req.ifname} or {host_ifname} already exists") from None
             raise
         undo.callback(netlink.delete_link, ipr, host_ifname)
+        record = attachment_record(lease)  # the store's backup on the host (rebuild_from_host)
+        if record is None:
+            log.warning("%s: lease record longer than an ifalias; it cannot be rebuilt from the host", host_ifname)
+        else:
+            netlink.set_alias(ipr, host_index, record)
 
         # 3. Inside the pod: address with the cluster-wide prefix, up, default route via the bridge.
         with netlink.route(req.netns) as pod:
@@ -193,6 +203,86 @@ def remove_orphan_links(net: PodNetwork) -> list[str]:
     if removed:
         log.warning("removed %d orphan pod links: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def ensure_ports(net: PodNetwork, node: NodeOverlay) -> list[str]:
+    """Every leased pod's host veth is an up port of the bridge; returns the ones that were not.
+
+    A bridge deleted and recreated (by hand, by another tool) comes back without ports, and its
+    pods stay cut off until their host ends rejoin it. An ADD in flight may be enslaved here a
+    moment early, which changes nothing: its own step 4 does the same.
+    """
+    fixed = []
+    with netlink.route() as ipr:
+        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+        for lease in net.store.leases():
+            link = links.get(lease.host_ifname)
+            if link is None or (link.get("IFLA_MASTER") == node.bridge_ifindex and link.get("state") == "up"):
+                continue
+            try:
+                netlink.set_port(ipr, link["index"], node.bridge_ifindex)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:  # gone: a DEL deleted it since the dump
+                    raise
+                continue
+            fixed.append(lease.host_ifname)
+    if fixed:
+        log.warning("re-attached %d pod links to %s: %s", len(fixed), BRIDGE, ", ".join(fixed))
+    return fixed
+
+
+# -- the lease record on the host veth --------------------------------------------------------------
+
+def attachment_record(lease: Lease) -> str | None:
+    """The lease as compact JSON for the host veth's ifalias, or None when it cannot fit.
+
+    Pod namespace and name only describe the pod, so they give way first when the record is too
+    long; the attachment key, address and MAC must fit (they do for real runtimes' 64-character
+    container ids).
+    """
+    doc = {"cid": lease.container_id, "if": lease.ifname, "ip": str(lease.ip), "mac": lease.mac,
+           "ns": lease.namespace, "pod": lease.pod}
+    for dropped in ((), ("pod",), ("pod", "ns")):
+        text = json.dumps({k: v for k, v in doc.items() if k not in dropped}, separators=(",", ":"))
+        if len(text.encode()) <= netlink.IFALIAS_MAX:
+            return text
+    return None
+
+
+def lease_from_record(host_ifname: str, record: str | None) -> Lease | None:
+    """The lease a host veth's record describes; None for no record or one that is not this link's."""
+    try:
+        doc = json.loads(record or "")
+        lease = Lease(ip=ipaddress.IPv4Address(doc["ip"]), container_id=str(doc["cid"]), ifname=str(doc["if"]),
+                      namespace=str(doc.get("ns", "")), pod=str(doc.get("pod", "")), host_ifname=host_ifname,
+                      mac=str(doc.get("mac", "")))
+    except (ValueError, KeyError, TypeError):
+        return None
+    # The link's name hashes the attachment: a record copied onto another link does not count.
+    return lease if host_veth_name(lease.container_id, lease.ifname) == host_ifname else None
+
+
+def rebuild_from_host(net: PodNetwork) -> list[Lease]:
+    """Replace the lease store with the leases the host veths record; returns them.
+
+    A link without a readable record (an ADD killed between creating it and writing the record)
+    gets no lease, so the orphan sweep removes it. Of two records claiming one address (which sknf
+    never writes) the first link by name keeps it and the other becomes an orphan.
+    """
+    with netlink.route() as ipr:
+        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+    leases: dict[ipaddress.IPv4Address, Lease] = {}
+    for name in sorted(links):
+        lease = lease_from_record(name, links[name].get("IFLA_IFALIAS"))
+        if lease is None:
+            continue
+        if lease.ip in leases:
+            log.error("%s and %s both record %s; %s keeps it", leases[lease.ip].host_ifname, name, lease.ip,
+                      leases[lease.ip].host_ifname)
+            continue
+        leases[lease.ip] = lease
+    net.store.rebuild(leases.values())
+    return sorted(leases.values(), key=lambda x: x.ip)
 
 
 def sync_datapath(net: PodNetwork) -> int:

@@ -169,7 +169,9 @@ class BpfDatapath:
         for t, exempt in [(t, 1) for t in plan.mark] + [(t, 0) for t in plan.unmark]:
             table[keys[t]] = table.Leaf(exempt)
         for t in plan.delete:
-            _delete(table, keys[t])
+            with contextlib.suppress(KeyError):
+                if table[keys[t]].exempt:  # not re-learned while conntrack was being read
+                    _delete(table, keys[t])
         if plan.mark or plan.delete:
             log.debug("learned flows: %d marked exempt, %d deleted", len(plan.mark), len(plan.delete))
         return len(plan.mark), len(plan.delete)

@@ -41,7 +41,7 @@ class Pod:
     name: str
     netns: str
     ip: str
-    mac: str = ""
+    mac: str
     host_ifname: str = ""
     host_ifindex: int = 0
 
@@ -148,7 +148,8 @@ class Cluster:
 
     def add_pod(self, node: Node, j: int) -> Pod:
         pod = Pod(name=f"{self.prefix}-n{node.index}p{j}", netns=f"{self.prefix}-n{node.index}p{j}",
-                  ip=f"10.244.{node.index}.{10 + j}", host_ifname=f"sknf{node.index:03d}{j:08d}")
+                  ip=f"10.244.{node.index}.{10 + j}", mac=f"02:5b:0a:f4:{node.index:02x}:{10 + j:02x}",
+                  host_ifname=f"sknf{node.index:03d}{j:08d}")
         pnetns.create(pod.netns)
         with nsutil.entered(pod.netns):
             _quiet_namespace()
@@ -156,11 +157,11 @@ class Cluster:
         def plug() -> None:
             with netlink.route() as ipr:
                 pod.host_ifindex = netlink.create_veth(ipr, pod.host_ifname, "eth0", nsutil.netns_path(pod.netns),
-                                                       node.net.mtu)
+                                                       node.net.mtu, peer_mac=pod.mac)
                 netlink.set_port(ipr, pod.host_ifindex, node.net.bridge_ifindex)
         node.call(plug)
         with netlink.route(nsutil.netns_path(pod.netns)) as ipr:
-            pod.mac = netlink.configure_pod_interface(ipr, "eth0", pod.ip, CLUSTER.prefixlen, node.net.gateway_ip)
+            netlink.configure_pod_interface(ipr, "eth0", pod.ip, CLUSTER.prefixlen, node.net.gateway_ip)
         node.pods.append(pod)
         return pod
 

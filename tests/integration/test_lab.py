@@ -9,12 +9,11 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+from leftovers import assert_lab_gone
 
 from sknf import netlink, nsutil
 from sknf.ipam import Store
 from sknf.lab import Lab, LabNode, _alive
-
-from leftovers import assert_lab_gone
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

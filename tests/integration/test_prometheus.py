@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from leftovers import assert_lab_gone
 from promserver import Prometheus
 from pyroute2 import netns as pnetns
 
@@ -41,6 +42,8 @@ def lab(request: pytest.FixtureRequest):
     """auto: the BPF datapath where this machine runs it; kernel: the fallback (no fast-path share)."""
     with Lab(prefix="skd", nodes=2, pods_per_node=2, datapath=request.param) as lab:
         yield lab
+        agents = [n.agent_pid for n in lab.state.nodes]
+    assert_lab_gone("skd", agents)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,8 @@ def prom(lab: Lab):
         yield p
     finally:
         p.stop()
+    assert p.proc is None or p.proc.returncode is not None
+    assert not p.dir.exists()
 
 
 def sknf_stats(node: LabNode, *args: str, check: bool = True) -> subprocess.CompletedProcess:
