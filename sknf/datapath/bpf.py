@@ -202,8 +202,7 @@ def read_pinned_counters(pin_dir: Path, bpf_dir: Path = BPF_DIR) -> dict[str, Po
 
 def _pod_counters(bpf) -> dict[str, PodCounters]:
     """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth."""
-    with netlink.route() as ipr:
-        links = host_veth_stats(ipr)
+    links = host_veth_stats()
     counted = {key.value: per_cpu for key, per_cpu in bpf[b"pod_counters"].items()}
     out = {}
     for entry in bpf[b"endpoints"].values():

@@ -8,9 +8,8 @@ the pod sent). The kernel cannot tell a fast path from a kernel path, so those f
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
-
-from pyroute2 import IPRoute
 
 from sknf import netlink
 from sknf.config import HOST_VETH_PREFIX, Config
@@ -22,13 +21,29 @@ log = logging.getLogger(__name__)
 BR_NETFILTER = "net.bridge.bridge-nf-call-iptables"
 
 
-def host_veth_stats(ipr: IPRoute) -> dict[int, tuple[str, dict]]:
-    """{ifindex: (name, IFLA_STATS64)} of every pod host veth in this namespace."""
+NET_DEV_FIELDS = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "rx_fifo", "rx_frame", "rx_compressed",
+                  "rx_multicast", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped", "tx_fifo", "tx_collisions",
+                  "tx_carrier", "tx_compressed")
+
+
+def host_veth_stats() -> dict[int, tuple[str, dict[str, int]]]:
+    """{ifindex: (name, link statistics)} of every pod host veth in this thread's namespace.
+
+    Read from /proc/thread-self/net/dev, not a netlink link dump: for 4,000 links the dump costs
+    2 s of attribute decoding in pyroute2, the text file 10 ms, and a scrape reads this every time.
+    """
     out = {}
-    for link in ipr.get_links():
-        name = link.get("IFLA_IFNAME") or ""
-        if name.startswith(HOST_VETH_PREFIX) and netlink.link_kind(link) == "veth":
-            out[link["index"]] = (name, link.get("IFLA_STATS64") or {})
+    with open("/proc/thread-self/net/dev") as f:
+        for line in f.readlines()[2:]:
+            name, _, numbers = line.partition(":")
+            name = name.strip()
+            if not name.startswith(HOST_VETH_PREFIX):
+                continue
+            try:
+                index = socket.if_nametoindex(name)
+            except OSError:
+                continue  # deleted between the read and the lookup
+            out[index] = (name, dict(zip(NET_DEV_FIELDS, map(int, numbers.split()), strict=False)))
     return out
 
 
@@ -52,8 +67,7 @@ class KernelDatapath:
         """Nothing to do: no per-pod state exists outside the kernel's links."""
 
     def read_counters(self) -> dict[str, PodCounters]:
-        with netlink.route() as ipr:
-            links = host_veth_stats(ipr)
+        links = host_veth_stats()
         return {
             name: PodCounters(rx_bytes=s.get("tx_bytes", 0), rx_packets=s.get("tx_packets", 0),
                               tx_bytes=s.get("rx_bytes", 0), tx_packets=s.get("rx_packets", 0),
