@@ -172,6 +172,7 @@ class Agent:
                 next_full = time.monotonic() + self.cfg.reconcile_interval
         for server in self._servers:
             server.shutdown()
+        self.datapath.close()
         log.info("stopped; pod networking stays in place")
 
 

@@ -73,5 +73,8 @@ class Datapath(Protocol):
     def read_counters(self) -> dict[str, PodCounters]:
         """Per-pod counters keyed by the pod's host_ifname."""
 
+    def close(self) -> None:
+        """Agent shutdown: stop background work; filters, maps and pins stay so pods keep forwarding."""
+
     def cleanup(self) -> None:
         """Remove every filter, program and pin this datapath made (mode switch, uninstall)."""

@@ -138,7 +138,6 @@ class BpfDatapath:
         self.close()
         remove_bpf_leftovers(self.pin_dir)
 
-    # -- beyond the protocol -------------------------------------------------------------------
     def close(self) -> None:
         """Stop the flow sweeper; programs, filters and pins stay (that is what a restart relies on)."""
         if self._stop.is_set():

@@ -75,6 +75,9 @@ class KernelDatapath:
             for name, s in links.values()
         }
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def cleanup(self) -> None:
         """Remove what an earlier eBPF run left (filters, pins), so switching modes leaves nothing stale."""
         remove_bpf_leftovers(self.cfg.bpf_pin_dir)
