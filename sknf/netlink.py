@@ -188,12 +188,15 @@ def del_flood_entry(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
             raise
 
 
-def flush_learned_fdb(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
-    """Forget MACs learned behind a removed VTEP, so nothing keeps pointing at a gone node."""
+def flush_learned_fdb(ipr: IPRoute, vxlan_index: int, remote_ips: set[str]) -> None:
+    """Forget MACs learned behind removed VTEPs, so nothing keeps pointing at a gone node.
+
+    One dump for all of them: a dump per removed node made removing 5,000 nodes quadratic (minutes).
+    """
     for f in ipr.fdb("dump", ifindex=vxlan_index):
-        if f["ifindex"] == vxlan_index and f.get("NDA_DST") == remote_ip and f.get("NDA_LLADDR") != ZERO_MAC:
+        if f["ifindex"] == vxlan_index and f.get("NDA_DST") in remote_ips and f.get("NDA_LLADDR") != ZERO_MAC:
             try:
-                ipr.fdb("del", ifindex=vxlan_index, lladdr=f.get("NDA_LLADDR"), dst=remote_ip)
+                ipr.fdb("del", ifindex=vxlan_index, lladdr=f.get("NDA_LLADDR"), dst=f.get("NDA_DST"))
             except NetlinkError as e:
                 if e.code not in (errno.ENOENT, errno.ENODEV):
                     raise

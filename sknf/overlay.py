@@ -115,7 +115,8 @@ def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[se
             netlink.add_flood_entry(ipr, node.vxlan_ifindex, ip)
         for ip in sorted(have - wanted):
             netlink.del_flood_entry(ipr, node.vxlan_ifindex, ip)
-            netlink.flush_learned_fdb(ipr, node.vxlan_ifindex, ip)
+        if have - wanted:
+            netlink.flush_learned_fdb(ipr, node.vxlan_ifindex, have - wanted)
     if wanted - have or have - wanted:
         log.info("overlay peers: +%s -%s", sorted(wanted - have) or "none", sorted(have - wanted) or "none")
     return wanted - have, have - wanted
