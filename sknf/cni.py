@@ -147,10 +147,10 @@ def _check_env(command: str, env: Mapping[str, str]) -> None:
         raise CniError(INVALID_ENVIRONMENT, "invalid characters in CNI_CONTAINERID", cid)
     ifname = env.get("CNI_IFNAME", "")
     if "CNI_IFNAME" in REQUIRED_ENV[command] and (
-        len(ifname) > 15 or ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname)
+        len(ifname) > 15 or ifname in (".", "..") or any(c in "/:%" or c.isspace() for c in ifname)
     ):
         raise CniError(INVALID_ENVIRONMENT, "invalid CNI_IFNAME",
-                       f"{ifname!r}: at most 15 characters, not . or .., no '/', ':' or whitespace")
+                       f"{ifname!r}: at most 15 characters, not . or .., no '/', ':', '%' or whitespace")
 
 
 def _check_version(command: str, config: Mapping[str, Any]) -> str:

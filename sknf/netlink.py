@@ -217,14 +217,16 @@ def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: st
 
 
 def configure_pod_interface(pod: IPRoute, ifname: str, ip: str, prefixlen: int, gateway: str) -> None:
-    """Address, link up, loopback up and default route inside the pod."""
+    """Address, link up, loopback up, and the default route unless the pod has one (a second
+    interface from a chained or meta plugin keeps the first one's default route)."""
     lo = link_index(pod, "lo")
     if lo is not None:
         pod.link("set", index=lo, state="up")
     idx = link_index(pod, ifname)
     pod.addr("add", index=idx, address=ip, prefixlen=prefixlen)
     pod.link("set", index=idx, state="up")
-    pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=idx)
+    if not pod.get_default_routes(family=2):
+        pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=idx)
 
 
 def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str], str | None]:

@@ -23,6 +23,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from sknf import netlink
 from sknf.config import Config
-from sknf.datapath import Endpoint, NodeNet, PodCounters, flows, pins, tc
+from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfmaps, flows, pins, tc
 from sknf.datapath.kernel import BR_NETFILTER, host_veth_stats, remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/del
 POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's host veth
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
 PROGRAMS = (*POD_PROGRAMS, *OVERLAY_PROGRAMS)
-MAPS = ("config", "endpoints", "pod_counters", "kernel_flows")  # pinned under these names (bpf/lib/maps.h)
 DEFAULT_MAX_FLOWS = 262144
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
-COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "fast_packets", "kernel_packets", "drops")
 
 
 class BpfUnavailable(RuntimeError):
@@ -132,7 +131,7 @@ class BpfDatapath:
                 _delete(counters, key)
 
     def read_counters(self) -> dict[str, PodCounters]:
-        return _pod_counters(self.bpf)
+        return _pod_counters(self.bpf[b"endpoints"].map_fd, self.bpf[b"pod_counters"].map_fd)
 
     def cleanup(self) -> None:
         self.close()
@@ -183,39 +182,35 @@ class BpfDatapath:
                 log.exception("learned-flow sweep failed")
 
 
-def read_pinned_counters(pin_dir: Path, bpf_dir: Path = BPF_DIR) -> dict[str, PodCounters]:
+def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
     """Per-pod counters of a node whose agent is not running, read from the pinned maps in place.
 
-    The sources are compiled only to get BCC's view of the maps; no program is loaded or attached.
-    Raises FileNotFoundError when pins are missing (BCC would create empty maps in their place).
+    Nothing is compiled or loaded (see bpfmaps); FileNotFoundError when the maps are not pinned.
     """
-    missing = [name for name in MAPS if not (pin_dir / name).exists()]
-    if missing:
-        raise FileNotFoundError(errno.ENOENT, f"no pinned sknf maps ({', '.join(missing)})", str(pin_dir))
-    bpf, _ = _load(bpf_dir, pin_dir, DEFAULT_MAX_FLOWS, programs=())
-    try:
-        return _pod_counters(bpf)
-    finally:
-        bpf.cleanup()
+    with bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters:
+        return _pod_counters(endpoints, counters)
 
 
-def _pod_counters(bpf) -> dict[str, PodCounters]:
+def _pod_counters(endpoints_fd: int, counters_fd: int) -> dict[str, PodCounters]:
     """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth."""
     links = host_veth_stats()
-    counted = {key.value: per_cpu for key, per_cpu in bpf[b"pod_counters"].items()}
+    counted = dict(bpfmaps.read_map(counters_fd, ctypes.c_uint32, bpfmaps.CounterValues))
     out = {}
-    for entry in bpf[b"endpoints"].values():
-        if entry.ifindex not in links:
-            continue
-        name, stats = links[entry.ifindex]
-        per_cpu = counted.get(entry.ifindex, ())
-        sums = {f: sum(getattr(cpu, f) for cpu in per_cpu) for f in COUNTER_FIELDS}
+    for _, entry in bpfmaps.read_map(endpoints_fd, ctypes.c_uint32, bpfmaps.EndpointInfo):
+        try:
+            name = socket.if_indextoname(entry.ifindex)
+        except OSError:
+            continue  # the pod's veth is gone: its DEL is under way
+        if (stats := links.get(name)) is None:
+            continue  # not a pod's host veth (a stale entry whose ifindex was reused)
+        per_cpu = counted.get(entry.ifindex)
+        sums = bpfmaps.sum_cpus(per_cpu) if per_cpu is not None else dict.fromkeys(bpfmaps.COUNTER_FIELDS, 0)
         sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
         out[name] = PodCounters(**sums)
     return out
 
 
-def _load(bpf_dir: Path, pin_dir: Path, max_flows: int, programs: tuple[str, ...] = PROGRAMS):
+def _load(bpf_dir: Path, pin_dir: Path, max_flows: int):
     """Compile, then load the programs; returns (the BCC object, {program: fd}) or raises BpfUnavailable."""
     try:
         from bcc import BPF
@@ -231,7 +226,7 @@ def _load(bpf_dir: Path, pin_dir: Path, max_flows: int, programs: tuple[str, ...
     with _stderr_captured() as output:
         try:
             bpf = BPF(text=text.encode(), cflags=cflags)
-            fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in programs}
+            fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in PROGRAMS}
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             failure = e
     if failure is not None:
