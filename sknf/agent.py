@@ -25,7 +25,7 @@ from sknf import api, cni, ipam, overlay, pod
 from sknf.config import Config, ConfigError, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
-from sknf.metrics import Metrics, Snapshot
+from sknf.metrics import Metrics, Snapshot, take_snapshot
 from sknf.peers import Node, PeerSource, StaticPeerSource
 from sknf.stats import Sampler, handle_query
 
@@ -124,16 +124,8 @@ class Agent:
             self.metrics.observe_cni(req.command, result, time.perf_counter() - started)
 
     def snapshot(self) -> Snapshot:
-        counters = self.datapath.read_counters()
-        return Snapshot(
-            node=self.cfg.node_name,
-            datapath_mode=self.datapath.mode,
-            datapath_reason=self.datapath.reason,
-            pods=[(lease, counters.get(lease.host_ifname)) for lease in self.store.leases()],
-            ipam_allocated=self.store.allocated,
-            ipam_capacity=self.store.capacity,
-            peers=sum(1 for p in self.peers if p.name != self.cfg.node_name),
-        )
+        return take_snapshot(self.cfg.node_name, self.store, self.datapath,
+                             peers=sum(1 for p in self.peers if p.name != self.cfg.node_name))
 
     def ready(self) -> bool:
         return self.node is not None and self.serving

@@ -27,7 +27,6 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import generate_latest
 from pyroute2 import netns as pnetns
 
 from sknf import api, netlink, nsutil, stats
@@ -35,7 +34,7 @@ from sknf.config import HOST_VETH_PREFIX, Config
 from sknf.datapath import Datapath, Endpoint
 from sknf.datapath.kernel import KernelDatapath
 from sknf.ipam import Lease, Store
-from sknf.metrics import Metrics, Snapshot, join
+from sknf.metrics import PROMETHEUS_ACCEPT, Metrics, Snapshot, take_snapshot
 
 SCRAPE_TARGET = 0.100
 STATS_TARGET = 0.300
@@ -80,13 +79,8 @@ def _median(fn: Callable[[], object], rounds: int) -> float:
 
 
 def _snapshot_fn(store: Store, dp: Datapath) -> Callable[[], Snapshot]:
-    """What the agent's snapshot does: current leases joined with the datapath's counters."""
-    def snapshot() -> Snapshot:
-        leases = store.leases()
-        return Snapshot(node="bench", datapath_mode=dp.mode, datapath_reason=dp.reason,
-                        pods=join(leases, dp.read_counters()), ipam_allocated=len(leases),
-                        ipam_capacity=store.capacity, peers=1)
-    return snapshot
+    """The agent's snapshot: current leases joined with the datapath's counters."""
+    return lambda: take_snapshot("bench", store, dp, peers=1)
 
 
 def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
@@ -131,16 +125,17 @@ def bench_scrape(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: 
     store.rebuild(leases)
     metrics = Metrics("bench", _snapshot_fn(store, dp))
     with nsutil.entered(ns):  # netlink sockets and the HTTP server live in the namespace
-        body = generate_latest(metrics.registry)
+        body, _ = metrics.exposition(PROMETHEUS_ACCEPT)
         if body.count(b"sknf_pod_receive_bytes_total{") != len(leases):
             raise RuntimeError("scrape did not show every pod")
-        in_process = _median(lambda: generate_latest(metrics.registry), rounds)
+        in_process = _median(lambda: metrics.exposition(PROMETHEUS_ACCEPT), rounds)
         counters = _median(dp.read_counters, rounds)
         server = metrics.serve(("127.0.0.1", 0), lambda: True)
         try:
-            url = f"http://127.0.0.1:{server.port}/metrics"
+            request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
+                                             headers={"Accept": PROMETHEUS_ACCEPT})
             # urllib opens its socket in the calling thread, which is inside the namespace.
-            over_http = _median(lambda: urllib.request.urlopen(url, timeout=10).read(), rounds)
+            over_http = _median(lambda: urllib.request.urlopen(request, timeout=10).read(), rounds)
         finally:
             server.shutdown()
     return in_process, over_http, counters, len(body)

@@ -1,4 +1,4 @@
-"""The lab in kernel mode, end to end: every flow of the seed design works, an agent restart keeps
+"""The lab in both datapath modes, end to end: every flow of the seed design works, an agent restart keeps
 pods as they are, and tearing down leaves no namespace, state directory or agent process behind."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,7 @@ from leftovers import assert_lab_gone
 
 from sknf import netlink, nsutil
 from sknf.ipam import Store
-from sknf.lab import Lab, LabNode, _alive
+from sknf.lab import METRICS_PORT, Lab, LabNode, _alive
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -31,16 +32,27 @@ EXPECTED_FLOWS = {
 }
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+@pytest.fixture(params=["kernel", "bpf"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     pids: list[int] = []
     try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath="kernel") as built:
+        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
             pids = [n.agent_pid for n in built.state.nodes]
             yield built
             pids += [n.agent_pid for n in built.state.nodes]  # a test may have restarted agents
     finally:
         assert_lab_gone(PREFIX, pids)
+
+
+def fastpath_packets(lab: Lab, node: LabNode) -> float:
+    """Sum of the node's sknf_pod_fastpath_packets_total, scraped from its agent inside the node's namespace."""
+    with nsutil.entered(node.netns):
+        sock = socket.create_connection((node.underlay_ip, METRICS_PORT), timeout=5)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("sknf_pod_fastpath_packets_total{"))
 
 
 def failures(results) -> list[str]:
@@ -72,6 +84,8 @@ def test_every_flow_works_and_nothing_is_left(lab: Lab) -> None:
 
     assert failures(results) == []
     assert dict(collections.Counter(r.flow for r in results)) == EXPECTED_FLOWS
+    if lab.state.datapath == "bpf":  # the fast path really carried traffic: no silent fallback
+        assert all(fastpath_packets(lab, n) > 0 for n in lab.state.nodes)
     for node in lab.state.nodes:
         mine = [p for p in lab.state.pods if p.node == node.name]
         assert leased(lab, node) == {p.container_id: (p.ip, p.host_ifname) for p in mine}

@@ -7,11 +7,12 @@ import urllib.request
 from ipaddress import IPv4Address
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from sknf.datapath import PodCounters
 from sknf.ipam import Lease
-from sknf.metrics import Metrics, Snapshot, join
+from sknf.metrics import PROMETHEUS_ACCEPT, Metrics, Snapshot, join
 
 
 def lease(i: int, ns: str = "default", pod: str | None = None) -> Lease:
@@ -42,12 +43,13 @@ class Node:
                         ipam_capacity=253, peers=2)
 
 
-def scrape(metrics: Metrics) -> dict[str, list]:
-    from prometheus_client import generate_latest
-
-    text = generate_latest(metrics.registry).decode()
+def scrape(metrics: Metrics, accept: str = "") -> dict[str, list]:
+    """{sample name: samples} of one scrape, parsed by prometheus_client's parser for that format."""
+    body, content_type = metrics.exposition(accept)
+    parse = openmetrics_families if content_type.startswith("application/openmetrics-text") else \
+        text_string_to_metric_families
     out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in parse(body.decode()):
         for s in fam.samples:
             out.setdefault(s.name, []).append(s)
     return out
@@ -59,12 +61,14 @@ def value(samples: dict[str, list], name: str, **labels: str) -> float:
     return hits[0]
 
 
-def test_pod_counters_and_node_gauges() -> None:
+@pytest.mark.parametrize("accept", ["", PROMETHEUS_ACCEPT], ids=["text", "openmetrics"])
+def test_pod_counters_and_node_gauges(accept: str) -> None:
     node = Node()
     for i in (1, 2):
         node.add(lease(i), bpf_counters(i))
     m = Metrics("n1", node.snapshot)
-    s = scrape(m)
+    m.observe_cni("ADD", "success", 0.004)
+    s = scrape(m, accept)
     assert value(s, "sknf_pod_receive_bytes_total", namespace="default", pod="pod-2", node="n1") == 2000
     assert value(s, "sknf_pod_transmit_bytes_total", pod="pod-2") == 4000
     assert value(s, "sknf_pod_receive_packets_total", pod="pod-1") == 10
@@ -79,8 +83,18 @@ def test_pod_counters_and_node_gauges() -> None:
     assert value(s, "sknf_overlay_peers") == 2
     assert value(s, "sknf_build_info") == 1
     assert set(s["sknf_build_info"][0].labels) == {"node", "version", "python", "kernel"}
+    assert value(s, "sknf_cni_requests_total", command="ADD") == 1  # the instruments follow the pod families
     for name, samples in s.items():
         assert all(x.labels["node"] == "n1" for x in samples), name
+
+
+def test_label_values_are_escaped() -> None:
+    node = Node()
+    odd = 'a"b\\c\nd'  # a namespace no Kubernetes allows, but a runtime's CNI_ARGS could carry
+    node.add(lease(1, ns=odd, pod="p"), bpf_counters(1))
+    for accept in ("", PROMETHEUS_ACCEPT):
+        assert value(scrape(Metrics("n1", node.snapshot), accept), "sknf_pod_receive_bytes_total", pod="p",
+                     namespace=odd) == 1000
 
 
 def test_deleted_pod_series_disappear() -> None:
@@ -166,7 +180,7 @@ def test_http_endpoints(served) -> None:
     _, ready, base = served
     status, body = get(base + "/metrics")
     assert status == 200
-    assert 'sknf_pod_receive_bytes_total{namespace="default",node="n1",pod="pod-1"} 1000.0' in body
+    assert 'sknf_pod_receive_bytes_total{namespace="default",node="n1",pod="pod-1"} 1000\n' in body
     assert get(base + "/healthz") == (200, "ok\n")
     assert get(base + "/readyz")[0] == 503
     ready["now"] = True
