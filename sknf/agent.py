@@ -89,9 +89,7 @@ class Agent:
             self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
-        pod.remove_orphan_links(self.net)
-        pod.ensure_ports(self.net, node)
-        pod.sync_datapath(self.net)
+        pod.sync_pods(self.net, node)
 
     def recover_store(self) -> None:
         """A lease store that no longer parses is rebuilt from the records on the pods' host veths.

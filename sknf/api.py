@@ -1,13 +1,18 @@
-"""The agent's root-only unix socket: one JSON request in, one JSON response out, per connection.
+"""The agent's root-only unix socket: one JSON request in, one reply out, per connection.
 
-Protocol: the client sends a JSON object and shuts down its write side; the server answers
-{"ok": true, "result": <object or null>} or {"ok": false, "error": <CNI error object>} and closes.
-Requests name an "op": "cni" requests carry the plugin's {env, config} and are validated by
-sknf.cni before the handler sees a `Request`; any other op's handler gets the raw request.
+Request: the client sends one JSON object and shuts down its write side. It names an "op": "cni"
+requests are the plugin's {"op": "cni", "env": {CNI_* variables}, "config": <netconf>} (the plugin
+writes the netconf in as the runtime sent it) and are validated by sknf.cni before the handler
+sees a `Request`; any other op's handler (e.g. {"op": "stats"}) gets the decoded request.
+
+Reply: one ASCII digit, the plugin's exit status, then exactly what the plugin prints: after "0"
+nothing (a null result) or the result as JSON, after "1" a CNI error object. So the plugin copies
+the reply to stdout without a JSON encoder (its start-up is on every pod's path); `request()`
+decodes it into {"ok": true, "result": <object or None>} or {"ok": false, "error": <object>}.
 
 Only root may talk to the agent, enforced twice: the socket is 0600 in a 0700 directory, and
 each connection's SO_PEERCRED uid is checked (a file mode can be loosened by accident; the
-kernel's credential cannot be forged). Every failure becomes a CNI error response, never a
+kernel's credential cannot be forged). Every failure becomes a CNI error reply, never a
 dropped connection: the plugin would have to guess what happened to an ADD.
 """
 
@@ -53,8 +58,14 @@ def _read_request(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _reply(status: int, doc: dict[str, Any] | None) -> bytes:
+    """The exit status digit, then the plugin's stdout: nothing for a null result, else a JSON line."""
+    return str(status).encode() + (b"" if doc is None else json.dumps(doc).encode() + b"\n")
+
+
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a stuck handler must not block agent shutdown
+    request_queue_size = 128  # listen backlog; socketserver's 5 makes a burst of plugins fail (EAGAIN)
     block_on_close = False
 
     def __init__(self, path: str, handlers: Mapping[str, Handler], peer_uid: int) -> None:
@@ -92,17 +103,17 @@ class _Connection(socketserver.BaseRequestHandler):
                 version = cni.error_version(config)
                 if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
                     raise cni.CniError(cni.DECODING_FAILURE, "cni request env is not a string map")
-                response = {"ok": True, "result": handler(cni.parse_request(env, config))}
+                reply = _reply(0, handler(cni.parse_request(env, config)))
             else:
-                response = {"ok": True, "result": handler(payload)}
+                reply = _reply(0, handler(payload))
         except cni.CniError as e:
-            response = {"ok": False, "error": e.to_json(version)}
+            reply = _reply(1, e.to_json(version))
         except Exception as e:
             log.exception("socket request failed")
-            response = {"ok": False, "error": cni.CniError(
-                cni.INTERNAL, "internal agent error", f"{type(e).__name__}: {e}").to_json(version)}
+            reply = _reply(1, cni.CniError(
+                cni.INTERNAL, "internal agent error", f"{type(e).__name__}: {e}").to_json(version))
         try:
-            sock.sendall(json.dumps(response).encode())
+            sock.sendall(reply)
         except OSError as e:
             log.warning("could not answer socket client: %s", e)
 
@@ -163,7 +174,10 @@ def serve(socket_path: Path | str, handlers: Mapping[str, Handler], *, peer_uid:
 
 
 def request(socket_path: Path | str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Send one request and return the decoded response (raises OSError or ValueError)."""
+    """Send one request; return {"ok": True, "result": ...} or {"ok": False, "error": ...}.
+
+    Raises OSError or ValueError when the agent cannot be reached or its reply is malformed.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
@@ -175,7 +189,9 @@ def request(socket_path: Path | str, payload: dict[str, Any], timeout: float = 3
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    response = json.loads(b"".join(chunks))
-    if not isinstance(response, dict):
-        raise ValueError("agent response is not a JSON object")
-    return response
+    reply = b"".join(chunks)
+    status, body = reply[:1], reply[1:]
+    if status not in (b"0", b"1"):
+        raise ValueError("malformed agent reply")
+    doc = json.loads(body) if body.strip() else None
+    return {"ok": True, "result": doc} if status == b"0" else {"ok": False, "error": doc}

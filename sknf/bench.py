@@ -14,6 +14,7 @@ BENCHES = {
     "cni": ("sknf.bench_cni", "CNI ADD/DEL latency: sknf vs the reference bridge + host-local plugins"),
     "observability": ("sknf.bench_observability", "Prometheus scrape and `sknf stats` on a busy node"),
     "scale": ("sknf.bench_scale", "agent memory, start-up and peer programming with many pods and nodes"),
+    "datapath": ("sknf.bench_datapath", "pod TCP throughput and RTT: limits, bridge, counting, eBPF fast path"),
 }
 
 

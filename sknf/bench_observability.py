@@ -6,8 +6,9 @@ Set-up, in a throwaway network namespace (nothing touches the host's network):
   pinned map; --datapath bpf, the default) or from the veths' link statistics (--datapath kernel);
 - a scrape = the agent's work for one GET /metrics: read the leases and the datapath's counters,
   render the exposition text (timed in-process, then once over HTTP on the namespace's loopback);
-- `sknf stats` = a fresh `python -m sknf stats -o table` process against a socket served by the real
-  socket server (sknf.api) with the agent's stats handler, timed from exec to exit.
+- `sknf stats` = a fresh `python -m sknf stats -o table` process in the namespace, timed from exec to
+  exit: against a socket served by the real socket server (sknf.api) with the agent's stats handler,
+  and with no agent (`-c config`: the pinned maps or link statistics, and the IPAM store, read in place).
 Targets: scrape of 2,000 pods <= 100 ms, `sknf stats` of 1,000 pods <= 300 ms. Printed as
 measured/target ratios (below 1 is within target); medians of several rounds.
 """
@@ -15,6 +16,7 @@ measured/target ratios (below 1 is within target); medians of several rounds.
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
 import shutil
@@ -27,6 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import api, netlink, nsutil, stats
@@ -83,13 +86,18 @@ def _snapshot_fn(store: Store, dp: Datapath) -> Callable[[], Snapshot]:
     return lambda: take_snapshot("bench", store, dp, peers=1)
 
 
-def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
-    """The real BPF datapath (compiled, maps pinned under /sys/fs/bpf/<ns>) with every pod attached and
-    one per-CPU counter entry per pod, filled as if every pod had sent and received on every CPU."""
+def _config(ns: str, dp_kind: str, work: Path) -> Config:
+    """The bench node's configuration: its IPAM state, and BPF pins under /sys/fs/bpf/<ns> (BPF only)."""
+    return Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), pod_cidr=POD_CIDR,
+                  state_dir=work / "state", run_dir=work / "no-agent",
+                  bpf_pin_dir=Path("/sys/fs/bpf") / ns if dp_kind == "bpf" else work / "no-pins")
+
+
+def _bpf_datapath(ns: str, cfg: Config, leases: list[Lease]) -> Datapath:
+    """The real BPF datapath (compiled, maps pinned) with every pod attached and one per-CPU counter
+    entry per pod, filled as if every pod had sent and received on every CPU."""
     from sknf.datapath.bpf import BpfDatapath
 
-    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
-                 bpf_pin_dir=Path("/sys/fs/bpf") / ns)
     with nsutil.entered(ns):
         dp = BpfDatapath(cfg)
         with netlink.route() as ipr:
@@ -109,13 +117,11 @@ def _bpf_datapath(ns: str, leases: list[Lease]) -> Datapath:
     return dp
 
 
-def _node(ns: str, leases: list[Lease], dp_kind: str, work: Path) -> tuple[Datapath, str]:
+def _node(ns: str, cfg: Config, leases: list[Lease], dp_kind: str) -> tuple[Datapath, str]:
     """The pods' host veths in `ns` and the datapath that counts them; (datapath, description)."""
     _make_veths(ns, leases)
     if dp_kind == "bpf":
-        return _bpf_datapath(ns, leases), "BPF datapath: per-CPU entries in the pinned pod_counters map"
-    cfg = Config(node_name="bench", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"),
-                 bpf_pin_dir=work / "no-pins")
+        return _bpf_datapath(ns, cfg, leases), "BPF datapath: per-CPU entries in the pinned pod_counters map"
     return KernelDatapath(cfg, "benchmark"), "kernel datapath: the host veths' link statistics"
 
 
@@ -141,10 +147,12 @@ def bench_scrape(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: 
     return in_process, over_http, counters, len(body)
 
 
-def bench_stats(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: Path) -> tuple[float, float]:
-    """Seconds for a whole `sknf stats` process against an agent socket serving these pods: with the
-    agent reading the datapath per query (what users get), and with a ready reply (the client alone)."""
-    store = Store(work / "stats", POD_CIDR)
+def bench_stats(ns: str, cfg: Config, leases: list[Lease], dp: Datapath, rounds: int,
+                work: Path) -> tuple[float, float, float]:
+    """Seconds for a whole `sknf stats` process of these pods: against an agent socket, with the agent
+    reading the datapath per query (what users get) and with a ready reply (the client alone); and with
+    no agent, reading the node itself (pinned maps or link statistics, and the IPAM store)."""
+    store = Store(cfg.state_dir, POD_CIDR)
     store.rebuild(leases)
     snapshot = _snapshot_fn(store, dp)
     sampler = stats.Sampler()
@@ -157,20 +165,31 @@ def bench_stats(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: P
         sampler.tick(snapshot())
     ready = handle({})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def timed(*args: str, netns: str | None = None) -> float:
+        argv = [sys.executable, "-m", "sknf", "stats", *args]
+        run = functools.partial(subprocess.run, argv, capture_output=True, text=True, env=env,
+                                preexec_fn=nsutil.preexec_enter(netns) if netns else None)
+        out = run()
+        if out.returncode or len(out.stdout.splitlines()) != len(leases) + 2:
+            raise RuntimeError(f"sknf stats {' '.join(args)} gave {len(out.stdout.splitlines())} lines for "
+                               f"{len(leases)} pods: {out.stderr.strip()}")
+        return _median(run, rounds)
+
     results = []
     for name, handler in (("live", handle), ("ready", lambda _req: ready)):
         sock = work / name / "sknf.sock"
         server = api.serve(sock, {"stats": handler}, peer_uid=os.getuid())
-        argv = [sys.executable, "-m", "sknf", "stats", "--socket", str(sock)]
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
-            if len(out.splitlines()) != len(leases) + 2:
-                raise RuntimeError(f"sknf stats printed {len(out.splitlines())} lines for {len(leases)} pods")
-            results.append(_median(lambda argv=argv: subprocess.run(argv, capture_output=True, env=env,
-                                                                    check=True), rounds))
+            results.append(timed("--socket", str(sock)))
         finally:
             server.shutdown()
-    return results[0], results[1]
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({"node_name": cfg.node_name, "cluster_cidr": str(cfg.cluster_cidr),
+                                      "pod_cidr": str(POD_CIDR), "state_dir": str(cfg.state_dir),
+                                      "run_dir": str(cfg.run_dir), "bpf_pin_dir": str(cfg.bpf_pin_dir),
+                                      "peers_file": str(work / "peers.yaml")}))  # required, never read here
+    return results[0], results[1], timed("-c", str(config), netns=ns)  # the host veths are in ns
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
         with netlink.route(nsutil.netns_path(args.netns)) as ipr:
             ipr.link("set", index=netlink.link_index(ipr, "lo"), state="up")
         leases = _leases(max(args.scrape_pods, args.stats_pods))
-        dp, what = _node(args.netns, leases, args.datapath, work)
+        cfg = _config(args.netns, args.datapath, work)
+        dp, what = _node(args.netns, cfg, leases, args.datapath)
         print(f"a node with {len(leases)} pods; {what}")
         scrape, scrape_http, counters, size = bench_scrape(args.netns, leases[: args.scrape_pods], dp,
                                                            args.rounds, work)
@@ -193,11 +213,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  in process  {scrape * 1000:7.1f} ms   {target} {scrape / SCRAPE_TARGET:.2f}")
         print(f"  over HTTP   {scrape_http * 1000:7.1f} ms   {target} {scrape_http / SCRAPE_TARGET:.2f}")
         print(f"  of which the datapath's read_counters: {counters * 1000:.1f} ms")
-        live, client = bench_stats(args.netns, leases[: args.stats_pods], dp, args.rounds, work)
+        live, client, down = bench_stats(args.netns, cfg, leases[: args.stats_pods], dp, args.rounds, work)
         target = f"ratio to {STATS_TARGET * 1000:.0f} ms target:"
         print(f"sknf stats of {args.stats_pods} pods (agent socket, table output, whole process):")
         print(f"  agent reads the datapath per query  {live * 1000:7.1f} ms   {target} {live / STATS_TARGET:.2f}")
         print(f"  agent answers a ready reply         {client * 1000:7.1f} ms   {target} {client / STATS_TARGET:.2f}")
+        print(f"  agent down: reads the node itself   {down * 1000:7.1f} ms   {target} {down / STATS_TARGET:.2f}")
     finally:
         if dp is not None and args.datapath == "bpf":
             with nsutil.entered(args.netns):

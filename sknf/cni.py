@@ -1,6 +1,6 @@
 """The CNI protocol (spec 1.1.0), agent side: request validation, results, errors, pending DELs.
 
-The plugin executable (`cni/sknf`) only decodes stdin and forwards `{env, config}` here, so every
+The plugin executable (`cni/sknf`) only checks stdin is JSON and forwards `{env, config}` here, so every
 rule of the spec that depends on the verb lives in one place: which CNI_* variables a verb needs
 (code 4), which cniVersion it accepts (code 1: CHECK needs 0.4.0+, GC and STATUS 1.1.0+), what a
 valid network configuration looks like (code 7), and how a result is spelled for the version the
@@ -172,9 +172,9 @@ def _check_config(config: Mapping[str, Any]) -> str:
     if config.get("type") != PLUGIN_TYPE:
         raise CniError(INVALID_CONFIG, "wrong plugin type",
                        f"type={config.get('type')!r}, want {PLUGIN_TYPE!r}")
-    for key in ("agentSocket", "stateDir"):
-        if key in config and not isinstance(config[key], str):
-            raise CniError(INVALID_CONFIG, f"{key} must be a string", f"{key}={config[key]!r}")
+    for key in ("agentSocket", "stateDir"):  # absent means the default; the plugin refuses these too
+        if key in config and not (isinstance(config[key], str) and config[key]):
+            raise CniError(INVALID_CONFIG, f"{key} must be a non-empty string", f"{key}={config[key]!r}")
     prev = config.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CniError(INVALID_CONFIG, "prevResult must be an object", f"prevResult={prev!r}")

@@ -37,6 +37,10 @@ class PeerSource(Protocol):
         """Make this node's facts visible to the others (no-op where the source is read-only)."""
 
 
+# libyaml's safe loader when PyYAML has it: 0.1 s instead of 0.6 s for a 5,000-node file.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class PeersFileError(ValueError):
     """The static peers file is unreadable or malformed; the message names the file and entry."""
 
@@ -79,7 +83,7 @@ class StaticPeerSource:
     def nodes(self) -> list[Node]:
         self._stamp = self._current_stamp()
         try:
-            doc = yaml.safe_load(self.path.read_text())
+            doc = yaml.load(self.path.read_text(), Loader=SAFE_LOADER)
         except OSError as e:
             raise PeersFileError(f"{self.path}: {e.strerror}") from None
         except yaml.YAMLError as e:

@@ -3,16 +3,17 @@
 Where the figures come from, in order:
 1. the running agent, over its unix socket ({"op": "stats"}): the agent ticks a `Sampler` every second
    or two, so even a one-shot call shows current rates;
-2. the agent is down: the kernel still counts, so read the host veths' link statistics (kernel
-   datapath) and take pod identities from the IPAM store on disk; rates then need two samples
-   (`--watch`). A BPF-mode node's pinned counters cannot be read without the agent yet;
+2. the agent is down: the kernel still counts, so read the BPF datapath's pinned maps in place (no
+   compiling, see sknf.datapath.bpfmaps) or, on a kernel-datapath node, the host veths' link
+   statistics, and take pod identities from the IPAM store on disk; rates then need two samples
+   (`--watch`);
 3. neither works: say what is wrong (no socket, not root, no state) and exit 1.
 
 The agent-up path imports no pyroute2, bcc or kubernetes (each costs ~0.3 s): `kubectl exec ... sknf
 stats` and `--watch` stay fast with thousands of pods.
 
 Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sorting):
-    {"version": 1, "node": str, "source": "agent" | "kernel-links",
+    {"version": 1, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
      "datapath": {"mode": "bpf" | "kernel", "reason": str},
      "time": unix seconds, "rate_interval": seconds the rates span, or null,
      "ipam": {"allocated": int, "capacity": int or null}, "overlay_peers": int or null,
@@ -167,27 +168,32 @@ def _local_pod_cidr(cfg: Config) -> IPv4Network | None:
 
 
 def read_local(cfg: Config) -> dict[str, Any]:
-    """Figures without the agent, from this node's kernel: the datapath's counters read in place,
-    pod identities from the IPAM store on disk. Raises OSError or SourceError saying what is missing."""
-    from sknf.datapath.kernel import KernelDatapath  # pyroute2: 0.3 s, only on this path
+    """Figures without the agent, from this node's kernel: the BPF datapath's pinned counters (or the
+    host veths' link statistics when nothing is pinned), pod identities from the IPAM store on disk.
+    Raises OSError or SourceError saying what is missing."""
     from sknf.metrics import Snapshot, join
 
-    if (cfg.bpf_pin_dir / "pod_counters").exists():
-        raise SourceError(f"this node runs the BPF datapath (pins under {cfg.bpf_pin_dir}); reading its pinned "
-                          "counters without the agent is not supported yet")
     pod_cidr = _local_pod_cidr(cfg)
     # Reading leases needs only a network that holds them: the cluster's does when the node's is unknown.
     store = Store(cfg.state_dir, pod_cidr or cfg.cluster_cidr)
     if not store.path.exists():
         raise FileNotFoundError(errno.ENOENT, "no IPAM state (is this a sknf node?)", str(store.path))
+    # pyroute2 (0.3 s) comes with either datapath module: imported only on this path.
+    if (cfg.bpf_pin_dir / "pod_counters").exists():  # raises PermissionError when not root
+        from sknf.datapath.bpf import read_pinned_counters
+
+        mode, source, counters = "bpf", "bpf-pins", read_pinned_counters(cfg.bpf_pin_dir)
+    else:
+        from sknf.datapath.kernel import KernelDatapath
+
+        mode, source, counters = "kernel", "kernel-links", KernelDatapath(cfg).read_counters()
     leases = store.leases()
-    source = KernelDatapath(cfg, "read without the agent")
-    snap = Snapshot(node=cfg.node_name, datapath_mode=source.mode, datapath_reason=source.reason,
-                    pods=join(leases, source.read_counters()), ipam_allocated=len(leases),
+    snap = Snapshot(node=cfg.node_name, datapath_mode=mode, datapath_reason="read without the agent",
+                    pods=join(leases, counters), ipam_allocated=len(leases),
                     ipam_capacity=store.capacity if pod_cidr else None, peers=None)
     rows = pod_rows(snap)
     add_rates(rows, None, None)
-    return make_reply(snap, rows, None, "kernel-links")
+    return make_reply(snap, rows, None, source)
 
 
 def agent_config(path: Path | None) -> Config | None:

@@ -1,7 +1,9 @@
 /* Types and constants shared by every sknf tc program.
  *
- * Python never mirrors these layouts by hand: it reads and writes map entries through the ctypes
- * that BCC generates from this file, so a field added here is visible there by name.
+ * The agent writes map entries through the ctypes that BCC generates from this file. Reads of
+ * endpoints and pod_counters go through sknf/datapath/bpfmaps.py, which mirrors endpoint_info and
+ * pod_counters by hand (to read pins without compiling): change those structs there too (each read
+ * checks the sizes, tests/bpf/test_maps.py the fields).
  */
 #ifndef SKNF_COMMON_H
 #define SKNF_COMMON_H

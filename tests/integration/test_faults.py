@@ -299,7 +299,7 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
     "truncated": lambda doc: doc[: len(doc) // 2],
     "empty": lambda doc: b"",
     "garbage": lambda doc: b"\x00{]not json" * 7,
-    "duplicate ip": lambda doc: json.dumps({**json.loads(doc), "leases": json.loads(doc)["leases"] * 2}).encode(),
+    "another address": lambda doc: json.dumps({**json.loads(doc), "ip": "10.244.1.250"}).encode(),
 }
 
 
@@ -308,7 +308,7 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 def test_corrupt_store_is_rebuilt_from_the_host(lab: Lab, make_netns, corruption: str, while_running: bool) -> None:
     node = lab.state.nodes[0]
     before = leases(lab, node)
-    path = lab.node_dir(node.name) / "state" / "ipam" / "leases.json"
+    path = lab.node_dir(node.name) / "state" / "ipam" / "ips" / min(ip for ip, *_ in before.values())
 
     if not while_running:
         lab.stop_agent(node)

@@ -5,8 +5,9 @@ object; never a traceback. A failed ADD leaves the node exactly as it was (no le
 nothing in the pod namespace); a successful ADD is undone by DEL, after which the same holds.
 
 agentSocket and stateDir are confined to the lab's socket or paths in a temp dir: the plugin falls back
-to /run/sknf/sknf.sock and /var/lib/sknf when they are missing or empty, and a DEL it cannot deliver is
-parked under stateDir; those are the host's real paths, which a test must not touch.
+to /run/sknf/sknf.sock and /var/lib/sknf when they are missing, and a DEL it cannot deliver is parked
+under stateDir; those are the host's real paths, which a test must not touch. Values the plugin must
+refuse (present but not a non-empty string: code 7, before it connects or parks) are left as drawn.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ IFNAMES = st.sampled_from(["eth0", "eth1", "net-a", "lo", "x" * 15, "x" * 16, "a
 ARGS = st.sampled_from(["", "K8S_POD_NAMESPACE=fz;K8S_POD_NAME=p", "IgnoreUnknown=1;K8S_POD_NAME=p", "bad", ";=;"]) \
     | TEXT
 VERSIONS = st.sampled_from(["0.3.1", "0.4.0", "1.0.0", "1.1.0", "0.2.0", "2.0.0", ""]) | JSON
+VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
+LOCATIONS = ("agentSocket", "stateDir")
 
 
 class Fuzz:
@@ -48,9 +51,9 @@ class Fuzz:
 
     def confine(self, config: Any) -> Any:
         if isinstance(config, dict):
-            if not isinstance(config.get("agentSocket"), str) or config["agentSocket"] != self.real_socket:
-                config["agentSocket"] = str(self.tmp / "absent.sock")
-            config["stateDir"] = str(self.state_dir)
+            for key, safe in zip(LOCATIONS, (str(self.tmp / "absent.sock"), str(self.state_dir)), strict=True):
+                if key not in config or (usable(config[key]) and config[key] != self.real_socket):
+                    config[key] = safe
         return config
 
     def parked(self) -> list[dict]:
@@ -70,6 +73,23 @@ def fuzz() -> Iterator[Fuzz]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def usable(location: Any) -> bool:
+    return isinstance(location, str) and location != ""
+
+
+def not_json(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: the plugin refuses them (code 6)
+
+
+def refused_location(stdin: bytes) -> bool:
+    """Whether stdin is a netconf whose agentSocket or stateDir is present but not a non-empty string."""
+    try:
+        doc = json.loads(stdin.decode(), parse_constant=not_json)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and any(key in doc and not usable(doc[key]) for key in LOCATIONS)
+
+
 def env_strategy(fuzz: Fuzz) -> st.SearchStrategy[dict[str, str]]:
     netns = st.sampled_from([fuzz.rig.pod_path, "/run/netns/ske-f-absent", "/etc/hostname", ""]) | TEXT
     optional = {"CNI_CONTAINERID": CONTAINER_IDS, "CNI_NETNS": netns, "CNI_IFNAME": IFNAMES, "CNI_ARGS": ARGS,
@@ -81,7 +101,8 @@ def netconf_strategy(fuzz: Fuzz) -> st.SearchStrategy[dict]:
     """Near-valid: the installed netconf with one or two keys dropped or given values of other types."""
     base = fuzz.rig.netconf()
     replaced = {"cniVersion": VERSIONS, "name": st.sampled_from(["sknf", "n.1", "-x", ""]) | JSON,
-                "type": st.sampled_from(["sknf", "bridge"]) | JSON, "agentSocket": JSON, "prevResult": JSON,
+                "type": st.sampled_from(["sknf", "bridge"]) | JSON, "agentSocket": JSON, "stateDir": JSON,
+                "prevResult": JSON,
                 "runtimeConfig": JSON, "args": JSON, "cni.dev/valid-attachments": JSON}
 
     @st.composite
@@ -136,6 +157,8 @@ def check_one(fuzz: Fuzz, stdin: bytes, env: dict[str, str]) -> None:
     command = env.get("CNI_COMMAND", "")
     doc = assert_well_formed(out, command)
     event(f"{command[:8]!r} exit {out.rc}" + (f" code {doc['code']}" if out.rc else ""))
+    if command in VERBS and refused_location(stdin):
+        assert (out.rc, doc["code"]) == (1, 7), out
     if command == "ADD" and out.rc == 0:
         assert len(rig.state().leases) == 1  # the one this ADD made
         undo = rig.run(stdin, {**env, "CNI_COMMAND": "DEL"})

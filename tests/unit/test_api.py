@@ -53,6 +53,26 @@ def sock(tmp_path: Path, fake: Fake) -> Iterator[Path]:
         server.shutdown()
 
 
+def exchange(sock: Path, raw: bytes) -> bytes:
+    """One request as raw bytes, the raw reply back (what the plugin sees)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        return s.makefile("rb").read()
+
+
+def test_reply_is_the_exit_status_then_what_the_plugin_prints(sock: Path, fake: Fake) -> None:
+    add = exchange(sock, json.dumps(cni_payload()).encode())
+    assert add[:1] == b"0" and add.endswith(b"\n")
+    assert json.loads(add[1:]) == cni.build_result("1.0.0", [{"name": "eth0"}], [{"address": "10.244.1.5/16"}])
+    assert exchange(sock, json.dumps(cni_payload("DEL")).encode()) == b"0"  # null result: print nothing
+    fake.fail = cni.CniError(cni.IPAM_EXHAUSTED, "no free address")
+    failed = exchange(sock, json.dumps(cni_payload()).encode())
+    assert failed[:1] == b"1" and json.loads(failed[1:]) == {"cniVersion": "1.0.0", "code": 100,
+                                                              "msg": "no free address"}
+
+
 def test_cni_request_reaches_the_handler_parsed(sock: Path, fake: Fake) -> None:
     response = api.request(sock, cni_payload(CNI_ARGS="K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"))
     assert response == {"ok": True, "result": {
@@ -67,6 +87,29 @@ def test_other_ops_get_the_raw_request(sock: Path) -> None:
 
 def test_null_result(sock: Path) -> None:
     assert api.request(sock, cni_payload("DEL")) == {"ok": True, "result": None}
+
+
+@pytest.mark.parametrize("reply", [b"", b"{}", b"2{}", b"0{torn"])
+def test_request_refuses_a_malformed_reply(tmp_path: Path, reply: bytes) -> None:
+    path = tmp_path / "fake.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        listener.settimeout(30)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.makefile("rb").read()
+                conn.sendall(reply)
+
+        t = threading.Thread(target=answer)
+        t.start()
+        try:
+            with pytest.raises(ValueError):
+                api.request(path, {"op": "stats"})
+        finally:
+            t.join()
 
 
 def test_validation_errors_come_back_with_their_code_and_version(sock: Path, fake: Fake) -> None:
@@ -106,12 +149,8 @@ def test_unexpected_exception_is_an_internal_error_and_logged(sock: Path, fake: 
     (json.dumps({"op": "cni", "env": {"CNI_COMMAND": 1}, "config": {}}).encode(), cni.DECODING_FAILURE),
 ])
 def test_malformed_requests_get_an_answer(sock: Path, raw: bytes, code: int) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(sock))
-        s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)
-        response = json.loads(s.makefile("rb").read())
-    assert response["ok"] is False and response["error"]["code"] == code
+    reply = exchange(sock, raw)
+    assert reply[:1] == b"1" and json.loads(reply[1:])["code"] == code
 
 
 def test_oversized_request_is_refused_with_an_answer(sock: Path, fake: Fake) -> None:
@@ -172,6 +211,24 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not_stolen(tmp_path: Path, f
     path.write_text("not a socket")
     with pytest.raises(ValueError, match="not a socket"):
         api.serve(path, {})
+
+
+def test_a_burst_of_connections_is_not_refused(sock: Path) -> None:
+    """Plugins connect with a timeout (non-blocking): a full listen backlog fails them at once with EAGAIN."""
+    clients = []
+    try:
+        for _ in range(64):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(client)
+            client.settimeout(30)
+            client.connect(str(sock))
+        for client in clients:
+            client.sendall(json.dumps({"op": "stats"}).encode())
+            client.shutdown(socket.SHUT_WR)
+        assert all(client.makefile("rb").read().startswith(b"0") for client in clients)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_requests_are_served_concurrently(tmp_path: Path) -> None:

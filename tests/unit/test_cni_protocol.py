@@ -86,7 +86,7 @@ def test_unsupported_version_is_code_1(command: str, c: dict) -> None:
 
 @pytest.mark.parametrize("c", [
     conf(name=""), conf(name="-x"), conf(name=None), conf(type="bridge"), {"cniVersion": "1.0.0", "name": "n"},
-    conf(agentSocket=5), conf(stateDir=["x"]), conf(prevResult="nope"),
+    conf(agentSocket=5), conf(agentSocket=""), conf(stateDir=["x"]), conf(stateDir=None), conf(prevResult="nope"),
 ])
 def test_bad_netconf_is_code_7(c: dict) -> None:
     assert code_of(env("ADD"), c) == cni.INVALID_CONFIG

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,20 +130,64 @@ def test_gc_frees_everything_not_valid(store: Store) -> None:
     assert store.gc({("b", "eth0")}) == []
 
 
-def test_store_file_is_private_and_written_whole(store: Store) -> None:
-    store.allocate("a", "eth0")
+def test_one_private_file_per_lease_and_nothing_left_over(store: Store) -> None:
+    a = store.allocate("a", "eth0", "ns", "pod-a", "sknf1", "02:00:00:00:00:0a")
+    store.allocate("b", "net1")
+    store.release("b", "net1")
+    ipam = store.dir
+    assert sorted(p.name for p in (ipam / "ips").iterdir()) == ["10.244.1.2"]  # no temp files either
+    lease_file = ipam / "ips" / "10.244.1.2"
+    assert lease_file.stat().st_mode & 0o777 == 0o600
+    assert Lease.from_json(json.loads(lease_file.read_text())) == a
+    assert {p.name: os.readlink(p) for p in (ipam / "keys").iterdir()} == {"a@eth0": "10.244.1.2"}
+    assert os.readlink(ipam / "last") == "10.244.1.3"
+    assert json.loads(store.path.read_text()) == {"version": 2, "pod_cidr": str(NET)}
     assert store.path.stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in store.dir.iterdir() if p.name.startswith(".")] == []  # no temp files left
-    doc = json.loads(store.path.read_text())
-    assert doc["pod_cidr"] == str(NET) and doc["leases"][0]["ip"] == "10.244.1.2"
 
 
-def doc(*leases: dict, version: int = 1) -> bytes:
-    return json.dumps({"version": version, "leases": list(leases)}).encode()
+def test_attachment_keys_are_quoted_into_safe_names(store: Store) -> None:
+    odd = [("x/../y", "eth0"), ("x", "a@b"), ("x@a", "b"), (".", ".."), ("c%2F", "d"), ("c/", "d")]
+    leases = [store.allocate(*key) for key in odd]
+    assert [store.get(*key) for key in odd] == leases
+    assert all("/" not in p.name for p in (store.dir / "keys").iterdir())
+    assert len(store.leases()) == len(odd)
+
+
+def doc(*leases: dict, version: int = 1, **extra: object) -> bytes:
+    return json.dumps({"version": version, "leases": list(leases), **extra}).encode()
 
 
 def entry(ip: str, cid: str = "a", ifname: str = "eth0", **extra: object) -> dict:
     return {"ip": ip, "container_id": cid, "ifname": ifname, **extra}
+
+
+def test_a_version_1_document_is_converted_once(tmp_path: Path) -> None:
+    legacy = tmp_path / "ipam" / "leases.json"
+    legacy.parent.mkdir()
+    legacy.write_bytes(doc(entry("10.244.1.5", "a", host_ifname="sknf1", mac="02:00:00:00:00:05", created=1.5),
+                           entry("10.244.1.3", "b"), last="10.244.1.7", pod_cidr=str(NET)))
+    assert Store.open_existing(tmp_path).pod_cidr == NET  # readable before the conversion
+    store = Store(tmp_path, NET)
+    assert store.leases() == [Lease(IPv4Address("10.244.1.3"), "b", "eth0"),
+                              Lease(IPv4Address("10.244.1.5"), "a", "eth0", "", "", "sknf1", "02:00:00:00:00:05", 1.5)]
+    assert not legacy.exists()
+    assert store.get("a", "eth0").ip == IPv4Address("10.244.1.5")
+    assert store.allocate("c", "eth0").ip == IPv4Address("10.244.1.8")  # the old cursor carries over
+    assert Store.open_existing(tmp_path).pod_cidr == NET
+
+
+def test_an_interrupted_conversion_runs_again(tmp_path: Path) -> None:
+    """What a crash half-way leaves: the marker, some new files, and the old document (removed last)."""
+    ipam = tmp_path / "ipam"
+    (ipam / "ips").mkdir(parents=True)
+    (ipam / "leases.json").write_bytes(doc(entry("10.244.1.5", "a"), entry("10.244.1.6", "b")))
+    (ipam / "rebuilding").touch()
+    (ipam / "ips" / "10.244.1.5").write_text(json.dumps(entry("10.244.1.5", "a")))
+    (ipam / "ips" / ".new-x").write_text("{")
+    store = Store(tmp_path, NET)
+    assert [(lease.container_id, str(lease.ip)) for lease in store.leases()] == [("a", "10.244.1.5"),
+                                                                               ("b", "10.244.1.6")]
+    assert sorted(p.name for p in ipam.iterdir()) == ["ips", "keys", "lock", "store.json"]
 
 
 @pytest.mark.parametrize("content", [
@@ -156,35 +203,224 @@ def entry(ip: str, cid: str = "a", ifname: str = "eth0", **extra: object) -> dic
     doc(entry("10.244.1.5"), entry("10.244.1.6")),
 ], ids=["empty", "truncated", "not-object", "version", "bad-ip", "gateway", "no-cid", "unknown-key",
         "dup-ip", "dup-key"])
-def test_corrupt_store_is_detected_not_reset(store: Store, content: bytes) -> None:
+def test_a_corrupt_version_1_document_is_detected_not_reset(store: Store, content: bytes) -> None:
+    legacy = store.dir / "leases.json"
     store.dir.mkdir(parents=True)
-    store.path.write_bytes(content)
+    legacy.write_bytes(content)
     for op in (lambda: store.allocate("x", "eth0"), store.leases, lambda: store.release("x", "eth0")):
         with pytest.raises(CorruptStore) as e:
             op()
         assert e.value.code == cni.STORE_CORRUPT
-    assert store.path.read_bytes() == content  # left for inspection, not overwritten
+    assert legacy.read_bytes() == content  # left for inspection, not overwritten
+    assert list((store.dir / "ips").iterdir()) == []
 
 
-def test_a_truncated_real_document_is_detected(store: Store) -> None:
-    for cid in "abc":
-        store.allocate(cid, "eth0")
-    whole = store.path.read_bytes()
-    store.path.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(CorruptStore):
+def three_leases(store: Store) -> list[Lease]:
+    return [store.allocate(cid, "eth0") for cid in "abc"]  # .2 .3 .4
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ipam: (ipam / "ips" / "10.244.1.3").write_bytes(b""),
+    lambda ipam: (ipam / "ips" / "10.244.1.3").write_bytes((ipam / "ips" / "10.244.1.3").read_bytes()[:30]),
+    lambda ipam: (ipam / "ips" / "10.244.1.3").write_bytes(b"\xff\xfe garbage"),
+    lambda ipam: (ipam / "ips" / "10.244.1.3").write_bytes((ipam / "ips" / "10.244.1.4").read_bytes()),
+    lambda ipam: (ipam / "ips" / "10.244.1.3").rename(ipam / "ips" / "not-an-address"),
+    lambda ipam: (ipam / "ips" / "10.244.1.1").write_text(json.dumps(entry("10.244.1.1", "gw"))),
+    lambda ipam: (ipam / "keys" / "b@eth0").unlink(),
+    lambda ipam: (ipam / "ips" / "10.244.1.9").write_text(json.dumps(entry("10.244.1.9", "b"))),
+], ids=["empty", "truncated", "garbage", "other-address", "bad-name", "gateway", "key-lost", "dup-key"])
+def test_a_damaged_lease_is_detected_by_the_full_read(store: Store, damage) -> None:
+    three_leases(store)
+    damage(store.dir)
+    with pytest.raises(CorruptStore) as e:
         Store(store.dir.parent, NET).leases()
+    assert e.value.code == cni.STORE_CORRUPT
+    with pytest.raises(CorruptStore):
+        store.gc(set())
+    assert store.allocate("d", "eth0").ip == IPv4Address("10.244.1.5")  # the damaged address is not reused
+
+
+def test_a_damaged_lease_fails_the_operations_that_read_it(store: Store) -> None:
+    three_leases(store)
+    (store.dir / "ips" / "10.244.1.3").write_bytes(b"{")
+    for op in (store.get, store.release, store.allocate):
+        with pytest.raises(CorruptStore):
+            op("b", "eth0")
+    assert store.get("a", "eth0").ip == IPv4Address("10.244.1.2")
+    (store.dir / "last").unlink()
+    os.symlink("garbage", store.dir / "last")
+    with pytest.raises(CorruptStore):
+        store.allocate("d", "eth0")
 
 
 def test_rebuild_replaces_a_corrupt_store(store: Store) -> None:
-    store.dir.mkdir(parents=True)
-    store.path.write_bytes(b"garbage")
+    three_leases(store)
+    (store.dir / "ips" / "10.244.1.3").write_bytes(b"garbage")
     found = [Lease(IPv4Address("10.244.1.7"), "a", "eth0", host_ifname="sknf1"),
              Lease(IPv4Address("10.244.1.3"), "b", "eth0", host_ifname="sknf2")]
     store.rebuild(found)
     assert [lease.ip for lease in store.leases()] == [IPv4Address("10.244.1.3"), IPv4Address("10.244.1.7")]
+    assert store.get("c", "eth0") is None
     assert store.allocate("c", "eth0").ip == IPv4Address("10.244.1.8")  # continues after the highest
     with pytest.raises(IpamError):
         store.rebuild([found[0], Lease(IPv4Address("10.244.1.7"), "z", "eth0")])
+    assert len(store.leases()) == 3  # a refused rebuild changes nothing
+
+
+def test_an_interrupted_rebuild_is_corrupt_until_rebuilt(store: Store) -> None:
+    three_leases(store)
+    (store.dir / "rebuilding").touch()
+    for op in (store.leases, lambda: store.get("a", "eth0"), lambda: store.allocate("d", "eth0")):
+        with pytest.raises(CorruptStore):
+            op()
+    store.rebuild([Lease(IPv4Address("10.244.1.2"), "a", "eth0")])
+    assert [lease.key for lease in store.leases()] == [("a", "eth0")]
+
+
+# -- crash points --------------------------------------------------------------------------------
+# The partial states each crash point of the module docstring's table leaves, made by hand ...
+
+def test_leftovers_of_a_crash_before_the_commit_are_harmless(store: Store) -> None:
+    """Crash after the key (step 1) or the temp file (step 2): neither is a lease; both are tidied."""
+    three_leases(store)
+    os.symlink("10.244.1.5", store.dir / "keys" / "d@eth0")  # dangling: .5 was never linked
+    os.symlink("10.244.1.2", store.dir / "keys" / "e@eth0")  # stale: .2 is a's
+    (store.dir / "ips" / ".new-dead").write_text(json.dumps(entry("10.244.1.5", "d")))
+    assert store.get("d", "eth0") is None and store.get("e", "eth0") is None
+    assert store.release("e", "eth0") is None
+    assert store.get("a", "eth0").ip == IPv4Address("10.244.1.2")
+    assert store.allocate("d", "eth0").ip == IPv4Address("10.244.1.5")  # a retried ADD; no LeaseExists
+    assert len(store.leases()) == 4
+    assert sorted(p.name for p in (store.dir / "keys").iterdir()) == ["a@eth0", "b@eth0", "c@eth0", "d@eth0"]
+    assert not [p for p in (store.dir / "ips").iterdir() if p.name.startswith(".")]
+
+
+def test_a_release_interrupted_after_its_commit_is_complete(store: Store) -> None:
+    """Crash between unlinking the lease and its key: the key is stale, even once the address is reused."""
+    three_leases(store)
+    (store.dir / "ips" / "10.244.1.3").unlink()
+    assert store.get("b", "eth0") is None and store.release("b", "eth0") is None
+    store.rebuild([*store.leases(), Lease(IPv4Address("10.244.1.3"), "z", "eth0")])  # reused by z
+    os.symlink("10.244.1.3", store.dir / "keys" / "b@eth0")
+    assert store.get("b", "eth0") is None and store.release("b", "eth0") is None
+    assert store.get("z", "eth0").ip == IPv4Address("10.244.1.3")
+
+
+# ... and every point for real: a child process killed (os._exit: no finally, no cleanup) just before
+# its n-th file-system call, for n = 0, 1, ... until the operation completes. The store must then be
+# readable and hold the state before or after the operation, and the runtime's retry must converge.
+
+CRASHED = 17
+FS_CALLS = ("open", "symlink", "link", "unlink", "fsync", "replace", "rename", "mkdir")
+
+
+def killed_at(n: int, op) -> bool:
+    """Run op in a forked child that dies before its n-th file-system call; True if it died."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        calls = itertools.count()
+
+        def dying(fn):
+            def call(*args, **kwargs):
+                if next(calls) == n:
+                    os._exit(CRASHED)
+                return fn(*args, **kwargs)
+            return call
+
+        for name in FS_CALLS:
+            setattr(os, name, dying(getattr(os, name)))
+        try:
+            op()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert code in (0, CRASHED)
+    return code == CRASHED
+
+
+def crash_sweep(tmp_path: Path, prepare, op, check) -> int:
+    """prepare(store) once; then for each n: a copy, op killed at n, check(fresh store, died)."""
+    template = tmp_path / "template"
+    prepare(Store(template, NET))
+    for n in itertools.count():
+        run = tmp_path / f"run{n}"
+        shutil.copytree(template, run, symlinks=True)
+        died = killed_at(n, lambda run=run: op(Store(run, NET)))
+        check(Store(run, NET), died)
+        if not died:
+            return n
+
+
+def keys_and_ips(store: Store) -> dict[tuple[str, str], IPv4Address]:
+    return {lease.key: lease.ip for lease in store.leases()}
+
+
+def test_allocate_killed_at_every_point(tmp_path: Path) -> None:
+    before: dict = {}
+
+    def prepare(store: Store) -> None:
+        three_leases(store)
+        store.release("b", "eth0")
+        before.update(keys_and_ips(store))
+
+    def check(store: Store, died: bool) -> None:
+        after = keys_and_ips(store)
+        assert {k: v for k, v in after.items() if k != ("d", "eth0")} == before
+        if died and ("d", "eth0") not in after:  # not committed: the runtime's retry gets an address
+            store.allocate("d", "eth0")
+        elif died:
+            with pytest.raises(LeaseExists):
+                store.allocate("d", "eth0")
+        assert keys_and_ips(store)[("d", "eth0")] == IPv4Address("10.244.1.5")
+        assert store.get("d", "eth0").ip == IPv4Address("10.244.1.5")
+        assert store.allocate("e", "eth0").ip == IPv4Address("10.244.1.6")  # the cursor held
+        assert sorted(p.name for p in (store.dir / "ips").iterdir()) == ["10.244.1.2", "10.244.1.4",
+                                                                        "10.244.1.5", "10.244.1.6"]
+
+    assert crash_sweep(tmp_path, prepare, lambda s: s.allocate("d", "eth0"), check) >= 8
+
+
+def test_release_and_gc_killed_at_every_point(tmp_path: Path) -> None:
+    def check(store: Store, died: bool) -> None:
+        after = keys_and_ips(store)
+        assert set(after) in ({("a", "eth0"), ("c", "eth0")}, {("a", "eth0"), ("b", "eth0"), ("c", "eth0")})
+        store.gc({("a", "eth0"), ("c", "eth0")})  # the runtime's retry
+        assert store.get("b", "eth0") is None and len(store.leases()) == 2
+
+    assert crash_sweep(tmp_path, three_leases, lambda s: s.release("b", "eth0"), check) >= 3
+    assert crash_sweep(tmp_path / "gc", three_leases, lambda s: s.gc({("a", "eth0"), ("c", "eth0")}), check) >= 3
+
+
+def test_conversion_killed_at_every_point(tmp_path: Path) -> None:
+    content = doc(entry("10.244.1.5", "a"), entry("10.244.1.3", "b"), last="10.244.1.9", pod_cidr=str(NET))
+
+    def prepare(store: Store) -> None:
+        store.dir.mkdir(parents=True)
+        (store.dir / "leases.json").write_bytes(content)
+
+    def check(store: Store, died: bool) -> None:
+        assert keys_and_ips(store) == {("a", "eth0"): IPv4Address("10.244.1.5"),
+                                       ("b", "eth0"): IPv4Address("10.244.1.3")}
+        assert store.allocate("c", "eth0").ip == IPv4Address("10.244.1.10")
+
+    assert crash_sweep(tmp_path, prepare, lambda s: s.leases(), check) >= 15
+
+
+def test_rebuild_killed_at_every_point(tmp_path: Path) -> None:
+    found = [Lease(IPv4Address("10.244.1.9"), "x", "eth0"), Lease(IPv4Address("10.244.1.3"), "y", "eth0")]
+
+    def check(store: Store, died: bool) -> None:
+        try:
+            after = keys_and_ips(store)
+        except CorruptStore:  # behind the marker: rebuilt again, as the agent does
+            store.rebuild(found)
+            after = keys_and_ips(store)
+        assert after in ({("a", "eth0"): IPv4Address("10.244.1.2"), ("b", "eth0"): IPv4Address("10.244.1.3"),
+                          ("c", "eth0"): IPv4Address("10.244.1.4")},
+                         {lease.key: lease.ip for lease in found})
+
+    assert crash_sweep(tmp_path, three_leases, lambda s: s.rebuild(found), check) >= 10
 
 
 # -- concurrency ---------------------------------------------------------------------------------

@@ -88,6 +88,21 @@ def test_plugin_is_executable_and_stdlib_only() -> None:
     assert "sknf." not in "".join(line for line in source.splitlines() if line.startswith(("import", "from")))
 
 
+def imported(argv: list[str], **run: Any) -> set[str]:
+    proc = subprocess.run(["/usr/bin/python3", "-S", "-X", "importtime", *argv], capture_output=True, check=False,
+                          **run)
+    return {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines() if line.startswith("import")}
+
+
+def test_plugin_imports_only_c_modules_beyond_start_up(plugin: Plugin, agent: Agent) -> None:
+    """Start-up is on every pod's path: `import json, socket` alone would cost more than the interpreter."""
+    env = {"PATH": BARE_PATH, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/pod",
+           "CNI_IFNAME": "eth0"}
+    extra = imported([str(plugin.bin)], input=json.dumps(plugin.conf()).encode(), env=env) - imported(["-c", "pass"])
+    assert extra == {"_json", "_socket"}
+    assert [r.command for r in agent.requests] == ["ADD"]  # the whole path ran, up to the agent's reply
+
+
 @pytest.mark.parametrize("version", cni.SUPPORTED_VERSIONS)
 def test_version_is_answered_without_the_agent(plugin: Plugin, version: str) -> None:
     assert plugin.run("VERSION", {"cniVersion": version}) == (0, cni.version_result(version), "")
@@ -127,11 +142,48 @@ def test_agent_error_is_printed_with_exit_1(plugin: Plugin, agent: Agent) -> Non
         "cniVersion": "0.3.1", "code": 100, "msg": "no free address", "details": "253 leased"})
 
 
-def test_malformed_json_is_code_6(plugin: Plugin, agent: Agent) -> None:
-    code, out, _ = plugin.run("ADD", b"{not json")
-    assert (code, out["code"]) == (1, cni.DECODING_FAILURE)
-    assert plugin.run("ADD", b"[1, 2]")[1]["code"] == cni.DECODING_FAILURE
+@pytest.mark.parametrize("stdin", [
+    b"{not json", b"", b"  \n", b"[1, 2]", b'"text"', b'{"cniVersion": "1.0.0"} x', b'{"a": 1}{"b": 2}',
+    b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": "\x01"}', b'{"a": 1,}', b'{"a": "\xff"}', b"\xef\xbb\xbf{}",
+    b"[" * 100_000,
+])
+def test_malformed_json_is_code_6(plugin: Plugin, agent: Agent, stdin: bytes) -> None:
+    code, out, err = plugin.run("ADD", stdin)
+    assert (code, out["code"], out["cniVersion"], err) == (1, cni.DECODING_FAILURE, "1.1.0", "")
+    assert out["details"]
     assert agent.requests == []
+
+
+def test_whitespace_around_the_netconf_is_fine(plugin: Plugin, agent: Agent) -> None:
+    assert plugin.run("DEL", b" \n\t" + json.dumps(plugin.conf()).encode() + b"\r\n ")[:2] == (0, None)
+    assert [r.command for r in agent.requests] == ["DEL"]
+
+
+def test_the_netconf_reaches_the_agent_as_the_runtime_wrote_it(plugin: Plugin, agent: Agent) -> None:
+    conf = plugin.conf(args={"x": "\u00e9\U0001f600\\\"", "n": 12345678901234567890, "f": 0.1})
+    raw = json.dumps(conf, ensure_ascii=False, indent=2).encode()  # UTF-8, not \\u escapes
+    assert plugin.run("DEL", raw, CNI_ARGS="K8S_POD_NAME=\u00e9")[:2] == (0, None)
+    (req,) = agent.requests
+    assert (req.config, req.pod_name) == (conf, "\u00e9")
+
+
+@pytest.mark.parametrize("key", ["agentSocket", "stateDir"])
+@pytest.mark.parametrize("value", ["", None, False, 0, 5, [], ["/run/x"], {}])
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_location_that_is_not_a_non_empty_string_is_code_7(plugin: Plugin, agent: Agent, key: str, value: Any,
+                                                           command: str) -> None:
+    code, out, _ = plugin.run(command, plugin.conf("0.4.0", **{key: value}))
+    assert (code, out["code"], out["cniVersion"]) == (1, cni.INVALID_CONFIG, "0.4.0")
+    assert key in out["msg"]
+    assert agent.requests == []
+    assert set(plugin.cwd.iterdir()) == {plugin.bin.parent, plugin.socket.parent}  # nothing parked anywhere
+
+
+def test_missing_locations_mean_the_defaults(plugin: Plugin) -> None:
+    """STATUS (harmless even if a real agent serves the default socket) is sent, not refused as code 7."""
+    conf = {k: v for k, v in plugin.conf("1.1.0").items() if k not in ("agentSocket", "stateDir")}
+    code, out, _ = plugin.run("STATUS", conf)
+    assert code == 0 or (code, out["code"]) == (1, cni.NOT_AVAILABLE)
 
 
 @pytest.mark.parametrize("command", [None, "", "FROB"])
@@ -185,7 +237,8 @@ def test_del_that_cannot_be_parked_fails(plugin: Plugin, tmp_path: Path) -> None
     assert (code, out["code"]) == (1, cni.IO_FAILURE)
 
 
-def test_agent_that_hangs_up_without_answering(plugin: Plugin) -> None:
+@pytest.mark.parametrize("reply", [b"", b'{"ok": true}', b"2"])
+def test_agent_that_hangs_up_or_answers_garbage(plugin: Plugin, reply: bytes) -> None:
     plugin.socket.parent.mkdir(mode=0o700)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(plugin.socket))
@@ -194,8 +247,9 @@ def test_agent_that_hangs_up_without_answering(plugin: Plugin) -> None:
 
         def hang_up() -> None:
             conn, _ = listener.accept()
-            conn.recv(65536)
-            conn.close()
+            with conn:
+                conn.makefile("rb").read()
+                conn.sendall(reply)
 
         t = threading.Thread(target=hang_up)
         t.start()

@@ -200,7 +200,7 @@ def test_agent_down_and_no_state_says_why(tmp_path: Path, capsys) -> None:
     assert stats.run(args_for(["-c", str(node_config(tmp_path))])) == 1
     err = capsys.readouterr().err
     assert f"no agent socket at {tmp_path / 'run' / 'sknf.sock'}" in err
-    assert f"{tmp_path / 'state' / 'ipam' / 'leases.json'}: no IPAM state" in err
+    assert f"{tmp_path / 'state' / 'ipam' / 'store.json'}: no IPAM state" in err
 
 
 def test_agent_down_reads_leases_and_links(tmp_path: Path, capsys) -> None:

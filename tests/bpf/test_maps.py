@@ -1,0 +1,69 @@
+"""sknf.datapath.bpfmaps reads the maps as BCC writes them: its hand-mirrored structs match the ctypes BCC
+generates from bpf/lib/common.h, and both the agent's read and the pins-only read (`sknf stats` with the
+agent down) give BCC's own per-CPU values, summed."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from topo import Cluster, Node
+
+from sknf.datapath import PodCounters, bpfmaps
+from sknf.datapath.bpf import BpfDatapath, read_pinned_counters
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """One node of a quiet two-node cluster (no traffic: counters hold exactly what the test writes)."""
+    cluster = Cluster(tmp_path, prefix="skh", nodes=2, pods_per_node=2)
+    try:
+        cluster.up()
+        node = cluster.nodes[0]
+        node.start(BpfDatapath)
+        yield node
+    finally:
+        cluster.down()
+
+
+def layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
+    fields = [(name, getattr(struct, name).offset, getattr(struct, name).size) for name, *_ in struct._fields_]
+    return ctypes.sizeof(struct), fields
+
+
+def test_structs_mirror_what_bcc_generates(node: Node) -> None:
+    bpf = node.datapath.bpf
+    assert layout(bpfmaps.EndpointInfo) == layout(bpf[b"endpoints"].Leaf)
+    assert layout(bpfmaps.CounterValues) == layout(bpf[b"pod_counters"].sLeaf)  # one CPU's share
+    with pytest.raises(bpfmaps.LayoutMismatch):  # a map read as the wrong struct fails, never misreads
+        bpfmaps.read_map(bpf[b"pod_counters"].map_fd, ctypes.c_uint32, bpfmaps.EndpointInfo)
+
+
+def test_agent_and_pins_read_bccs_per_cpu_values(node: Node) -> None:
+    (a, b), bpf = node.pods, node.datapath.bpf
+    table = bpf[b"pod_counters"]
+    leaf = table.Leaf()
+    for cpu in range(table.total_cpu):
+        for i, name in enumerate(bpfmaps.COUNTER_FIELDS):
+            setattr(leaf[cpu], name, (cpu + 1) * 1_000_000_007 * (i + 1) + (1 << 40))
+    table[table.Key(a.host_ifindex)] = leaf
+    table.pop(table.Key(b.host_ifindex), None)  # b attached but never counted: reads zero
+    per_cpu_sum = sum((cpu + 1) * 1_000_000_007 for cpu in range(table.total_cpu))
+    want = {f: per_cpu_sum * (i + 1) + table.total_cpu * (1 << 40) for i, f in enumerate(bpfmaps.COUNTER_FIELDS)}
+
+    by_agent = node.call(node.datapath.read_counters)
+    by_pins = node.call(read_pinned_counters, node.cfg.bpf_pin_dir)
+    for read in (by_agent, by_pins):
+        assert set(read) == {a.host_ifname, b.host_ifname}
+        got = read[a.host_ifname]
+        assert {f: getattr(got, f) for f in bpfmaps.COUNTER_FIELDS} == want  # host veth drops: none here
+        assert read[b.host_ifname] == PodCounters(fast_packets=0, kernel_packets=0)
+
+
+def test_nothing_pinned(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_pinned_counters(tmp_path)
