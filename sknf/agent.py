@@ -89,19 +89,26 @@ class Agent:
             self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
-        pod.sync_pods(self.net, node)
+        lost = pod.sync_pods(self.net, node)
+        if lost:
+            self.rebuild_store(f"{len(lost)} live pods hold no lease")
 
     def recover_store(self) -> None:
-        """A lease store that no longer parses is rebuilt from the records on the pods' host veths.
+        """A lease store that no longer reads is rebuilt from the records on the pods' host veths.
 
         Never reset to empty: that would hand the addresses of running pods to new ones.
         """
         try:
             self.store.leases()
         except ipam.CorruptStore as e:
-            leases = pod.rebuild_from_host(self.net)
-            self.metrics.reconcile_error(type(e).__name__)
-            log.error("%s (%s); rebuilt it from the host: %d leases", e.msg, e.details, len(leases))
+            self.rebuild_store(f"{e.msg} ({e.details})")
+
+    def rebuild_store(self, why: str) -> None:
+        added = pod.rebuild_from_host(self.net)
+        if added:
+            self.metrics.reconcile_error("lease store")
+        log.warning("IPAM store: %s; rebuilt it from the host, %d leases restored%s", why, len(added),
+                    "".join(f", {lease.ip} ({lease.namespace}/{lease.pod})" for lease in added))
 
     def _reconcile_logged(self) -> None:
         try:

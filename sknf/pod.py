@@ -19,8 +19,8 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -30,7 +30,7 @@ from sknf import netlink, nsutil
 from sknf.cni import ALREADY_EXISTS, CHECK_FAILED, CniError, Request, build_result
 from sknf.config import BRIDGE, HOST_VETH_PREFIX, Config
 from sknf.datapath import Datapath, Endpoint
-from sknf.ipam import Lease, Store
+from sknf.ipam import CorruptStore, Lease, Store
 from sknf.overlay import NodeOverlay
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,44 @@ def pod_mac(container_id: str, ifname: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
+class SharedLock:
+    """Held shared by many (the verbs that change leases) or exclusively by one (a store rebuild).
+
+    A waiting exclusive holder goes first: new shared holders wait behind it, so a stream of ADDs
+    cannot starve a rebuild.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 @dataclass
 class PodNetwork:
     """What the verbs need from the agent; `node` is None until the overlay is first reconciled."""
@@ -62,6 +100,9 @@ class PodNetwork:
     # Serializes datapath attach/detach with the periodic endpoint sync, so a sync computed before
     # an ADD cannot remove the entry that ADD has just attached.
     datapath_lock: threading.Lock = field(default_factory=threading.Lock)
+    # ADD, DEL and GC hold it shared, a store rebuild exclusively: a rebuild reads the host and
+    # writes the store with no verb half done (an ADD between its lease and its link's record).
+    store_guard: SharedLock = field(default_factory=SharedLock)
 
     def ready_node(self) -> NodeOverlay:
         node = self.node()
@@ -86,7 +127,7 @@ def add(net: PodNetwork, req: Request) -> dict:
     _require_netns(req)
     host_ifname = host_veth_name(req.container_id, req.ifname)
     prefixlen = net.cfg.cluster_cidr.prefixlen
-    with netlink.route() as ipr, ExitStack() as undo:
+    with net.store_guard.shared(), netlink.route() as ipr, ExitStack() as undo:
         # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
         mac = pod_mac(req.container_id, req.ifname)
         lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac)
@@ -131,16 +172,17 @@ def add(net: PodNetwork, req: Request) -> dict:
 
 
 def delete(net: PodNetwork, req: Request) -> None:
-    lease = net.store.get(req.container_id, req.ifname)
-    host_ifname = lease.host_ifname if lease else host_veth_name(req.container_id, req.ifname)
-    with netlink.route() as ipr:
-        host_index = netlink.link_index(ipr, host_ifname)
-        if lease is not None:
-            with net.datapath_lock:
-                net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
-        # Deleting the host end removes the pod end too, wherever the namespace is.
-        netlink.delete_link(ipr, host_ifname)
-    net.store.release(req.container_id, req.ifname)
+    with net.store_guard.shared():
+        lease = net.store.get(req.container_id, req.ifname)
+        host_ifname = lease.host_ifname if lease else host_veth_name(req.container_id, req.ifname)
+        with netlink.route() as ipr:
+            host_index = netlink.link_index(ipr, host_ifname)
+            if lease is not None:
+                with net.datapath_lock:
+                    net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
+            # Deleting the host end removes the pod end too, wherever the namespace is.
+            netlink.delete_link(ipr, host_ifname)
+        net.store.release(req.container_id, req.ifname)
     if lease is not None:
         log.info("DEL %s/%s %s %s -> freed %s", lease.namespace, lease.pod, req.container_id[:12], req.ifname,
                  lease.ip)
@@ -173,12 +215,13 @@ def check(net: PodNetwork, req: Request) -> None:
 
 def gc(net: PodNetwork, req: Request) -> None:
     """Free every lease (and its link and map entries) not among the runtime's valid attachments."""
-    with netlink.route() as ipr:
-        for lease in net.store.gc(req.valid_attachments or frozenset()):
-            net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
-            netlink.delete_link(ipr, lease.host_ifname)
-            log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
-    remove_orphan_links(net)
+    with net.store_guard.shared():
+        with netlink.route() as ipr:
+            for lease in net.store.gc(req.valid_attachments or frozenset()):
+                net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
+                netlink.delete_link(ipr, lease.host_ifname)
+                log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
+        remove_orphan_links(net)
 
 
 def status(net: PodNetwork, req: Request) -> None:
@@ -188,24 +231,36 @@ def status(net: PodNetwork, req: Request) -> None:
         raise CniError(50, f"address pool {net.store.pod_cidr} is exhausted: no new pod can be added")
 
 
-def remove_orphan_links(net: PodNetwork) -> list[str]:
-    """Host veths no lease accounts for (a store rebuilt without them, a GC killed midway) are deleted."""
+def remove_orphan_links(net: PodNetwork) -> list[Lease]:
+    """Host veths no lease accounts for are deleted (see _delete_orphans); returns the lost leases."""
     with netlink.route() as ipr:
-        links = netlink.host_veths(ipr, HOST_VETH_PREFIX)
+        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
         return _delete_orphans(ipr, links, net.store.leases())
 
 
-def _delete_orphans(ipr: IPRoute, links: dict, leases: list[Lease]) -> list[str]:
-    """Delete the links (name -> anything) that none of the leases names.
+def _delete_orphans(ipr: IPRoute, links: dict, leases: list[Lease]) -> list[Lease]:
+    """Delete the links (name -> link message) that no lease names and no record explains.
 
-    The links must be listed before the leases are read: ADD allocates its lease before it creates
-    its link, so every listed link that belongs to a live ADD already has its lease when we read them.
+    Such a link is what an ADD killed before writing its record, or a GC killed midway, leaves. A
+    link whose record names an address no lease holds is a live pod whose lease the store lost (a
+    lease file deleted): it is kept, and its lease returned for `rebuild_from_host`. The links must
+    be listed before the leases are read: ADD allocates its lease before it creates its link, so
+    every listed link that belongs to a live ADD already has its lease when we read them.
     """
     known = {lease.host_ifname for lease in leases}
-    removed = [name for name in links if name not in known and netlink.delete_link(ipr, name)]
+    taken = {lease.ip for lease in leases}
+    lost, removed = [], []
+    for name, link in links.items():
+        if name in known:
+            continue
+        lease = lease_from_record(name, link.get("IFLA_IFALIAS"))
+        if lease is not None and lease.ip not in taken:
+            lost.append(lease)
+        elif netlink.delete_link(ipr, name):
+            removed.append(name)
     if removed:
         log.warning("removed %d orphan pod links: %s", len(removed), ", ".join(removed))
-    return removed
+    return lost
 
 
 # -- the lease record on the host veth --------------------------------------------------------------
@@ -240,42 +295,52 @@ def lease_from_record(host_ifname: str, record: str | None) -> Lease | None:
 
 
 def rebuild_from_host(net: PodNetwork) -> list[Lease]:
-    """Replace the lease store with the leases the host veths record; returns them.
+    """Make the store hold every lease the host veths record; returns the leases it added.
 
-    A link without a readable record (an ADD killed between creating it and writing the record)
-    gets no lease, so the orphan sweep removes it. Of two records claiming one address (which sknf
-    never writes) the first link by name keeps it and the other becomes an orphan.
+    After CorruptStore the records are all there is; when the store merely lost some leases (a
+    lease file deleted), they are added to what it still holds. Runs with ADD, DEL and GC held
+    off. A link without a readable record gets no lease, and the orphan sweep removes it; a record
+    naming an address or attachment the store (or an earlier link by name) holds is ignored.
     """
-    with netlink.route() as ipr:
-        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
-    leases: dict[ipaddress.IPv4Address, Lease] = {}
-    for name in sorted(links):
-        lease = lease_from_record(name, links[name].get("IFLA_IFALIAS"))
-        if lease is None:
-            continue
-        if lease.ip in leases:
-            log.error("%s and %s both record %s; %s keeps it", leases[lease.ip].host_ifname, name, lease.ip,
-                      leases[lease.ip].host_ifname)
-            continue
-        leases[lease.ip] = lease
-    net.store.rebuild(leases.values())
-    return sorted(leases.values(), key=lambda x: x.ip)
+    with net.store_guard.exclusive():
+        with netlink.route() as ipr:
+            links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+        try:
+            held = net.store.leases()
+        except CorruptStore:
+            held = []
+        by_ip = {lease.ip: lease for lease in held}
+        keys = {lease.key for lease in held}
+        added = []
+        for name in sorted(links):
+            lease = lease_from_record(name, links[name].get("IFLA_IFALIAS"))
+            if lease is None or lease.key in keys:
+                continue
+            if lease.ip in by_ip:
+                log.error("%s records %s, which %s holds; not restoring it", name, lease.ip, by_ip[lease.ip].key)
+                continue
+            by_ip[lease.ip] = lease
+            keys.add(lease.key)
+            added.append(lease)
+        net.store.rebuild(by_ip.values())
+    return sorted(added, key=lambda x: x.ip)
 
 
-def sync_pods(net: PodNetwork, node: NodeOverlay) -> int:
-    """The reconcile of the pods' host side, from one link dump (pyroute2 decodes ~0.3 ms per link):
-    links no lease accounts for are deleted, every leased link is an up port of the bridge, and the
-    datapath gets exactly the leased pods with a live link. Returns how many pods that is.
+def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
+    """The reconcile of the pods' host side, from one link dump (pyroute2 decodes ~0.3 ms per link).
 
-    A bridge deleted and recreated (by hand, by another tool) comes back without ports, and its pods
-    stay cut off until their host ends rejoin it. An ADD in flight may be enslaved here a moment
-    early, which changes nothing: its own step 4 does the same.
+    Links no lease accounts for are deleted, or returned as lost leases when their record says the
+    store lost them (see _delete_orphans); every leased link is an up port of the bridge; the
+    datapath gets exactly the leased pods with a live link. A bridge deleted and recreated (by
+    hand, by another tool) comes back without ports, and its pods stay cut off until their host
+    ends rejoin it. An ADD in flight may be enslaved here a moment early, which changes nothing:
+    its own step 4 does the same.
     """
     rejoined = []
     with net.datapath_lock, netlink.route() as ipr:
         links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
         leases = net.store.leases()  # after the dump, see _delete_orphans
-        _delete_orphans(ipr, links, leases)
+        lost = _delete_orphans(ipr, links, leases)
         live = [lease for lease in leases if lease.host_ifname in links]
         for lease in live:
             link = links[lease.host_ifname]
@@ -288,11 +353,11 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> int:
                     raise
                 continue
             rejoined.append(lease.host_ifname)
-        eps = [endpoint_of(lease, links[lease.host_ifname]["index"]) for lease in live if lease.mac]
-        net.datapath.sync_endpoints(eps)
+        net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"]) for lease in live
+                                     if lease.mac])
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
-    return len(eps)
+    return lost
 
 
 VERBS: dict[str, Callable[[PodNetwork, Request], dict | None]] = {

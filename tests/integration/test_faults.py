@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,6 +185,19 @@ def test_agent_killed_mid_add_leaks_nothing(lab: Lab, make_netns, cleanup: str) 
     assert failures(lab.check(bulk_bytes=1 << 20)) == []
 
 
+def test_a_pod_link_no_lease_accounts_for_is_removed(lab: Lab, make_netns) -> None:
+    """What a GC killed between freeing leases and deleting links leaves; the reconcile sweeps it."""
+    node = lab.state.nodes[0]
+    before = leases(lab, node)
+    orphan = host_veth_name(container_id("orphan"), "eth0")
+    with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+        netlink.create_veth(ipr, orphan, "eth0", make_netns("o"), 1450)
+
+    wait_for("the orphan link is gone", lambda: orphan not in host_links(node))
+    assert leases(lab, node) == before
+    assert host_links(node) == {p.host_ifname for p in pods_of(lab, node)}
+
+
 # -- 2. agent restarts under a running TCP stream -----------------------------------------------------
 
 class Stream:
@@ -293,26 +307,33 @@ def test_hundred_concurrent_adds_and_dels(tmp_path: Path) -> None:
         assert [n for n in pnetns.listnetns() if n.startswith(f"{PREFIX}-c")] == []
 
 
-# -- 4. a corrupt lease store is rebuilt from the host ----------------------------------------------------
+# -- 4. a damaged lease store is rebuilt from the host -----------------------------------------------------
 
-CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
-    "truncated": lambda doc: doc[: len(doc) // 2],
-    "empty": lambda doc: b"",
-    "garbage": lambda doc: b"\x00{]not json" * 7,
-    "another address": lambda doc: json.dumps({**json.loads(doc), "ip": "10.244.1.250"}).encode(),
+def rewrite(transform: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(transform(path.read_bytes()))
+
+
+# What can happen to one pod's lease file (ipam/ips/<address>) or to the whole store.
+CORRUPTIONS: dict[str, Callable[[Path], None]] = {
+    "truncated": rewrite(lambda doc: doc[: len(doc) // 2]),
+    "empty": rewrite(lambda doc: b""),
+    "garbage": rewrite(lambda doc: b"\x00{]not json" * 7),
+    "another address": rewrite(lambda doc: json.dumps({**json.loads(doc), "ip": "10.244.1.250"}).encode()),
+    "lease deleted": Path.unlink,
+    "store deleted": lambda path: shutil.rmtree(path.parent.parent),
 }
 
 
 @pytest.mark.parametrize("while_running", [False, True], ids=["at start", "while running"])
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_store_is_rebuilt_from_the_host(lab: Lab, make_netns, corruption: str, while_running: bool) -> None:
+def test_damaged_store_is_rebuilt_from_the_host(lab: Lab, make_netns, corruption: str, while_running: bool) -> None:
     node = lab.state.nodes[0]
     before = leases(lab, node)
     path = lab.node_dir(node.name) / "state" / "ipam" / "ips" / min(ip for ip, *_ in before.values())
 
     if not while_running:
         lab.stop_agent(node)
-    path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
+    CORRUPTIONS[corruption](path)
     if while_running:
         wait_for("the agent rebuilds the store", lambda: b"rebuilt it from the host" in
                  (lab.node_dir(node.name) / "agent.log").read_bytes())

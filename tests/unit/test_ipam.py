@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,8 +138,9 @@ def test_one_private_file_per_lease_and_nothing_left_over(store: Store) -> None:
     lease_file = ipam / "ips" / "10.244.1.2"
     assert lease_file.stat().st_mode & 0o777 == 0o600
     assert Lease.from_json(json.loads(lease_file.read_text())) == a
-    assert {p.name: os.readlink(p) for p in (ipam / "keys").iterdir()} == {"a@eth0": "10.244.1.2"}
-    assert os.readlink(ipam / "last") == "10.244.1.3"
+    assert [p.name for p in (ipam / "keys").iterdir()] == ["a@eth0"]
+    assert (ipam / "keys" / "a@eth0").stat().st_ino == lease_file.stat().st_ino  # a hard link
+    assert json.loads((ipam / "last").read_text())["ip"] == "10.244.1.3"  # b's, released since
     assert json.loads(store.path.read_text()) == {"version": 2, "pod_cidr": str(NET)}
     assert store.path.stat().st_mode & 0o777 == 0o600
 
@@ -228,7 +228,10 @@ def three_leases(store: Store) -> list[Lease]:
     lambda ipam: (ipam / "ips" / "10.244.1.1").write_text(json.dumps(entry("10.244.1.1", "gw"))),
     lambda ipam: (ipam / "keys" / "b@eth0").unlink(),
     lambda ipam: (ipam / "ips" / "10.244.1.9").write_text(json.dumps(entry("10.244.1.9", "b"))),
-], ids=["empty", "truncated", "garbage", "other-address", "bad-name", "gateway", "key-lost", "dup-key"])
+    lambda ipam: (ipam / "keys" / "b@eth0").unlink() or (ipam / "keys" / "b@eth0").write_text(
+        (ipam / "ips" / "10.244.1.3").read_text()),
+], ids=["empty", "truncated", "garbage", "other-address", "bad-name", "gateway", "key-lost", "dup-key",
+        "key-copied"])
 def test_a_damaged_lease_is_detected_by_the_full_read(store: Store, damage) -> None:
     three_leases(store)
     damage(store.dir)
@@ -247,8 +250,8 @@ def test_a_damaged_lease_fails_the_operations_that_read_it(store: Store) -> None
         with pytest.raises(CorruptStore):
             op("b", "eth0")
     assert store.get("a", "eth0").ip == IPv4Address("10.244.1.2")
-    (store.dir / "last").unlink()
-    os.symlink("garbage", store.dir / "last")
+    (store.dir / "last").unlink()  # a hard link to c's lease: not written through
+    (store.dir / "last").write_text("garbage")
     with pytest.raises(CorruptStore):
         store.allocate("d", "eth0")
 
@@ -283,9 +286,9 @@ def test_an_interrupted_rebuild_is_corrupt_until_rebuilt(store: Store) -> None:
 def test_leftovers_of_a_crash_before_the_commit_are_harmless(store: Store) -> None:
     """Crash after the key (step 1) or the temp file (step 2): neither is a lease; both are tidied."""
     three_leases(store)
-    os.symlink("10.244.1.5", store.dir / "keys" / "d@eth0")  # dangling: .5 was never linked
-    os.symlink("10.244.1.2", store.dir / "keys" / "e@eth0")  # stale: .2 is a's
     (store.dir / "ips" / ".new-dead").write_text(json.dumps(entry("10.244.1.5", "d")))
+    os.link(store.dir / "ips" / ".new-dead", store.dir / "keys" / "d@eth0")  # .5 was never linked
+    (store.dir / "keys" / "e@eth0").write_text(json.dumps(entry("10.244.1.2", "e")))  # .2 is a's
     assert store.get("d", "eth0") is None and store.get("e", "eth0") is None
     assert store.release("e", "eth0") is None
     assert store.get("a", "eth0").ip == IPv4Address("10.244.1.2")
@@ -298,10 +301,11 @@ def test_leftovers_of_a_crash_before_the_commit_are_harmless(store: Store) -> No
 def test_a_release_interrupted_after_its_commit_is_complete(store: Store) -> None:
     """Crash between unlinking the lease and its key: the key is stale, even once the address is reused."""
     three_leases(store)
+    b = (store.dir / "keys" / "b@eth0").read_bytes()
     (store.dir / "ips" / "10.244.1.3").unlink()
     assert store.get("b", "eth0") is None and store.release("b", "eth0") is None
     store.rebuild([*store.leases(), Lease(IPv4Address("10.244.1.3"), "z", "eth0")])  # reused by z
-    os.symlink("10.244.1.3", store.dir / "keys" / "b@eth0")
+    (store.dir / "keys" / "b@eth0").write_bytes(b)
     assert store.get("b", "eth0") is None and store.release("b", "eth0") is None
     assert store.get("z", "eth0").ip == IPv4Address("10.244.1.3")
 
@@ -311,7 +315,7 @@ def test_a_release_interrupted_after_its_commit_is_complete(store: Store) -> Non
 # readable and hold the state before or after the operation, and the runtime's retry must converge.
 
 CRASHED = 17
-FS_CALLS = ("open", "symlink", "link", "unlink", "fsync", "replace", "rename", "mkdir")
+FS_CALLS = ("open", "link", "unlink", "fsync", "replace", "rename", "mkdir")
 
 
 def killed_at(n: int, op) -> bool:
@@ -345,7 +349,7 @@ def crash_sweep(tmp_path: Path, prepare, op, check) -> int:
     prepare(Store(template, NET))
     for n in itertools.count():
         run = tmp_path / f"run{n}"
-        shutil.copytree(template, run, symlinks=True)
+        subprocess.run(["cp", "-a", template, run], check=True)  # keeps the hard links (copytree does not)
         died = killed_at(n, lambda run=run: op(Store(run, NET)))
         check(Store(run, NET), died)
         if not died:
