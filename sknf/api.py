@@ -1,9 +1,9 @@
 """The agent's root-only unix socket: one JSON request in, one reply out, per connection.
 
-Request: the client sends one JSON object and shuts down its write side. It names an "op": "cni"
-requests are the plugin's {"op": "cni", "env": {CNI_* variables}, "config": <netconf>} (the plugin
-writes the netconf in as the runtime sent it) and are validated by sknf.cni before the handler
-sees a `Request`; any other op's handler (e.g. {"op": "stats"}) gets the decoded request.
+Request: the client sends one JSON object naming an "op" and shuts down its write side. The
+plugin's is {"op": "cni", "env": {CNI_* variables}, "config": <netconf>} (it writes the netconf in
+as the runtime sent it), validated by sknf.cni before the handler sees a `Request`; any other op's
+handler (e.g. {"op": "stats"}) gets the decoded request.
 
 Reply: one ASCII digit, the plugin's exit status, then exactly what the plugin prints: after "0"
 nothing (a null result) or the result as JSON, after "1" a CNI error object. So the plugin copies

@@ -19,13 +19,13 @@ The agents are stopped while measuring (programs, maps and pins stay, as after a
 because a running agent's reconcile would put back within seconds what the switch removes. They are
 restarted before the lab is torn down. The switch re-attaches the agent's own pinned programs.
 
-Each round measures every path: iperf3 (one TCP stream, the receiver's rate) and then sockperf
-(UDP ping-pong, RTT p50), client and server pinned to one CPU. The order of the four groups
-(limits, bridge, counting, fast path) rotates between rounds. Other work on the machine moves one-stream
-throughput by tens of percent within a minute, so rounds are short and many, and each ratio pairs
-figures from the same round: printed is the median of the per-round ratios and their range; absolute
-figures are medians of rounds. This is a benchmark, not a test: it prints PASS/MISS per target and
-exits 0 whatever they say.
+Each round measures throughput (iperf3, one TCP stream, the receiver's rate), then RTT (sockperf UDP
+ping-pong, p50), client and server pinned to one CPU: first the four same-node paths back to back
+(limit, bridge, counting, fast path, in an order that rotates between rounds), then the four cross-node
+ones. Other work on the machine moves one-stream throughput by tens of percent within a minute, so
+tests are short and rounds many, and each ratio pairs figures taken seconds apart in the same round:
+printed are the median of the per-round ratios and their range; absolute figures are medians of rounds.
+This is a benchmark, not a test: it prints PASS/MISS per target and exits 0 whatever they say.
 """
 
 from __future__ import annotations
