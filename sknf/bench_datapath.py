@@ -415,7 +415,7 @@ def report(pairs: list[Pair], res: Results, facts: list[str], mtus: tuple[int, i
         per_round = paired(samples, t.path, t.reference, t.metric)
         ratio = statistics.median(per_round)
         want = f"{'>=' if t.metric == 'gbit' else '<='} {t.bound:.2f}"
-        print(f"{t.label:<54} {ratio:>6.2f} {f'{min(per_round):.2f}-{max(per_round):.2f}':>10} {want:>7}  "
+        print(f"{t.label:<54} {ratio:>6.3f} {f'{min(per_round):.2f}-{max(per_round):.2f}':>10} {want:>7}  "
               f"{'PASS' if t.met(ratio) else 'MISS'}")
 
 

@@ -16,6 +16,7 @@ measured/target ratios (below 1 is within target); medians of several rounds.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import ipaddress
 import os
@@ -34,7 +35,7 @@ from pyroute2 import netns as pnetns
 
 from sknf import api, netlink, nsutil, stats
 from sknf.config import HOST_VETH_PREFIX, Config
-from sknf.datapath import Datapath, Endpoint
+from sknf.datapath import Datapath, Endpoint, bpfmaps
 from sknf.datapath.kernel import KernelDatapath
 from sknf.ipam import Lease, Store
 from sknf.metrics import PROMETHEUS_ACCEPT, Metrics, Snapshot, take_snapshot
@@ -106,14 +107,14 @@ def _bpf_datapath(ns: str, cfg: Config, leases: list[Lease]) -> Datapath:
             dp.attach_pod(Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname,
                                    host_ifindex=index[lease.host_ifname], container_id=lease.container_id,
                                    ifname=lease.ifname, namespace=lease.namespace, pod=lease.pod))
-    table = dp.bpf["pod_counters"]
+    cpus = bpfmaps.possible_cpus()
     for i, lease in enumerate(leases):
-        leaf = table.Leaf()
-        for cpu in range(table.total_cpu):
+        leaf = (bpfmaps.CounterValues * cpus)()
+        for cpu in range(cpus):
             leaf[cpu].rx_packets, leaf[cpu].rx_bytes = i + 1, 1500 * (i + 1)
             leaf[cpu].tx_packets, leaf[cpu].tx_bytes = i + 2, 1500 * (i + 2)
             leaf[cpu].fast_packets, leaf[cpu].kernel_packets = 2 * i + 2, 1
-        table[table.Key(index[lease.host_ifname])] = leaf
+        bpfmaps.update(dp.maps["pod_counters"], ctypes.c_uint32(index[lease.host_ifname]), leaf)
     return dp
 
 

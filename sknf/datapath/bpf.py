@@ -1,51 +1,50 @@
-"""The eBPF datapath: BCC-compiled tc programs that fast-path pod traffic and count it per pod.
+"""The eBPF datapath: tc programs that fast-path pod traffic and count it per pod.
 
 Why it works this way:
-- Compiled once per agent start (BCC, ~0.7 s), all of bpf/ as ONE text: BCC rewrites map operations
-  (`endpoints.lookup(...)`) only in its main file, not in included headers, so the headers and the
-  per-attach-point files are concatenated in dependency order. `#line` markers keep compiler and
-  verifier messages pointing at the real file and line; each file still compiles on its own.
-- Maps are pinned under cfg.bpf_pin_dir and the programs stay attached when the agent exits (tc
-  holds them), so a restart neither stops forwarding nor loses counters: the next agent compiles
-  again, BCC reopens the pinned maps, and every filter is replaced in place by the new program.
+- The programs are compiled (BCC, ~1 s) and pinned under cfg.bpf_pin_dir by a short-lived child
+  process (sknf.datapath.bpfload), so libbcc and LLVM never enter the agent's memory. The agent
+  opens the pins: map entries through libbpf (bpfmaps), programs attached to tc by fd.
+- Maps are pinned and the programs stay attached when the agent exits (tc holds them), so a restart
+  neither stops forwarding nor loses counters. A restart with unchanged sources reuses the pinned
+  programs without compiling; changed sources are compiled again (over the same pinned maps) and
+  every filter is replaced in place by the new program.
 - Runtime settings (CIDRs, gateway MAC, vxsknf's ifindex) go into the `config` map; the only -D
   flags are the pin directory and the learned-flow map's size (nf_conntrack_max).
 - The agent keeps no state of its own: endpoints, counters and learned flows live in the pinned
   maps, and interface names come from the kernel when counters are read.
-- bcc is imported only here, inside BpfDatapath (it costs ~0.3 s), never by the kernel datapath.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
 import ipaddress
 import logging
 import os
 import socket
+import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+import sknf
 from sknf import netlink
 from sknf.config import Config
-from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfmaps, flows, pins, tc
+from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, flows, pins, tc
 from sknf.datapath.kernel import BR_NETFILTER, host_veth_stats, remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-# Dependency order: each file after everything it includes.
-UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h",
-         "from_pod.c", "to_pod.c", "overlay.c")
 POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's host veth
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
-PROGRAMS = (*POD_PROGRAMS, *OVERLAY_PROGRAMS)
+PROGRAMS = bpfload.PROGRAMS  # what the loader pins: these four
+# {map: (key type, value type)}: checked against each pinned map once, when the agent opens it.
+MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
+               "endpoints": (ctypes.c_uint32, bpfmaps.EndpointInfo),
+               "pod_counters": (ctypes.c_uint32, bpfmaps.CounterValues),
+               "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState)}
 DEFAULT_MAX_FLOWS = 262144
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 
@@ -62,25 +61,36 @@ class BpfDatapath:
         self.pin_dir = cfg.bpf_pin_dir
         self.sweep_interval = cfg.reconcile_interval
         ensure_bpffs(self.pin_dir)
-        self.bpf, fds = _load(bpf_dir, self.pin_dir, _max_flows())
-        self.fds: dict[str, int] = fds
-        _probe_tc(fds["from_pod"])
-        for name, fd in fds.items():
-            _pin(fd, self.pin_dir / f"prog_{name}")
+        max_flows = _max_flows()
+        try:
+            if not bpfload.pins_current(bpf_dir, self.pin_dir, max_flows):
+                _run_loader(bpf_dir, self.pin_dir, max_flows)
+        except bpfload.LoadFailed as e:
+            raise BpfUnavailable(str(e)) from None
+        self.fds: dict[str, int] = {}  # programs
+        self.maps: dict[str, int] = {}
+        try:
+            for name in PROGRAMS:
+                self.fds[name] = bpfmaps.open_pinned(self.pin_dir / f"prog_{name}")
+            for name, (key_type, value_type) in MAP_LAYOUTS.items():
+                self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
+                bpfmaps.check_layout(self.maps[name], key_type, value_type)
+            _probe_tc(self.fds["from_pod"])
+        except (OSError, bpfmaps.LayoutMismatch, BpfUnavailable) as e:
+            self._close_fds()
+            raise BpfUnavailable(str(e)) from None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
         netlink.sysctl(BR_NETFILTER, 1)  # the kernel path's Service NAT must see bridged frames
-        table = self.bpf[b"config"]
-        leaf = table.Leaf()
         cluster, pods = ipaddress.IPv4Network(node.cluster_cidr), ipaddress.IPv4Network(node.pod_cidr)
-        leaf.cluster_net, leaf.cluster_mask = _be32(cluster.network_address), _be32(cluster.netmask)
-        leaf.pod_net, leaf.pod_mask = _be32(pods.network_address), _be32(pods.netmask)
-        leaf.vxlan_ifindex = node.vxlan_ifindex
+        leaf = bpfmaps.Config(cluster_net=_be32(cluster.network_address), cluster_mask=_be32(cluster.netmask),
+                              pod_net=_be32(pods.network_address), pod_mask=_be32(pods.netmask),
+                              vxlan_ifindex=node.vxlan_ifindex)
         leaf.gateway_mac[:] = _mac(node.gateway_mac)
-        table[table.Key(0)] = leaf
+        bpfmaps.update(self.maps["config"], ctypes.c_uint32(0), leaf)
         with netlink.route() as ipr:
             for name, hook in OVERLAY_PROGRAMS.items():
                 tc.attach(ipr, node.vxlan_ifindex, hook, self.fds[name], f"sknf_{name}")
@@ -94,44 +104,38 @@ class BpfDatapath:
         with netlink.route() as ipr:
             for name, hook in POD_PROGRAMS.items():
                 tc.attach(ipr, ep.host_ifindex, hook, self.fds[name], f"sknf_{name}")
-        table = self.bpf[b"endpoints"]
-        leaf = table.Leaf()
-        leaf.ifindex = ep.host_ifindex
+        leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex)
         leaf.mac[:] = _mac(ep.mac)
-        table[table.Key(_be32(ep.ip))] = leaf
+        bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
 
     def detach_pod(self, ep: Endpoint) -> None:
         """Endpoint entry first (no new fast-path deliveries), then the pod's own hooks, then its counters:
         in this order no frame in flight can re-create the counters of a pod that is gone."""
-        endpoints = self.bpf[b"endpoints"]
-        key = endpoints.Key(_be32(ep.ip))
+        key = ctypes.c_uint32(_be32(ep.ip))
         ifindex = ep.host_ifindex
-        with contextlib.suppress(KeyError):
-            entry = endpoints[key]
-            if ifindex in (0, entry.ifindex):  # leave a newer pod that reuses the address alone
-                ifindex = entry.ifindex
-                _delete(endpoints, key)
+        entry = bpfmaps.lookup(self.maps["endpoints"], key, bpfmaps.EndpointInfo)
+        if entry is not None and ifindex in (0, entry.ifindex):  # leave a newer pod reusing the address alone
+            ifindex = entry.ifindex
+            bpfmaps.delete(self.maps["endpoints"], key)
         if ifindex:
             with netlink.route() as ipr:
                 tc.detach(ipr, ifindex)
-            _delete(self.bpf[b"pod_counters"], self.bpf[b"pod_counters"].Key(ifindex))
+            bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(ifindex))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         for ep in eps:
             self.attach_pod(ep)
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps}
-        endpoints = self.bpf[b"endpoints"]
-        for key, entry in list(endpoints.items()):
-            if wanted.get(key.value) != entry.ifindex:
-                _delete(endpoints, key)
+        for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
+            if wanted.get(key) != entry.ifindex:
+                bpfmaps.delete(self.maps["endpoints"], ctypes.c_uint32(key))
         live = set(wanted.values())
-        counters = self.bpf[b"pod_counters"]
-        for key in list(counters.keys()):
-            if key.value not in live:
-                _delete(counters, key)
+        for key, _ in bpfmaps.read_map(self.maps["pod_counters"], ctypes.c_uint32, bpfmaps.CounterValues):
+            if key not in live:
+                bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(key))
 
     def read_counters(self) -> dict[str, PodCounters]:
-        return _pod_counters(self.bpf[b"endpoints"].map_fd, self.bpf[b"pod_counters"].map_fd)
+        return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"])
 
     def cleanup(self) -> None:
         self.close()
@@ -144,11 +148,16 @@ class BpfDatapath:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join()
-        self.bpf.cleanup()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (*self.fds.values(), *self.maps.values()):
+            os.close(fd)
+        self.fds, self.maps = {}, {}
 
     def learned_flows(self) -> dict[flows.FlowTuple, bool]:
         """{tuple: exempt} of the kernel_flows map."""
-        return {_flow_tuple(k): bool(v.exempt) for k, v in self.bpf[b"kernel_flows"].items()}
+        return {_flow_tuple(k): bool(v.exempt) for k, v in self._flow_entries()}
 
     def sweep_flows(self) -> tuple[int, int]:
         """One sweep of the learned-flow map against conntrack; returns (marked exempt, deleted).
@@ -156,8 +165,8 @@ class BpfDatapath:
         The map is read before conntrack: an entry is learned only after its conntrack entry
         exists, so a fresh flow can never look dead.
         """
-        table = self.bpf[b"kernel_flows"]
-        snapshot = table.items()
+        fd = self.maps["kernel_flows"]
+        snapshot = self._flow_entries()
         keys = {_flow_tuple(k): k for k, _ in snapshot}
         learned = {_flow_tuple(k): bool(v.exempt) for k, v in snapshot}
         alive = flows.read_conntrack()
@@ -165,14 +174,17 @@ class BpfDatapath:
             return 0, 0
         plan = flows.plan_sweep(learned, alive)
         for t, exempt in [(t, 1) for t in plan.mark] + [(t, 0) for t in plan.unmark]:
-            table[keys[t]] = table.Leaf(exempt)
+            bpfmaps.update(fd, keys[t], bpfmaps.FlowState(exempt))
         for t in plan.delete:
-            with contextlib.suppress(KeyError):
-                if table[keys[t]].exempt:  # not re-learned while conntrack was being read
-                    _delete(table, keys[t])
+            state = bpfmaps.lookup(fd, keys[t], bpfmaps.FlowState)
+            if state is not None and state.exempt:  # not re-learned while conntrack was being read
+                bpfmaps.delete(fd, keys[t])
         if plan.mark or plan.delete:
             log.debug("learned flows: %d marked exempt, %d deleted", len(plan.mark), len(plan.delete))
         return len(plan.mark), len(plan.delete)
+
+    def _flow_entries(self) -> list[tuple[bpfmaps.FlowKey, bpfmaps.FlowState]]:
+        return bpfmaps.read_map(self.maps["kernel_flows"], bpfmaps.FlowKey, bpfmaps.FlowState)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.sweep_interval):
@@ -210,59 +222,19 @@ def _pod_counters(endpoints_fd: int, counters_fd: int) -> dict[str, PodCounters]
     return out
 
 
-def _load(bpf_dir: Path, pin_dir: Path, max_flows: int):
-    """Compile, then load the programs; returns (the BCC object, {program: fd}) or raises BpfUnavailable."""
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        raise BpfUnavailable(f"no BCC Python module ({e}); install python3-bpfcc") from None
-    try:
-        text = "".join(f'#line 1 "{bpf_dir / unit}"\n{(bpf_dir / unit).read_text()}' for unit in UNITS)
-    except OSError as e:
-        raise BpfUnavailable(f"BPF sources: {e.filename}: {e.strerror}") from None
-    cflags = [f"-I{bpf_dir}", f"-I{bpf_dir / 'lib'}", f'-DSKNF_PIN_DIR="{pin_dir}"',
-              f"-DSKNF_MAX_FLOWS={max_flows}"]
-    failure = None
-    with _stderr_captured() as output:
-        try:
-            bpf = BPF(text=text.encode(), cflags=cflags)
-            fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in PROGRAMS}
-        except Exception as e:  # BCC raises bare Exception for compile and verifier failures
-            failure = e
-    if failure is not None:
-        detail = _diagnostic(output[0])
-        raise BpfUnavailable(f"{failure}{': ' + detail if detail else ''}")
-    return bpf, fds
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """Collect what clang and the verifier print on fd 2 (BCC writes there, not through Python)."""
-    output: list[str] = []
-    with tempfile.TemporaryFile(mode="w+") as sink:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield output
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            output.append(sink.read())
-
-
-def _diagnostic(text: str) -> str:
-    """The line that explains a failure: clang's first error, else the verifier's last complaint."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    log.debug("BCC output:\n%s", "\n".join(lines))
-    errors = [line for line in lines if "error:" in line]
-    if errors:
-        return errors[0]
-    for i, line in enumerate(lines):
-        if line.startswith("processed ") and i > 0:
-            return lines[i - 1]
-    return lines[-1] if lines else ""
+def _run_loader(bpf_dir: Path, pin_dir: Path, max_flows: int) -> None:
+    """Compile, load and pin the programs in a child process (see bpfload); BpfUnavailable with its reason."""
+    root = str(Path(sknf.__file__).resolve().parents[1])  # the child imports this very sknf
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "sknf.datapath.bpfload", str(bpf_dir), str(pin_dir),
+                           str(max_flows)], capture_output=True, text=True, env=env, check=False)
+    if done.stderr.strip():
+        log.debug("BPF loader output:\n%s", done.stderr.strip())
+    if done.returncode == bpfload.FAILED:
+        raise BpfUnavailable(done.stdout.strip())
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise BpfUnavailable(f"BPF loader failed: {tail[0]}")
 
 
 def _probe_tc(fd: int) -> None:
@@ -276,15 +248,6 @@ def _probe_tc(fd: int) -> None:
             raise BpfUnavailable(f"cannot attach a tc program (clsact qdisc, cls_bpf): {os.strerror(e.code)}") from None
         finally:
             netlink.delete_link(ipr, PROBE_LINK)
-
-
-def _pin(fd: int, path: Path) -> None:
-    from bcc import libbcc
-
-    path.unlink(missing_ok=True)
-    if libbcc.lib.bpf_obj_pin(fd, str(path).encode()) != 0:
-        err = ctypes.get_errno()
-        raise BpfUnavailable(f"cannot pin {path}: {os.strerror(err) if err else 'failed'}")
 
 
 def ensure_bpffs(pin_dir: Path) -> None:
@@ -325,14 +288,3 @@ def _mac(text: str) -> bytes:
 
 def _flow_tuple(key) -> flows.FlowTuple:
     return _ip(key.saddr), _ip(key.daddr), _port(key.sport), _port(key.dport), key.proto
-
-
-def _delete(table, key) -> None:
-    """Delete a map entry that may already be gone (a racing packet, sweep or DEL)."""
-    try:
-        del table[key]
-    except KeyError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise

@@ -1,9 +1,10 @@
-"""Reading sknf's BPF maps through libbpf and ctypes, without BCC and without compiling anything.
+"""sknf's BPF maps through libbpf and ctypes, without BCC and without compiling anything.
 
 Why not BCC's tables: they cost one lookup syscall and a few Python objects per entry (50 ms for a
 scrape of 2,000 pods), and reading a node whose agent is down would mean compiling all of bpf/ just
 to learn the map layouts (~0.5 s per `sknf stats`). Here every map is read in a few batch syscalls,
-from an agent's open fds or from the pins alone.
+from an agent's open fds or from the pins alone. The agent writes entries here too: it never loads
+BCC (see bpfload), so the pins are all it has.
 
 The structs below mirror bpf/lib/common.h by hand. Each read checks the map's key and value sizes
 against them (a changed struct fails loudly instead of being misread), and tests/bpf/test_maps.py
@@ -32,6 +33,27 @@ class EndpointInfo(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
+class Config(ctypes.Structure):
+    """struct sknf_config: the one-slot config map's value (key: 0); addresses in network order."""
+
+    _fields_ = [("cluster_net", ctypes.c_uint32), ("cluster_mask", ctypes.c_uint32), ("pod_net", ctypes.c_uint32),
+                ("pod_mask", ctypes.c_uint32), ("vxlan_ifindex", ctypes.c_uint32),
+                ("gateway_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
+class FlowKey(ctypes.Structure):
+    """struct flow_key: the kernel_flows map's key; addresses and ports in network order."""
+
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowState(ctypes.Structure):
+    """struct flow_state: the kernel_flows map's value."""
+
+    _fields_ = [("exempt", ctypes.c_uint32)]
+
+
 class CounterValues(ctypes.Structure):
     """struct pod_counters: one CPU's share of a pod_counters entry (key: the host veth's ifindex)."""
 
@@ -54,6 +76,9 @@ def _libbpf() -> ctypes.CDLL:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)  # python3-bpfcc depends on it
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
     return lib
@@ -64,12 +89,19 @@ def _oserror(what: str, filename: str | None = None) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}", filename)
 
 
+def open_pinned(path: Path) -> int:
+    """An fd of the map or program pinned at path (the caller closes it); FileNotFoundError when nothing
+    is pinned there."""
+    fd = _libbpf().bpf_obj_get(str(path).encode())
+    if fd < 0:
+        raise _oserror("cannot open pinned object", str(path))
+    return fd
+
+
 @contextlib.contextmanager
 def pinned(path: Path) -> Iterator[int]:
     """An fd of the map pinned at path, closed on exit; FileNotFoundError when nothing is pinned there."""
-    fd = _libbpf().bpf_obj_get(str(path).encode())
-    if fd < 0:
-        raise _oserror("cannot open pinned map", str(path))
+    fd = open_pinned(path)
     try:
         yield fd
     finally:
@@ -82,16 +114,9 @@ def read_map(fd: int, key_type: Any, value_type: Any) -> list[tuple[Any, Any]]:
     Integer keys come back as ints, struct values as ctypes objects.
     """
     lib = _libbpf()
-    info, size = _MapInfo(), ctypes.c_uint32(ctypes.sizeof(_MapInfo))
-    if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
-        raise _oserror("cannot read map info")
-    if (info.key_size, info.value_size) != (ctypes.sizeof(key_type), ctypes.sizeof(value_type)):
-        raise LayoutMismatch(f"BPF map {info.id} holds {info.key_size}-byte keys and {info.value_size}-byte "
-                             f"values, sknf reads {ctypes.sizeof(key_type)} and {ctypes.sizeof(value_type)}")
+    info = check_layout(fd, key_type, value_type)
     if info.type in PERCPU_TYPES:
-        if ctypes.sizeof(value_type) % 8:
-            raise LayoutMismatch("per-CPU values must be a multiple of 8 bytes (the kernel pads them)")
-        value_type = value_type * lib.libbpf_num_possible_cpus()
+        value_type = value_type * possible_cpus()
     entries: list[tuple[Any, Any]] = []
     token, next_token, count = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
     start = None  # no token: from the first bucket
@@ -108,6 +133,49 @@ def read_map(fd: int, key_type: Any, value_type: Any) -> list[tuple[Any, Any]]:
             return entries
         token.value = next_token.value
         start = ctypes.byref(token)
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map entry holds (possible CPUs, not just online ones)."""
+    return _libbpf().libbpf_num_possible_cpus()
+
+
+def check_layout(fd: int, key_type: Any, value_type: Any) -> _MapInfo:
+    """The map's info; LayoutMismatch unless its keys and values are the size of these types."""
+    info, size = _MapInfo(), ctypes.c_uint32(ctypes.sizeof(_MapInfo))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
+        raise _oserror("cannot read map info")
+    if (info.key_size, info.value_size) != (ctypes.sizeof(key_type), ctypes.sizeof(value_type)):
+        raise LayoutMismatch(f"BPF map {info.id} holds {info.key_size}-byte keys and {info.value_size}-byte "
+                             f"values, sknf reads {ctypes.sizeof(key_type)} and {ctypes.sizeof(value_type)}")
+    if info.type in PERCPU_TYPES and ctypes.sizeof(value_type) % 8:
+        raise LayoutMismatch("per-CPU values must be a multiple of 8 bytes (the kernel pads them)")
+    return info
+
+
+def lookup(fd: int, key: Any, value_type: Any) -> Any:
+    """The value under key (a ctypes object) in a map that is not per-CPU, or None."""
+    value = value_type()
+    if _libbpf().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) < 0:
+        if ctypes.get_errno() == errno.ENOENT:
+            return None
+        raise _oserror("cannot look up a BPF map entry")
+    return value
+
+
+def update(fd: int, key: Any, value: Any) -> None:
+    """Create or overwrite one entry (key and value are ctypes objects of the map's layout)."""
+    if _libbpf().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0) < 0:
+        raise _oserror("cannot write a BPF map entry")
+
+
+def delete(fd: int, key: Any) -> bool:
+    """Remove one entry; False if it was already gone (a racing packet, sweep or DEL)."""
+    if _libbpf().bpf_map_delete_elem(fd, ctypes.byref(key)) < 0:
+        if ctypes.get_errno() == errno.ENOENT:
+            return False
+        raise _oserror("cannot delete a BPF map entry")
+    return True
 
 
 def sum_cpus(per_cpu: Any) -> dict[str, int]:

@@ -16,7 +16,8 @@ from topo import Cluster, Node, Snapshot, counters, tcp_bulk, tcp_who, udp_excha
 
 from sknf import netlink
 from sknf.datapath import tc as tcmod
-from sknf.datapath.bpf import BPF_DIR, UNITS, BpfDatapath, BpfUnavailable
+from sknf.datapath.bpf import BPF_DIR, BpfDatapath, BpfUnavailable
+from sknf.datapath.bpfload import UNITS
 from sknf.datapath.select import choose
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]

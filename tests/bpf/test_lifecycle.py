@@ -3,19 +3,26 @@ learned Service flows are forgotten only once conntrack has forgotten them."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SERVICES, SVC_UDP
 from pyroute2 import Conntrack
 from topo import Cluster, Node, Pod, Snapshot, Stream, counters, tcp_bulk, udp_exchange
 
-from sknf import netlink
-from sknf.datapath import Endpoint
+from sknf import netlink, nsutil
+from sknf.datapath import Endpoint, bpfmaps
 from sknf.datapath import tc as tcmod
-from sknf.datapath.bpf import BpfDatapath, _be32, read_pinned_counters
+from sknf.datapath.bpf import BPF_DIR, PROGRAMS, BpfDatapath, _be32, read_pinned_counters
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
 
@@ -31,12 +38,12 @@ def bpf(serving: Cluster) -> Cluster:
 
 def endpoint_ips(node: Node) -> dict[str, int]:
     """{pod IP: host ifindex} as the endpoints map holds them."""
-    table = node.datapath.bpf[b"endpoints"]
-    return {socket.inet_ntoa(k.value.to_bytes(4, "little")): v.ifindex for k, v in table.items()}
+    entries = bpfmaps.read_map(node.datapath.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
+    return {socket.inet_ntoa(k.to_bytes(4, sys.byteorder)): v.ifindex for k, v in entries}
 
 
 def counter_keys(node: Node) -> set[int]:
-    return {k.value for k in node.datapath.bpf[b"pod_counters"]}
+    return {k for k, _ in bpfmaps.read_map(node.datapath.maps["pod_counters"], ctypes.c_uint32, bpfmaps.CounterValues)}
 
 
 def filters(node: Node, ifindex: int) -> set[str]:
@@ -87,10 +94,8 @@ def test_detach_after_the_link_is_gone(bpf: Cluster) -> None:
 
 def test_sync_removes_stale_entries(bpf: Cluster) -> None:
     node, a, b = bpf.nodes[0], bpf.pod(1, 1), bpf.pod(1, 2)
-    table = node.datapath.bpf[b"endpoints"]
-    stale = table.Leaf()
-    stale.ifindex = 4242
-    table[table.Key(_be32("10.244.1.99"))] = stale
+    bpfmaps.update(node.datapath.maps["endpoints"], ctypes.c_uint32(_be32("10.244.1.99")),
+                   bpfmaps.EndpointInfo(ifindex=4242))
     node.call(node.datapath.sync_endpoints, [a.endpoint])
     assert endpoint_ips(node) == {a.ip: a.host_ifindex}
     assert b.host_ifindex not in counter_keys(node)
@@ -119,6 +124,54 @@ def test_restart_keeps_forwarding_and_counters(bpf: Cluster) -> None:
     assert cross.finish()[1] == cross.sent and local.finish()[1] == local.sent
     assert counters(bpf, a).fast_packets > after.fast_packets  # the new programs fast-path too
     snap.assert_exact()  # nothing lost or counted twice across the restart
+
+
+def attached_programs(node: Node, ifname: str) -> dict[str, int]:
+    """{filter name: program id} of the sknf filters on a link of the node (bpftool reads the kernel's view)."""
+    out = subprocess.run(["bpftool", "-j", "net", "show", "dev", ifname], capture_output=True, text=True,
+                         check=True, preexec_fn=nsutil.preexec_enter(node.netns)).stdout
+    return {f["name"]: f["id"] for dev in json.loads(out) for f in dev.get("tc", [])
+            if f["name"].startswith("sknf_")}
+
+
+def pinned_programs(node: Node) -> dict[str, int]:
+    """{program: id} of the programs pinned under the node's pin dir."""
+    ids = {}
+    for name in PROGRAMS:
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(node.cfg.bpf_pin_dir / f"prog_{name}")],
+                             capture_output=True, text=True, check=True).stdout
+        ids[name] = json.loads(out)["id"]
+    return ids
+
+
+def test_restart_reuses_pins_or_replaces_changed_programs(bpf: Cluster, tmp_path: Path) -> None:
+    """Unchanged sources: the pinned programs are attached again, nothing is compiled. Changed sources: the
+    loader compiles them, and every filter swaps to the new program under live traffic."""
+    node, a, r = bpf.nodes[0], bpf.pod(1, 1), bpf.pod(2, 1)
+    first = pinned_programs(node)
+    assert attached_programs(node, a.host_ifname) == {"sknf_from_pod": first["from_pod"],
+                                                      "sknf_to_pod": first["to_pod"]}
+    node.stop()
+    node.start(BpfDatapath)
+    assert pinned_programs(node) == first
+    changed = tmp_path / "bpf"
+    shutil.copytree(BPF_DIR, changed)
+    with (changed / "overlay.c").open("a") as f:
+        f.write("/* a changed source: a new digest */\n")
+    snap = Snapshot(bpf, a, r)
+    stream = Stream(a, r)
+    stream.wait_sent(4 * MiB)
+    node.stop()
+    node.start(functools.partial(BpfDatapath, bpf_dir=changed))
+    second = pinned_programs(node)
+    assert set(second.values()).isdisjoint(first.values())
+    assert attached_programs(node, a.host_ifname) == {"sknf_from_pod": second["from_pod"],
+                                                      "sknf_to_pod": second["to_pod"]}
+    assert attached_programs(node, "vxsknf") == {"sknf_from_overlay": second["from_overlay"],
+                                                 "sknf_to_overlay": second["to_overlay"]}
+    stream.wait_sent(stream.sent + 4 * MiB)
+    assert stream.finish()[1] == stream.sent
+    snap.assert_exact()  # nothing lost or counted twice across the swap
 
 
 def _ct_flush(pod_ip: str) -> int:

@@ -1,18 +1,21 @@
-"""sknf.datapath.bpfmaps reads the maps as BCC writes them: its hand-mirrored structs match the ctypes BCC
-generates from bpf/lib/common.h, and both the agent's read and the pins-only read (`sknf stats` with the
-agent down) give BCC's own per-CPU values, summed."""
+"""sknf.datapath.bpfmaps reads and writes the maps as BCC lays them out: its hand-mirrored structs match the
+ctypes BCC generates from bpf/lib/common.h, and both the agent's read and the pins-only read (`sknf stats`
+with the agent down) give BCC's own per-CPU values, summed. BCC runs here, in the test, over the node's
+pinned maps: the datapath itself never loads it."""
 
 from __future__ import annotations
 
 import ctypes
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from topo import Cluster, Node
 
-from sknf.datapath import PodCounters, bpfmaps
-from sknf.datapath.bpf import BpfDatapath, read_pinned_counters
+from sknf.datapath import PodCounters, bpfload, bpfmaps
+from sknf.datapath.bpf import BPF_DIR, BpfDatapath, _max_flows, read_pinned_counters
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -30,21 +33,44 @@ def node(tmp_path: Path) -> Iterator[Node]:
         cluster.down()
 
 
+@pytest.fixture
+def bcc(node: Node) -> Iterator:
+    """BCC's view of the node's pinned maps (the same sources compiled again, maps reopened by pin)."""
+    bpf = bpfload.compile_bpf(BPF_DIR, node.cfg.bpf_pin_dir, _max_flows())
+    try:
+        yield bpf
+    finally:
+        bpf.cleanup()
+
+
 def layout(struct: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
     fields = [(name, getattr(struct, name).offset, getattr(struct, name).size) for name, *_ in struct._fields_]
     return ctypes.sizeof(struct), fields
 
 
-def test_structs_mirror_what_bcc_generates(node: Node) -> None:
-    bpf = node.datapath.bpf
-    assert layout(bpfmaps.EndpointInfo) == layout(bpf[b"endpoints"].Leaf)
-    assert layout(bpfmaps.CounterValues) == layout(bpf[b"pod_counters"].sLeaf)  # one CPU's share
+def test_structs_mirror_what_bcc_generates(node: Node, bcc) -> None:
+    assert layout(bpfmaps.EndpointInfo) == layout(bcc[b"endpoints"].Leaf)
+    assert layout(bpfmaps.CounterValues) == layout(bcc[b"pod_counters"].sLeaf)  # one CPU's share
+    assert layout(bpfmaps.Config) == layout(bcc[b"config"].Leaf)
+    assert layout(bpfmaps.FlowKey) == layout(bcc[b"kernel_flows"].Key)
+    assert layout(bpfmaps.FlowState) == layout(bcc[b"kernel_flows"].Leaf)
     with pytest.raises(bpfmaps.LayoutMismatch):  # a map read as the wrong struct fails, never misreads
-        bpfmaps.read_map(bpf[b"pod_counters"].map_fd, ctypes.c_uint32, bpfmaps.EndpointInfo)
+        bpfmaps.read_map(bcc[b"pod_counters"].map_fd, ctypes.c_uint32, bpfmaps.EndpointInfo)
 
 
-def test_agent_and_pins_read_bccs_per_cpu_values(node: Node) -> None:
-    (a, b), bpf = node.pods, node.datapath.bpf
+def test_agent_writes_what_bcc_reads(node: Node, bcc) -> None:
+    """setup_node's config entry and attach_pod's endpoint entries, as BCC's own ctypes see them."""
+    config = bcc[b"config"][bcc[b"config"].Key(0)]
+    assert (config.vxlan_ifindex, bytes(config.gateway_mac)) == (
+        node.nodenet.vxlan_ifindex, bytes.fromhex(node.nodenet.gateway_mac.replace(":", "")))
+    endpoints = {k.value: v for k, v in bcc[b"endpoints"].items()}
+    for pod in node.pods:
+        entry = endpoints[int.from_bytes(socket.inet_aton(pod.ip), sys.byteorder)]
+        assert (entry.ifindex, bytes(entry.mac)) == (pod.host_ifindex, bytes.fromhex(pod.mac.replace(":", "")))
+
+
+def test_agent_and_pins_read_bccs_per_cpu_values(node: Node, bcc) -> None:
+    (a, b), bpf = node.pods, bcc
     table = bpf[b"pod_counters"]
     leaf = table.Leaf()
     for cpu in range(table.total_cpu):

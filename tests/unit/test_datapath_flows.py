@@ -7,7 +7,8 @@ import sys
 from types import SimpleNamespace
 
 from sknf.datapath import flows
-from sknf.datapath.bpf import _be32, _diagnostic, _ip, _port
+from sknf.datapath.bpf import _be32, _ip, _port
+from sknf.datapath.bpfload import _diagnostic
 
 TCP, UDP, ICMP = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP
 REPLY = ("10.244.1.12", "10.244.1.11", 8080, 40000, UDP)  # a backend's reply to a client
