@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sknf import api, cni, ipam, overlay, pod
-from sknf.config import Config, ConfigError, load
+from sknf.config import Config, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
 from sknf.metrics import Metrics, Snapshot, take_snapshot
@@ -178,12 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(args.config)
-    except ConfigError as e:
-        logging.basicConfig()
-        log.error("bad configuration: %s", e)
-        return 2
+    cfg = load(args.config)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):

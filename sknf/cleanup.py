@@ -128,11 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as e:
-        print(f"sknf cleanup: {e}", file=sys.stderr)
-        return 2
+    cfg = config.load(args.config)
     if agent_running(cfg) and not args.force:
         print(f"sknf cleanup: an agent is serving on {cfg.socket_path} and would rebuild everything; stop it "
               "first (kubectl -n kube-system delete daemonset sknf) or pass --force", file=sys.stderr)

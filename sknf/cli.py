@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from sknf.config import ConfigError
+
 COMMANDS = {
     "agent": ("sknf.agent", "run the node agent (DaemonSet entry point)"),
     "stats": ("sknf.stats", "per-pod traffic on this node"),
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except ConfigError as e:  # every subcommand reads the agent's settings the same way
+        print(f"sknf {args.command}: bad configuration: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `sknf stats -o json | head`: the reader left, nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is silent
         return 141  # as a shell reports SIGPIPE

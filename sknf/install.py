@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -72,11 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as e:
-        print(f"sknf install-cni: {e}", file=sys.stderr)
-        return 2
+    cfg = config.load(args.config)
     cfg = dataclasses.replace(cfg, cni_bin_dir=args.bin_dir or cfg.cni_bin_dir,
                               cni_conf_dir=args.conf_dir or cfg.cni_conf_dir)
     paths = uninstall(cfg) if args.uninstall else install(cfg)

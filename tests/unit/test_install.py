@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sknf import config, install
+from sknf import cli, config, install
 from sknf.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,5 @@ def test_cli_reads_config_and_honours_dir_flags(tmp_path: Path, capsys: pytest.C
 
 def test_cli_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.yaml").write_text("node_name: node-1\n")
-    parser = argparse.ArgumentParser()
-    install.add_arguments(parser)
-    assert install.run(parser.parse_args(["--config", str(tmp_path / "bad.yaml")])) == 2
-    assert "cluster_cidr" in capsys.readouterr().err
+    assert cli.main(["install-cni", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "sknf install-cni: bad configuration: cluster_cidr" in capsys.readouterr().err
