@@ -12,8 +12,9 @@ What runs, all in namespaces this command makes (nothing touches the host's netw
 
 The lab's nodes are switched between three datapaths; the pods, veths and rules stay the same:
 - bridge: no sknf program anywhere, exactly what the kernel datapath runs;
-- counting: sknf's programs attached, the nodes' config slot zeroed. That is the programs' own "not set
-  up yet" state: every frame takes the bridge path and is still counted per pod (the cost of counting);
+- counting: sknf's programs attached, vxlan_ifindex 0 in the nodes' config map. That is the programs'
+  own "not set up yet" state: every frame takes the bridge path and is still counted per pod, and no
+  flow is learned (the cost of counting alone);
 - fast path: as the agent set it up.
 The agents are stopped while measuring (programs, maps and pins stay, as after any agent exit),
 because a running agent's reconcile would put back within seconds what the switch removes. They are
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import functools
 import json
 import os
 import re
@@ -210,45 +210,14 @@ def rtt_p50_retried(pair: Pair, seconds: int, cpu: int, stalls: list[str], attem
 
 # -- the datapath switch ------------------------------------------------------------------------------
 
-@functools.cache
-def _libbpf() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)  # python3-bpfcc depends on it
-    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
-    return lib
-
-
-class ConfigSlot:
-    """A node's one-slot config map as raw bytes: kept as the agent wrote it, zeroed, written back.
-    All zero is the programs' documented "not set up" state, so no layout is mirrored here."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.key = fd, ctypes.c_uint32(0)
-        fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
-        self.size = int(re.search(r"^value_size:\s*(\d+)", fdinfo, re.MULTILINE).group(1))
-        self.saved = self.read()
-        if not any(self.saved):
-            raise BenchError("the agent has not configured its programs (config map all zero)")
-
-    def read(self) -> bytes:
-        buf = ctypes.create_string_buffer(self.size)
-        if _libbpf().bpf_map_lookup_elem(self.fd, ctypes.byref(self.key), buf) != 0:
-            raise OSError(ctypes.get_errno(), "cannot read the config map")
-        return buf.raw
-
-    def write(self, value: bytes) -> None:
-        buf = ctypes.create_string_buffer(value, self.size)
-        if _libbpf().bpf_map_update_elem(self.fd, ctypes.byref(self.key), buf, 0) != 0:
-            raise OSError(ctypes.get_errno(), "cannot write the config map")
-
-
 @dataclass
 class NodePins:
     node: LabNode
     pin_dir: Path
     programs: dict[str, int]  # program name -> fd of the agent's pinned program
     hooks: list[tuple[int, dict[str, int]]]  # (ifindex, {program: tc hook}) for each host veth and vxsknf
-    config: ConfigSlot
+    config_fd: int
+    config: bpfmaps.Config  # as the agent wrote it
 
 
 class Switch:
@@ -258,14 +227,20 @@ class Switch:
         self.nodes: dict[str, NodePins] = {}
         for node in lab.state.nodes:
             pin_dir = load_config(node.config).bpf_pin_dir
-            programs = {name: stack.enter_context(bpfmaps.pinned(pin_dir / f"prog_{name}"))
-                        for name in PROGRAMS}
-            config = ConfigSlot(stack.enter_context(bpfmaps.pinned(pin_dir / "config")))
+            programs = {}
+            for name in PROGRAMS:
+                programs[name] = bpfmaps.open_pinned(pin_dir / f"prog_{name}")
+                stack.callback(os.close, programs[name])
+            config_fd = stack.enter_context(bpfmaps.pinned(pin_dir / "config"))
+            bpfmaps.check_layout(config_fd, ctypes.c_uint32, bpfmaps.Config)
+            config = bpfmaps.lookup(config_fd, ctypes.c_uint32(0), bpfmaps.Config)
+            if not config.vxlan_ifindex:
+                raise BenchError(f"the agent on {node.name} has not set its programs up (vxlan_ifindex 0)")
             with netlink.route(nsutil.netns_path(node.netns)) as ipr:
                 hooks = [(netlink.link_index(ipr, p.host_ifname), POD_PROGRAMS)
                          for p in lab.state.pods if p.node == node.name]
                 hooks.append((netlink.link_index(ipr, VXLAN), OVERLAY_PROGRAMS))
-            self.nodes[node.name] = NodePins(node, pin_dir, programs, hooks, config)
+            self.nodes[node.name] = NodePins(node, pin_dir, programs, hooks, config_fd, config)
 
     def set(self, state: str) -> None:
         for pins in self.nodes.values():
@@ -276,7 +251,10 @@ class Switch:
                         continue
                     for name, hook in programs.items():
                         tc.attach(ipr, ifindex, hook, pins.programs[name], tc.FILTER_PREFIX + name)
-            pins.config.write(bytes(pins.config.size) if state == COUNTING else pins.config.saved)
+            config = bpfmaps.Config.from_buffer_copy(pins.config)
+            if state == COUNTING:
+                config.vxlan_ifindex = 0
+            bpfmaps.update(pins.config_fd, ctypes.c_uint32(0), config)
 
     def frames(self, pod: LabPod) -> tuple[int, int]:
         """(frames sknf's programs counted for the pod, of which on the fast path), from the pinned maps."""
