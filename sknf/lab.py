@@ -610,7 +610,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         with lab:
             _describe(lab)
-            return 0 if print_matrix(lab.check()) else 1
+            ok = print_matrix(lab.check())
+            _show_stats(lab)
+            return 0 if ok else 1
     except LabError as e:
         print(f"sknf lab: {e}", file=sys.stderr)
         return 1
@@ -626,6 +628,15 @@ def _describe(lab: Lab) -> None:
             print(f"    pod {p.name} ({p.netns}) {p.ip} host veth {p.host_ifname}")
     for s in st.services:
         print(f"  ClusterIP {s['ip']} tcp/{SVC_TCP_PORT} udp/{SVC_UDP_PORT} -> {s['backend_pod']} {s['backend']}")
+
+
+def _show_stats(lab: Lab) -> None:
+    """What the check's traffic looks like to an operator: `sknf stats` on each node, as run there."""
+    for node in lab.state.nodes:
+        print(f"\n$ sknf stats   # on {node.name}")
+        sys.stdout.flush()
+        subprocess.run([sys.executable, "-m", "sknf", "stats", "-c", node.config], cwd=str(REPO),
+                       preexec_fn=nsutil.preexec_enter(node.netns), timeout=60, check=False)
 
 
 def _agent_mode(lab: Lab, node: LabNode) -> str:
