@@ -8,7 +8,6 @@ never on message text.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -273,6 +272,3 @@ def sysctl(key: str, value: str | int) -> None:
     with open(path, "w") as f:
         f.write(str(value))
 
-
-def prefixlen_of(network: str) -> int:
-    return ipaddress.ip_network(network).prefixlen
