@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from sknf.config import Config
 from sknf.datapath import select
 
 ME = "skc-a"
-
-
-@pytest.fixture
-def server() -> Iterator[ApiServer]:
-    srv = ApiServer()
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 @pytest.fixture

@@ -23,15 +23,6 @@ FAST = {"backoff": (0.05, 0.2), "poll": 0.02, "sync_wait": 15.0}
 
 
 @pytest.fixture
-def server() -> Iterator[ApiServer]:
-    srv = ApiServer()
-    try:
-        yield srv
-    finally:
-        srv.close()
-
-
-@pytest.fixture
 def cfg(server: ApiServer, tmp_path: Path) -> Config:
     return Config(node_name=ME, cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), peer_source="kubernetes",
                   kubeconfig=server.kubeconfig(tmp_path / "kubeconfig"))
