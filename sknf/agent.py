@@ -75,7 +75,7 @@ class Agent:
 
     # -- reconcile -----------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Bring the node to the desired state; each step is idempotent and reports its own errors."""
+        """Bring the node to the desired state; every step is idempotent, the first failure aborts the round."""
         self.recover_store()  # before anything reads leases
         if self.source.changed():
             self.peers = self.source.nodes()

@@ -16,3 +16,4 @@ def server() -> Iterator[ApiServer]:
         yield srv
     finally:
         srv.close()
+

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeagent import agent_replying
 
 from sknf import api, cni
 
@@ -92,24 +93,8 @@ def test_null_result(sock: Path) -> None:
 @pytest.mark.parametrize("reply", [b"", b"{}", b"2{}", b"0{torn"])
 def test_request_refuses_a_malformed_reply(tmp_path: Path, reply: bytes) -> None:
     path = tmp_path / "fake.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(path))
-        listener.listen()
-        listener.settimeout(30)
-
-        def answer() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.makefile("rb").read()
-                conn.sendall(reply)
-
-        t = threading.Thread(target=answer)
-        t.start()
-        try:
-            with pytest.raises(ValueError):
-                api.request(path, {"op": "stats"})
-        finally:
-            t.join()
+    with agent_replying(path, reply), pytest.raises(ValueError):
+        api.request(path, {"op": "stats"})
 
 
 def test_validation_errors_come_back_with_their_code_and_version(sock: Path, fake: Fake) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeagent import agent_replying
 
 from sknf import api, cni
 
@@ -240,19 +239,6 @@ def test_del_that_cannot_be_parked_fails(plugin: Plugin, tmp_path: Path) -> None
 @pytest.mark.parametrize("reply", [b"", b'{"ok": true}', b"2"])
 def test_agent_that_hangs_up_or_answers_garbage(plugin: Plugin, reply: bytes) -> None:
     plugin.socket.parent.mkdir(mode=0o700)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(plugin.socket))
-        listener.listen()
-        listener.settimeout(60)  # never hang the suite if the plugin does not connect
-
-        def hang_up() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.makefile("rb").read()
-                conn.sendall(reply)
-
-        t = threading.Thread(target=hang_up)
-        t.start()
+    with agent_replying(plugin.socket, reply):
         code, out, _ = plugin.run("ADD")
-        t.join()
     assert (code, out["code"]) == (1, cni.TRY_AGAIN_LATER)
