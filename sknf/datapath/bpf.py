@@ -32,7 +32,7 @@ import sknf
 from sknf import netlink
 from sknf.config import Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, flows, pins, tc
-from sknf.datapath.kernel import BR_NETFILTER, host_veth_stats, remove_bpf_leftovers
+from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ class BpfDatapath:
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
-        netlink.sysctl(BR_NETFILTER, 1)  # the kernel path's Service NAT must see bridged frames
         cluster, pods = ipaddress.IPv4Network(node.cluster_cidr), ipaddress.IPv4Network(node.pod_cidr)
         leaf = bpfmaps.Config(cluster_net=_be32(cluster.network_address), cluster_mask=_be32(cluster.netmask),
                               pod_net=_be32(pods.network_address), pod_mask=_be32(pods.netmask),

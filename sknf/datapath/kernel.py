@@ -16,10 +16,6 @@ from sknf.datapath import Endpoint, NodeNet, PodCounters, pins, tc
 
 log = logging.getLogger(__name__)
 
-# Service NAT (kube-proxy) must see frames the bridge forwards between pods of one node.
-BR_NETFILTER = "net.bridge.bridge-nf-call-iptables"
-
-
 NET_DEV_FIELDS = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "rx_fifo", "rx_frame", "rx_compressed",
                   "rx_multicast", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped", "tx_fifo", "tx_collisions",
                   "tx_carrier", "tx_compressed")
@@ -49,7 +45,7 @@ class KernelDatapath:
         self.reason = reason
 
     def setup_node(self, node: NodeNet) -> None:
-        netlink.sysctl(BR_NETFILTER, 1)
+        """Nothing beyond the overlay (which also sets the br_netfilter sysctl Service NAT needs)."""
 
     def attach_pod(self, ep: Endpoint) -> None:
         """Nothing to do: the bridge port the overlay made is the whole datapath."""
