@@ -81,6 +81,7 @@ class Agent:
             self.peers = self.source.nodes()
         node = overlay.ensure_node(self.cfg, self.pod_cidr)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)
+        overlay.sync_peer_routes(self.cfg, node, self.peers, self.cfg.node_name)
         overlay.ensure_rules(self.cfg, node, self.peers)
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,

@@ -6,7 +6,9 @@ source addresses are preserved (or SNATed where they must be):
 
 TCP `WHO\\n`          -> `<client ip> <server name>\\n`
 TCP `SINK <n>\\n` + n  -> `<bytes received> <sha256>\\n` (bulk transfer over the overlay)
-UDP any datagram      -> `<client ip> <server name> <datagram length>`
+UDP any datagram      -> `<client ip> <server name> <datagram length>`, sent from the address the
+                         datagram was sent to (IP_PKTINFO), as a well-behaved UDP server on a host
+                         with several addresses does (a node: its own address and its pod gateway)
 
 Stdlib only and started with `python3 -S`, so forty namespaces cost one small process.
 Usage: labserver.py PORT NAME=NETNS_PATH [NAME=NETNS_PATH ...]
@@ -19,6 +21,7 @@ import hashlib
 import os
 import socket
 import socketserver
+import struct
 import sys
 import threading
 
@@ -41,10 +44,24 @@ class _TCP(socketserver.ThreadingTCPServer):
     name = ""
 
 
+IP_PKTINFO = 8
+PKTINFO = struct.Struct("I4s4s")  # struct in_pktinfo: ifindex, local address, destination address
+
+
 class _UDP(socketserver.ThreadingUDPServer):
     allow_reuse_address = True
     daemon_threads = True
     name = ""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        super().server_bind()
+
+    def get_request(self):
+        data, ancillary, _, client = self.socket.recvmsg(self.max_packet_size, socket.CMSG_SPACE(PKTINFO.size))
+        to = next((PKTINFO.unpack(d)[2] for level, kind, d in ancillary
+                   if level == socket.IPPROTO_IP and kind == IP_PKTINFO), None)
+        return (data, self.socket, to), client
 
 
 class TcpHandler(socketserver.StreamRequestHandler):
@@ -65,8 +82,10 @@ class TcpHandler(socketserver.StreamRequestHandler):
 
 class UdpHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        data, sock = self.request
-        sock.sendto(f"{self.client_address[0]} {self.server.name} {len(data)}".encode(), self.client_address)
+        data, sock, to = self.request
+        reply = f"{self.client_address[0]} {self.server.name} {len(data)}".encode()
+        source = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, to, bytes(4)))] if to else []
+        sock.sendmsg([reply], source, 0, self.client_address)
 
 
 def main(argv: list[str]) -> int:

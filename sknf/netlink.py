@@ -201,6 +201,49 @@ def flush_learned_fdb(ipr: IPRoute, vxlan_index: int, remote_ips: set[str]) -> N
                     raise
 
 
+def ensure_source_rule(ipr: IPRoute, *, priority: int, src: str, iifname: str, table: int) -> None:
+    """The policy rule `from src iif iifname lookup table` exists at priority (once: a rerun adds nothing)."""
+    net, _, plen = src.partition("/")
+    for r in ipr.get_rules(family=2, priority=priority):
+        if (r.get("FRA_TABLE"), r.get("FRA_SRC"), r["src_len"], r.get("FRA_IIFNAME")) == (table, net, int(plen),
+                                                                                          iifname):
+            return
+        ipr.rule("del", family=2, priority=priority, table=r.get("FRA_TABLE"))  # a stale rule of ours
+    try:
+        ipr.rule("add", family=2, priority=priority, table=table, src=net, src_len=int(plen), iifname=iifname)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+
+
+def remove_rules(ipr: IPRoute, priority: int) -> None:
+    """Every IPv4 policy rule at priority (uninstall)."""
+    for r in ipr.get_rules(family=2, priority=priority):
+        try:
+            ipr.rule("del", family=2, priority=priority, table=r.get("FRA_TABLE"))
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+
+def sync_host_routes(ipr: IPRoute, table: int, oif: int, wanted: dict[str, str]) -> None:
+    """Table holds exactly the host routes {destination: gateway} via oif (an empty wanted empties it)."""
+    have = {}
+    for r in ipr.get_routes(family=2, table=table):
+        if r.get("RTA_TABLE") == table:
+            have[(r.get("RTA_DST"), r["dst_len"])] = (r.get("RTA_GATEWAY"), r.get("RTA_OIF"))
+    for dst, gateway in wanted.items():
+        if have.get((dst, 32)) != (gateway, oif):
+            ipr.route("replace", family=2, dst=dst, dst_len=32, gateway=gateway, oif=oif, table=table)
+    for dst, dst_len in have:
+        if dst_len != 32 or dst not in wanted:
+            try:
+                ipr.route("del", family=2, dst=dst, dst_len=dst_len, table=table)
+            except NetlinkError as e:
+                if e.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+
+
 def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: str, mtu: int,
                 peer_mac: str | None = None) -> int:
     """A veth pair with one end already inside the pod's namespace; returns the host end's index."""

@@ -17,6 +17,15 @@ prefix. That one address is the pods' default gateway and gives the node a conne
 every pod in the cluster, local or remote, so nodes reach pods without NAT.
 
 A removed node loses its flood entry and every MAC learned behind it.
+
+Pods reach the other nodes' own addresses (a node IP, a hostNetwork pod, the `kubernetes` Service's
+control-plane endpoint) through the overlay too, not the underlay: a policy rule sends traffic that
+pods forward through `brsknf` to a node address via that node's gateway on `vxsknf`. The reply comes
+back the same way (the peer's connected route to pods is `brsknf`), so both directions cross the same
+conntrack and the same tc hooks, no pod source address ever appears on the underlay (cloud networks
+drop those), and the pod keeps its own address (no NAT). Node addresses that are not peers (a managed
+control plane) are outside the cluster and masqueraded like the Internet. With `masquerade: false`
+the operator routes pod addresses on the underlay, and no rule is installed.
 """
 
 from __future__ import annotations
@@ -41,7 +50,16 @@ SYSCTLS = {
     # would drop them.
     "net.ipv4.conf.all.rp_filter": 2,
     f"net.ipv4.conf.{BRIDGE}.rp_filter": 2,
+    # Pod traffic for a peer node, and Service traffic DNATed to another pod, is routed back out of
+    # brsknf, the interface it came in on: the kernel would tell the pod to use the next hop directly
+    # (an ICMP redirect), and a pod that obeys skips the node's conntrack for that destination. The
+    # effective value is all OR the device's, so both are off.
+    "net.ipv4.conf.all.send_redirects": 0,
+    f"net.ipv4.conf.{BRIDGE}.send_redirects": 0,
 }
+# Pod -> peer node routing: the rule's priority (before the main table) and its own table.
+PEER_RULE_PRIORITY = 1500
+PEER_ROUTE_TABLE = 4789
 
 
 class OverlayError(RuntimeError):
@@ -122,6 +140,25 @@ def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[se
     return wanted - have, have - wanted
 
 
+def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_name: str) -> None:
+    """Pod-forwarded traffic for each peer node's address goes via that peer's gateway over the overlay.
+
+    A peer whose pod subnet is not known yet has no gateway: its address stays on the main table (the
+    underlay) until it is.
+    """
+    wanted = {}
+    if cfg.masquerade:
+        wanted = {p.underlay_ip: gateway_of(ipaddress.IPv4Network(p.pod_cidr)) for p in peers
+                  if p.name != self_name and p.underlay_ip != node.underlay_ip and p.pod_cidr}
+    with netlink.route() as ipr:
+        if cfg.masquerade:
+            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cfg.cluster_cidr), iifname=BRIDGE,
+                                       table=PEER_ROUTE_TABLE)
+        else:
+            netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
+        netlink.sync_host_routes(ipr, PEER_ROUTE_TABLE, node.bridge_ifindex, wanted)
+
+
 def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
     """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
@@ -129,8 +166,10 @@ def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
 
 
 def teardown() -> None:
-    """Remove the bridge, the VXLAN device and every pod host veth (uninstall)."""
+    """Remove the peer routing, the bridge, the VXLAN device and every pod host veth (uninstall)."""
     with netlink.route() as ipr:
+        netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
+        netlink.sync_host_routes(ipr, PEER_ROUTE_TABLE, 0, {})
         for name in netlink.host_veths(ipr, HOST_VETH_PREFIX):
             netlink.delete_link(ipr, name)
         netlink.delete_link(ipr, VXLAN)

@@ -10,6 +10,7 @@
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmp.h>
 #include <uapi/linux/if_packet.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
@@ -89,8 +90,18 @@ static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 	       a[5] == b[5];
 }
 
-/* Reads an unfragmented IPv4 frame into pkt. Anything else (ARP, IPv6, fragments, headers the
- * program cannot see) returns -1, and the caller leaves the frame to the kernel path. */
+/* An ICMP error (destination unreachable incl. frag-needed, source quench, redirect, time exceeded,
+ * parameter problem) is about another flow, whose header it quotes. Only conntrack can translate
+ * the quoted header of a NATed flow back (a Service's "port unreachable" must reach the client from
+ * the ClusterIP), so these always take the kernel path; they are rare. */
+static __always_inline int is_icmp_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH || type == ICMP_REDIRECT ||
+	       type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* Reads an unfragmented IPv4 frame into pkt. Anything else (ARP, IPv6, fragments, ICMP errors,
+ * headers the program cannot see) returns -1, and the caller leaves the frame to the kernel path. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 {
 	void *data = (void *)(long)skb->data;
@@ -117,6 +128,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 			return -1;
 		pkt->tuple.sport = ports[0];
 		pkt->tuple.dport = ports[1];
+	} else if (ip->protocol == IPPROTO_ICMP) {
+		__u8 *type = (void *)ip + ip->ihl * 4;
+
+		if ((void *)(type + 1) > data_end || is_icmp_error(*type))
+			return -1;
 	}
 	return 0;
 }

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from topo import Cluster, servers
 
-from sknf import nsutil
-from sknf.lab import kube_proxy_rules
+from sknf.lab import kubeproxy
 
 # ClusterIP 10.96.0.10 -> the second pod of node 1 (same node as the client, pod 1 of node 1),
 # 10.96.0.11 -> the first pod of node 2 (across nodes); TCP port 80 and UDP port 53 -> 8080.
@@ -33,9 +31,9 @@ def serving(cluster: Cluster) -> Iterator[Cluster]:
     """Test servers in every pod and node, and kube-proxy-style ClusterIP rules on every node."""
     targets = {p.name: p.netns for n in cluster.nodes for p in n.pods}
     targets.update({n.cfg.node_name: n.netns for n in cluster.nodes})
-    rules = kube_proxy_rules([{"ip": vip, "backend": cluster.pod(*where).ip} for vip, where in SERVICES.items()])
+    services = [kubeproxy.Service(vip, proto, port, ((cluster.pod(*where).ip, 8080, ""),), vip)
+                for vip, where in SERVICES.items() for proto, port in (("tcp", SVC_TCP), ("udp", SVC_UDP))]
     for node in cluster.nodes:
-        subprocess.run(["iptables-restore", "-w", "--noflush"], input=rules, text=True, check=True,
-                       capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
+        kubeproxy.install(node.netns, "iptables", services, node.cfg.node_name)
     with servers(targets):
         yield cluster

@@ -37,19 +37,26 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
+from sknf.lab import kubeproxy
+from sknf.lab.kubeproxy import Service
 
 UNDERLAY = ipaddress.IPv4Network("198.51.100.0/24")
 INTERNET_HOST = "203.0.113.10"
 INTERNET_GW = "203.0.113.1"
 CLUSTER_CIDR = "10.244.0.0/16"
-SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")
+SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")  # one ClusterIP per node, backed by its first pod
+KUBERNETES_IP = "10.96.0.1"  # the `kubernetes` Service: the API server on node 1's own address (hostNetwork)
+HOSTNET_IP = "10.96.0.2"  # a Service backed by a hostNetwork pod on the last node
+CLOSED_IP = "10.96.0.3"  # a UDP Service whose backend (node 1's first pod) has no listener on its port
 SERVER_PORT = 8080
-SVC_TCP_PORT, SVC_UDP_PORT = 80, 53
+CLOSED_PORT = 9  # nothing listens here
+SVC_TCP_PORT, SVC_UDP_PORT, KUBERNETES_PORT = 80, 53, 443
+NODEPORT, NODEPORT_LOCAL = 30080, 30081  # Cluster policy -> node 1's first pod; Local -> each node's first pod
 METRICS_PORT = 9655
 CONFLIST = "10-sknf.conflist"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 ROOT = Path("/run/sknf-lab")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -79,7 +86,8 @@ class LabState:
     datapath: str
     nodes: list[LabNode] = field(default_factory=list)
     pods: list[LabPod] = field(default_factory=list)
-    services: list[dict] = field(default_factory=list)
+    extra_services: int = 0  # ClusterIPs beyond the lab's own, for a realistic rule count
+    kube_proxy: str = "iptables"
     server_pid: int = 0
 
 
@@ -118,26 +126,32 @@ def run_chain(plugin_dir: str, command: str, conflist: dict, **kw) -> dict | Non
     return prev
 
 
-# -- kube-proxy's part -----------------------------------------------------------------------
+# -- the underlay ---------------------------------------------------------------------------------
 
-def kube_proxy_rules(services: list[dict]) -> str:
-    """iptables-restore input shaped like kube-proxy's iptables mode (chains, hairpin masquerade)."""
-    lines = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-POSTROUTING - [0:0]",
-             "-A PREROUTING -j KUBE-SERVICES", "-A OUTPUT -j KUBE-SERVICES",
-             "-A POSTROUTING -j KUBE-POSTROUTING",
-             "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
-             "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-             "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
-             "-A KUBE-POSTROUTING -j MASQUERADE --random-fully"]
-    for n, svc in enumerate(services):
-        for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT)):
-            svc_chain, sep_chain = f"KUBE-SVC-{n:04d}{proto.upper()}", f"KUBE-SEP-{n:04d}{proto.upper()}"
-            lines += [f":{svc_chain} - [0:0]", f":{sep_chain} - [0:0]",
-                      f"-A KUBE-SERVICES -d {svc['ip']}/32 -p {proto} --dport {port} -j {svc_chain}",
-                      f"-A {svc_chain} -j {sep_chain}",
-                      f"-A {sep_chain} -s {svc['backend']}/32 -j KUBE-MARK-MASQ",
-                      f"-A {sep_chain} -p {proto} -j DNAT --to-destination {svc['backend']}:{SERVER_PORT}"]
-    return "\n".join([*lines, "COMMIT", ""])
+UNDERLAY_TABLE = "lab-underlay"
+
+
+def underlay_source_check() -> dict:
+    """The underlay switch drops frames carrying pod addresses, as a cloud network's source/destination
+    check does: pods exist only inside the overlay. Counted, so the check can say it never happened."""
+    pods = {"prefix": {"addr": str(ipaddress.IPv4Network(CLUSTER_CIDR).network_address),
+                       "len": ipaddress.IPv4Network(CLUSTER_CIDR).prefixlen}}
+    where = {"family": "bridge", "table": UNDERLAY_TABLE, "chain": "forward"}
+    return {"nftables": [
+        {"add": {"table": {"family": "bridge", "name": UNDERLAY_TABLE}}},
+        {"add": {"chain": {"family": "bridge", "table": UNDERLAY_TABLE, "name": "forward", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+        *({"add": {"rule": {**where, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": pods}},
+            {"counter": None}, {"drop": None}]}}} for field in ("saddr", "daddr")),
+    ]}
+
+
+def underlay_pod_frames(lab: Lab) -> int:
+    """Frames with a pod address the underlay switch has dropped so far."""
+    out = kubeproxy.run_nft(lab.ul, {"nftables": [{"list": {"table": {"family": "bridge", "name": UNDERLAY_TABLE}}}]})
+    return sum(e["counter"]["packets"] for item in out for rule in [item.get("rule")] if rule
+               for e in rule["expr"] if "counter" in e)
 
 
 # -- the lab itself ----------------------------------------------------------------------------
@@ -146,13 +160,15 @@ class Lab:
     """Build, check and tear down the simulated cluster; usable as a context manager in tests."""
 
     def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
-                 extra_services: int = 0) -> None:
+                 extra_services: int = 0, kube_proxy: str = "iptables") -> None:
         if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
             raise LabError("nodes must be 1-50 and pods per node 1-60")
         self.prefix = prefix
-        self.n_nodes, self.n_pods, self.extra_services = nodes, pods_per_node, extra_services
+        if kube_proxy not in kubeproxy.MODES:
+            raise LabError(f"kube-proxy mode must be one of {', '.join(kubeproxy.MODES)}")
+        self.n_nodes, self.n_pods = nodes, pods_per_node
         self.root = ROOT / prefix
-        self.state = LabState(prefix=prefix, datapath=datapath)
+        self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy)
 
     # paths and names
     @property
@@ -191,9 +207,9 @@ class Lab:
             raise LabError(f"no lab {prefix!r} is up (no {path})")
         raw = json.loads(path.read_text())
         lab = cls(prefix=prefix, datapath=raw["datapath"])
-        lab.state = LabState(prefix=prefix, datapath=raw["datapath"], services=raw["services"],
-                             server_pid=raw["server_pid"], nodes=[LabNode(**n) for n in raw["nodes"]],
-                             pods=[LabPod(**p) for p in raw["pods"]])
+        lab.state = LabState(prefix=prefix, datapath=raw["datapath"], extra_services=raw["extra_services"],
+                             kube_proxy=raw["kube_proxy"], server_pid=raw["server_pid"],
+                             nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]])
         return lab
 
     def __enter__(self) -> Lab:
@@ -224,7 +240,7 @@ class Lab:
         for node in self.state.nodes:
             for j in range(1, self.n_pods + 1):
                 self._pod(node, j)
-        self._services()
+        self.use_kube_proxy(self.state.kube_proxy)
         self._start_servers()
         self.save()
 
@@ -242,6 +258,7 @@ class Lab:
             ul.link("set", index=idx, state="up")
         with nsutil.entered(self.ul):
             netlink.sysctl("net.ipv4.ip_forward", 1)
+        kubeproxy.run_nft(self.ul, underlay_source_check())
         with netlink.route(nsutil.netns_path(self.inet)) as inet:
             idx = netlink.link_index(inet, "eth0")
             inet.addr("add", index=idx, address=INTERNET_HOST, prefixlen=24)
@@ -341,19 +358,39 @@ class Lab:
         pod.host_ifname = result["interfaces"][0]["name"]
         self.save()
 
-    def _services(self) -> None:
-        """Service i sends to the first pod of node i; optional extra services make a realistic rule count."""
-        backends = [next(p for p in self.state.pods if p.node == n.name) for n in self.state.nodes]
-        services = [{"ip": str(SERVICE_BASE + k), "backend": b.ip, "backend_pod": b.name}
-                    for k, b in enumerate(backends)]
-        for k in range(self.extra_services):
-            services.append({"ip": str(SERVICE_BASE + 1000 + k), "backend": backends[k % len(backends)].ip,
-                             "backend_pod": backends[k % len(backends)].name})
-        rules = kube_proxy_rules(services)
+    def services(self, extra: bool = False) -> list[Service]:
+        """What a real cluster has: a ClusterIP per node backed by its first pod, the `kubernetes` Service
+        on a node address, a Service of a hostNetwork pod, a UDP Service without listener, NodePorts with
+        either traffic policy; with extra, the extra services too (rule count realism)."""
+        nodes = self.state.nodes
+        firsts = [next(p for p in self.state.pods if p.node == n.name) for n in nodes]
+        svcs: list[Service] = []
+        for k, b in enumerate(firsts):
+            ip = str(SERVICE_BASE + k)
+            svcs += [Service(f"pod-{b.name}", "tcp", SVC_TCP_PORT, ((b.ip, SERVER_PORT, b.node),), ip),
+                     Service(f"pod-{b.name}", "udp", SVC_UDP_PORT, ((b.ip, SERVER_PORT, b.node),), ip)]
+        api, host = (nodes[0].underlay_ip, SERVER_PORT, nodes[0].name), (nodes[-1].underlay_ip, SERVER_PORT,
+                                                                         nodes[-1].name)
+        svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), KUBERNETES_IP),
+                 Service("hostnet", "tcp", SVC_TCP_PORT, (host,), HOSTNET_IP),
+                 Service("hostnet", "udp", SVC_UDP_PORT, (host,), HOSTNET_IP),
+                 Service("closed", "udp", SVC_UDP_PORT, ((firsts[0].ip, CLOSED_PORT, firsts[0].node),), CLOSED_IP),
+                 Service("nodeport", "tcp", NODEPORT, ((firsts[0].ip, SERVER_PORT, firsts[0].node),)),
+                 Service("nodeport-local", "tcp", NODEPORT_LOCAL, tuple((b.ip, SERVER_PORT, b.node) for b in firsts),
+                         local=True)]
+        for k in range(self.state.extra_services if extra else 0):
+            b = firsts[k % len(firsts)]
+            ip = str(SERVICE_BASE + 1000 + k)
+            svcs += [Service(f"extra-{k}", proto, port, ((b.ip, SERVER_PORT, b.node),), ip)
+                     for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT))]
+        return svcs
+
+    def use_kube_proxy(self, mode: str) -> None:
+        """(Re)program every node's Service NAT the way kube-proxy does in this mode (iptables or nftables)."""
+        svcs = self.services(extra=True)
         for node in self.state.nodes:
-            subprocess.run(["iptables-restore", "-w", "--noflush"], input=rules, text=True, check=True,
-                           preexec_fn=nsutil.preexec_enter(node.netns), capture_output=True)
-        self.state.services = services[: len(backends)]
+            kubeproxy.install(node.netns, mode, svcs, node.name)
+        self.state.kube_proxy = mode
         self.save()
 
     def _start_servers(self) -> None:
@@ -361,7 +398,7 @@ class Lab:
         targets += [f"{n.name}={nsutil.netns_path(n.netns)}" for n in self.state.nodes]
         targets.append(f"inet={nsutil.netns_path(self.inet)}")
         with open(self.root / "servers.log", "ab") as log:
-            proc = subprocess.Popen(["/usr/bin/python3", "-S", str(Path(__file__).with_name("labserver.py")),
+            proc = subprocess.Popen(["/usr/bin/python3", "-S", str(REPO / "sknf" / "labserver.py"),
                                      str(SERVER_PORT), *targets], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=log, start_new_session=True)
         self.state.server_pid = proc.pid
@@ -399,8 +436,8 @@ class Lab:
             print("lab down: " + "; ".join(errors), file=sys.stderr)
 
     # checking
-    def check(self, bulk_bytes: int = 32 << 20) -> list[CheckResult]:
-        return run_checks(self, bulk_bytes)
+    def check(self, bulk_bytes: int = 32 << 20, services_only: bool = False) -> list[CheckResult]:
+        return run_checks(self, bulk_bytes, services_only)
 
 
 def _alive(pid: int) -> bool:
@@ -468,12 +505,33 @@ def who(netns: str, ip: str, port: int = SERVER_PORT) -> tuple[str, str]:
     return seen, name
 
 
-def who_udp(netns: str, ip: str, port: int, size: int = 64) -> tuple[str, str, int]:
+def who_udp(netns: str, ip: str, port: int, size: int = 64) -> tuple[str, str, int, str]:
+    """(source the server saw, server name, datagram length it got, "ip:port" the reply came from).
+
+    The reply's own source is part of the answer: a Service's reply that skipped the reverse NAT comes
+    from the backend's address, and an unconnected socket would take it all the same.
+    """
     with _connect(netns, (ip, port), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
         s.sendto(b"x" * size, (ip, port))
-        seen, name, length = s.recv(4096).decode().split()
-    return seen, name, int(length)
+        data, (src_ip, src_port) = s.recvfrom(4096)
+    seen, name, length = data.decode().split()
+    return seen, name, int(length), f"{src_ip}:{src_port}"
+
+
+def udp_refused(netns: str, ip: str, port: int) -> str:
+    """What a connected UDP client gets from a port nobody listens on: ECONNREFUSED (the ICMP port
+    unreachable reached it, reverse-NATed to match its socket), "timeout" or "answered"."""
+    with _connect(netns, (ip, port), socket.SOCK_DGRAM) as s:
+        s.connect((ip, port))
+        s.send(b"ping")
+        try:
+            s.recv(4096)
+        except ConnectionRefusedError:
+            return "ECONNREFUSED"
+        except TimeoutError:
+            return "timeout"
+    return "answered"
 
 
 def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
@@ -495,35 +553,59 @@ def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
     return ok, f"{nbytes >> 20} MiB, {nbytes * 8 / secs / 1e9:.2f} Gbit/s, sha256 {'match' if ok else 'MISMATCH'}"
 
 
-def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
+SERVICE_FLOWS = ("ClusterIP", "kubernetes", "hostNetwork", "NodePort", "no listener")
+
+
+def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[CheckResult]:
+    """Every flow of the matrix, or with services_only the rows that go through kube-proxy's NAT."""
     st = lab.state
     node_of = {n.name: n for n in st.nodes}
     pods_by_node = {n.name: [p for p in st.pods if p.node == n.name] for n in st.nodes}
-    svc_of = {s["backend_pod"]: s for s in st.services}
+    answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes}
     jobs = []
 
     def expect(flow: str, src: str, dst: str, fn, want) -> None:
-        jobs.append((flow, src, dst, fn, want))
+        if not services_only or any(word in flow for word in SERVICE_FLOWS):
+            jobs.append((flow, src, dst, fn, want))
+
+    def where(a: LabPod, node: str) -> str:
+        return "same node" if a.node == node else "across nodes"
 
     for a in st.pods:
         for b in st.pods:
             if a is not b:
-                flow = "pod->pod same node" if a.node == b.node else "pod->pod across nodes"
-                expect(flow, a.name, b.name, lambda a=a, b=b: who(a.netns, b.ip), (a.ip, b.name))
+                expect(f"pod->pod {where(a, b.node)}", a.name, b.name, lambda a=a, b=b: who(a.netns, b.ip),
+                       (a.ip, b.name))
         for n in st.nodes:
             flow = "pod->node (own)" if n.name == a.node else "pod->node (other)"
             expect(flow, a.name, n.name, lambda a=a, n=n: who(a.netns, n.underlay_ip), (a.ip, n.name))
         expect("pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, INTERNET_HOST),
                (node_of[a.node].underlay_ip, "inet"))
-        for backend, svc in svc_of.items():
-            where = "same node" if node_of[a.node].name == next(p.node for p in st.pods if p.name == backend) \
-                else "across nodes"
-            if backend == a.name:
+        for svc in lab.services():
+            ip, node = svc.endpoints[0][0], svc.endpoints[0][2]
+            if svc.cluster_ip is None or ip == a.ip:  # NodePorts come from the Internet; no hairpin here
                 continue
-            expect(f"pod->ClusterIP TCP {where}", a.name, f"{svc['ip']}({backend})",
-                   lambda a=a, s=svc: who(a.netns, s["ip"], SVC_TCP_PORT), (a.ip, backend))
-            expect(f"pod->ClusterIP UDP {where}", a.name, f"{svc['ip']}({backend})",
-                   lambda a=a, s=svc: who_udp(a.netns, s["ip"], SVC_UDP_PORT)[:2], (a.ip, backend))
+            dst = f"{svc.cluster_ip}:{svc.port}({answers[ip]})"
+            if svc.name == "closed":
+                expect(f"pod->UDP Service, no listener: ECONNREFUSED {where(a, node)}", a.name, dst,
+                       lambda a=a, s=svc: udp_refused(a.netns, s.cluster_ip, s.port), "ECONNREFUSED")
+                continue
+            kind = {"kubernetes": "pod->kubernetes API (node IP)", "hostnet": f"pod->hostNetwork Service "
+                    f"{svc.proto.upper()}"}.get(svc.name, f"pod->ClusterIP {svc.proto.upper()}")
+            if svc.proto == "tcp":
+                expect(f"{kind} {where(a, node)}", a.name, dst, lambda a=a, s=svc: who(a.netns, s.cluster_ip, s.port),
+                       (a.ip, answers[ip]))
+            else:
+                expect(f"{kind} {where(a, node)}", a.name, dst,
+                       lambda a=a, s=svc: _without_length(who_udp(a.netns, s.cluster_ip, s.port)),
+                       (a.ip, answers[ip], f"{svc.cluster_ip}:{svc.port}"))
+    for svc in (s for s in lab.services() if s.cluster_ip is None):
+        for n in st.nodes:
+            ip = svc.endpoints_on(n.name)[0][0]
+            flow, seen = (("Internet->NodePort, Local policy: client kept", INTERNET_HOST) if svc.local else
+                          ("Internet->NodePort, Cluster policy: SNAT to the node", n.gateway_ip))
+            expect(flow, "inet", f"{n.name}:{svc.port}({answers[ip]})",
+                   lambda n=n, s=svc: who(lab.inet, n.underlay_ip, s.port), (seen, answers[ip]))
     for n in st.nodes:
         for p in st.pods:
             flow = "node->pod (own)" if p.node == n.name else "node->pod (other)"
@@ -535,8 +617,9 @@ def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
         underlay_mtu = _mtu(node_of[a.node].netns)
         expect("pod MTU = underlay MTU - 50", a.name, a.node, lambda: mtu, underlay_mtu - 50)
         expect("full-MTU datagram across nodes", a.name, b.name,
-               lambda: who_udp(a.netns, b.ip, SERVER_PORT, mtu - 28), (a.ip, b.name, mtu - 28))
-        jobs.append(("bulk TCP across VXLAN", a.name, b.name, lambda: bulk(a.netns, b.ip, bulk_bytes), None))
+               lambda: who_udp(a.netns, b.ip, SERVER_PORT, mtu - 28), (a.ip, b.name, mtu - 28, f"{b.ip}:{SERVER_PORT}"))
+        if not services_only:
+            jobs.append(("bulk TCP across VXLAN", a.name, b.name, lambda: bulk(a.netns, b.ip, bulk_bytes), None))
 
     def run(job) -> CheckResult:
         flow, src, dst, fn, want = job
@@ -549,7 +632,15 @@ def run_checks(lab: Lab, bulk_bytes: int) -> list[CheckResult]:
         return CheckResult(flow, src, dst, got == want, f"saw {got}" + ("" if got == want else f", want {want}"))
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(run, jobs))
+        results = list(pool.map(run, jobs))
+    leaked = underlay_pod_frames(lab)  # after every flow ran: pods reached nodes inside the overlay
+    results.append(CheckResult("no pod address on the underlay", "pods", "underlay", leaked == 0,
+                               f"{leaked} frames with a pod address dropped by the underlay switch"))
+    return results
+
+
+def _without_length(reply: tuple[str, str, int, str]) -> tuple[str, str, str]:
+    return reply[0], reply[1], reply[3]
 
 
 def _mtu(netns: str) -> int:
@@ -585,6 +676,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pods", type=int, default=2, help="pods per node")
     parser.add_argument("--datapath", choices=["auto", "bpf", "kernel"], default="auto")
     parser.add_argument("--services", type=int, default=0, help="extra ClusterIP services (rule count realism)")
+    parser.add_argument("--kube-proxy", choices=kubeproxy.MODES, default="iptables",
+                        help="the Service NAT kube-proxy would program: its iptables or its nftables mode")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -599,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "check":
             lab = Lab.load(args.prefix)
             return 0 if print_matrix(lab.check()) else 1
-        lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services)
+        lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy)
         if args.action == "up":
             try:
                 lab.up()
@@ -626,8 +719,11 @@ def _describe(lab: Lab) -> None:
         print(f"  node {n.name} ({n.netns}) underlay {n.underlay_ip} pods {n.pod_cidr} datapath {mode}")
         for p in (p for p in st.pods if p.node == n.name):
             print(f"    pod {p.name} ({p.netns}) {p.ip} host veth {p.host_ifname}")
-    for s in st.services:
-        print(f"  ClusterIP {s['ip']} tcp/{SVC_TCP_PORT} udp/{SVC_UDP_PORT} -> {s['backend_pod']} {s['backend']}")
+    for s in lab.services():
+        to = ", ".join(f"{ip}:{port}" for ip, port, _ in s.endpoints)
+        front = f"ClusterIP {s.cluster_ip}:{s.port}" if s.cluster_ip else f"NodePort {s.port}{' (Local)' * s.local}"
+        print(f"  {front}/{s.proto} ({s.name}) -> {to}")
+    print(f"  kube-proxy mode: {st.kube_proxy}")
 
 
 def _show_stats(lab: Lab) -> None:

@@ -1,0 +1,191 @@
+"""kube-proxy's part of the lab: Service NAT on each node, in either of kube-proxy's two modes.
+
+Real clusters run kube-proxy in iptables mode (chains KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*) or in
+nftables mode (one `table ip kube-proxy`). Both DNAT in the node's stack, which is exactly what sknf's
+datapaths must keep working, so the lab reproduces the shapes that matter of each:
+
+- ClusterIPs: DNAT to the endpoint (a pod, or a node address for hostNetwork endpoints such as the
+  `kubernetes` Service's API server); an endpoint reaching itself through its Service is masqueraded
+  (hairpin).
+- NodePorts on every node address (`--dst-type LOCAL` / `fib daddr type local`): with the Cluster
+  traffic policy to any endpoint and masqueraded (the client is replaced by the node); with the Local
+  policy only to the node's own endpoints and the client address kept.
+- MASQUERADE of marked packets in POSTROUTING (mark 0x4000), as kube-proxy does.
+
+iptables rules go in through `iptables-restore` (argv, rules on stdin), nftables through libnftables'
+JSON API. `install` replaces whatever mode was there before, so one lab can be checked in both.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+import nftables
+
+from sknf import nsutil
+
+MODES = ("iptables", "nftables")
+MASQ_MARK = 0x4000
+NFT_TABLE = "kube-proxy"
+IPT_CHAINS = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-MARK-MASQ", "KUBE-POSTROUTING")
+IPT_JUMPS = (("PREROUTING", "KUBE-SERVICES"), ("OUTPUT", "KUBE-SERVICES"), ("POSTROUTING", "KUBE-POSTROUTING"))
+
+
+@dataclass(frozen=True)
+class Service:
+    """One Service port, as kube-proxy programs it: a ClusterIP port or a NodePort, and its endpoints.
+
+    endpoints are (address, port, node name); a Local-policy NodePort uses only the endpoints on the
+    node it is programmed on.
+    """
+
+    name: str
+    proto: str  # "tcp" or "udp"
+    port: int  # the ClusterIP's port, or the NodePort
+    endpoints: tuple[tuple[str, int, str], ...]
+    cluster_ip: str | None = None  # None: a NodePort
+    local: bool = False  # externalTrafficPolicy: Local (NodePorts only)
+
+    def endpoints_on(self, node: str) -> list[tuple[str, int]]:
+        return [(ip, port) for ip, port, where in self.endpoints if not self.local or where == node]
+
+
+def _chain_id(n: int, svc: Service) -> str:
+    return f"{n:04d}{svc.proto.upper()}"
+
+
+def iptables_rules(services: list[Service], node: str) -> str:
+    """iptables-restore input shaped like kube-proxy's iptables mode, for one node."""
+    lines = ["*nat", *(f":{c} - [0:0]" for c in IPT_CHAINS),
+             f"-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK:#x}/{MASQ_MARK:#x}",
+             f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN",
+             f"-A KUBE-POSTROUTING -j MARK --set-xmark 0x0/{MASQ_MARK:#x}",
+             "-A KUBE-POSTROUTING -j MASQUERADE --random-fully"]
+    for n, svc in enumerate(services):
+        svc_chain = f"KUBE-SVC-{_chain_id(n, svc)}"
+        lines.append(f":{svc_chain} - [0:0]")
+        if svc.cluster_ip:
+            lines.append(f"-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p {svc.proto} --dport {svc.port} -j {svc_chain}")
+        else:
+            lines.append(f"-A KUBE-NODEPORTS -p {svc.proto} --dport {svc.port} -j {svc_chain}")
+            if not svc.local:
+                lines.append(f"-A {svc_chain} -j KUBE-MARK-MASQ")
+        eps = svc.endpoints_on(node)
+        for k, (ip, port) in enumerate(eps):
+            sep = f"KUBE-SEP-{_chain_id(n, svc)}{k:02d}"
+            lines += [f":{sep} - [0:0]", f"-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ",
+                      f"-A {sep} -p {svc.proto} -j DNAT --to-destination {ip}:{port}"]
+            left = len(eps) - k
+            pick = [] if left == 1 else ["-m", "statistic", "--mode", "random", "--probability", f"{1 / left:.5f}"]
+            lines.append(" ".join([f"-A {svc_chain}", *pick, f"-j {sep}"]))
+    lines.append("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def _match(left: dict, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _l4(proto: str, port: int) -> list[dict]:
+    return [_match({"meta": {"key": "l4proto"}}, proto), _match({"payload": {"protocol": "th", "field": "dport"}},
+                                                                 port)]
+
+
+def nftables_ruleset(services: list[Service], node: str) -> dict:
+    """libnftables JSON for kube-proxy's nftables mode (`table ip kube-proxy`), for one node."""
+    table = {"family": "ip", "table": NFT_TABLE}
+    mark = {"meta": {"key": "mark"}}
+    cmds: list[dict] = [{"add": {"table": {"family": "ip", "name": NFT_TABLE}}}]
+
+    def chain(name: str, **hook) -> None:
+        cmds.append({"add": {"chain": {"family": "ip", "table": NFT_TABLE, "name": name, **hook}}})
+
+    def rule(chain_name: str, *expr: dict) -> None:
+        cmds.append({"add": {"rule": {**table, "chain": chain_name, "expr": list(expr)}}})
+
+    chain("nat-prerouting", type="nat", hook="prerouting", prio=-100, policy="accept")
+    chain("nat-output", type="nat", hook="output", prio=-100, policy="accept")
+    chain("nat-postrouting", type="nat", hook="postrouting", prio=100, policy="accept")
+    for name in ("services", "nodeports", "masquerading", "mark-for-masquerade"):
+        chain(name)
+    rule("nat-prerouting", {"jump": {"target": "services"}})
+    rule("nat-output", {"jump": {"target": "services"}})
+    rule("nat-postrouting", {"jump": {"target": "masquerading"}})
+    rule("mark-for-masquerade", {"mangle": {"key": mark, "value": {"|": [mark, MASQ_MARK]}}})
+    rule("masquerading", _match({"&": [mark, MASQ_MARK]}, 0), {"return": None})
+    rule("masquerading", {"mangle": {"key": mark, "value": {"^": [mark, MASQ_MARK]}}})
+    rule("masquerading", {"masquerade": {"flags": ["fully-random"]}})
+    for n, svc in enumerate(services):
+        svc_chain = f"service-{_chain_id(n, svc)}"
+        chain(svc_chain)
+        if svc.cluster_ip:
+            rule("services", _match({"payload": {"protocol": "ip", "field": "daddr"}}, svc.cluster_ip),
+                 *_l4(svc.proto, svc.port), {"goto": {"target": svc_chain}})
+        else:
+            rule("nodeports", *_l4(svc.proto, svc.port), {"goto": {"target": svc_chain}})
+            if not svc.local:
+                rule(svc_chain, {"jump": {"target": "mark-for-masquerade"}})
+        eps = svc.endpoints_on(node)
+        for k, (ip, port) in enumerate(eps):
+            ep_chain = f"endpoint-{_chain_id(n, svc)}{k:02d}"
+            chain(ep_chain)
+            rule(ep_chain, _match({"payload": {"protocol": "ip", "field": "saddr"}}, ip),
+                 {"jump": {"target": "mark-for-masquerade"}})
+            rule(ep_chain, _match({"meta": {"key": "l4proto"}}, svc.proto), {"dnat": {"addr": ip, "port": port}})
+        if eps:
+            rule(svc_chain, {"vmap": {"key": {"numgen": {"mode": "random", "mod": len(eps)}},
+                                      "data": {"set": [[k, {"goto": {"target": f"endpoint-{_chain_id(n, svc)}{k:02d}"}}]
+                                                       for k in range(len(eps))]}}})
+    rule("services", _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+         {"jump": {"target": "nodeports"}})
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]}
+
+
+def install(netns: str, mode: str, services: list[Service], node: str) -> None:
+    """Program the node's Service NAT in this mode, removing the other mode's rules first."""
+    if mode not in MODES:
+        raise ValueError(f"kube-proxy mode must be one of {', '.join(MODES)}, not {mode!r}")
+    remove(netns)
+    if mode == "iptables":
+        _iptables(netns, ["iptables-restore", "-w", "--noflush"], iptables_rules(services, node))
+        for parent, chain in IPT_JUMPS:
+            _iptables(netns, ["iptables", "-w", "-t", "nat", "-A", parent, "-j", chain])
+    else:
+        run_nft(netns, nftables_ruleset(services, node))
+
+
+def remove(netns: str) -> None:
+    """Both modes' rules gone from the node (missing ones are fine)."""
+    for parent, chain in IPT_JUMPS:
+        while _iptables(netns, ["iptables", "-w", "-t", "nat", "-D", parent, "-j", chain], check=False) == 0:
+            pass
+    listed = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=False,
+                            preexec_fn=nsutil.preexec_enter(netns)).stdout.splitlines()
+    ours = [line.split()[1] for line in listed if line.startswith("-N KUBE-")]
+    for flag in ("-F", "-X"):
+        for chain in ours:
+            _iptables(netns, ["iptables", "-w", "-t", "nat", flag, chain], check=False)
+    tables = run_nft(netns, {"nftables": [{"list": {"tables": {"family": "ip"}}}]})
+    if any(t.get("table", {}).get("name") == NFT_TABLE for t in tables):
+        run_nft(netns, {"nftables": [{"delete": {"table": {"family": "ip", "name": NFT_TABLE}}}]})
+
+
+def _iptables(netns: str, argv: list[str], stdin: str | None = None, check: bool = True) -> int:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
+                          preexec_fn=nsutil.preexec_enter(netns))
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:5])} in {netns}: {proc.stderr.strip()}")
+    return proc.returncode
+
+
+def run_nft(netns: str, commands: dict) -> list[dict]:
+    """Run libnftables JSON commands inside the namespace; what they list (empty for changes)."""
+    with nsutil.entered(netns):
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        rc, out, err = nft.json_cmd(commands)
+    if rc != 0:
+        raise RuntimeError(f"nft in {netns}: {err.strip() or json.dumps(commands)[:200]}")
+    return out.get("nftables", []) if isinstance(out, dict) else []
