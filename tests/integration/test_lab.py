@@ -1,5 +1,8 @@
-"""The lab in both datapath modes, end to end: every flow of the seed design works, an agent restart keeps
-pods as they are, and tearing down leaves no namespace, state directory or agent process behind."""
+"""The lab in both datapath modes, end to end: every flow of the seed design and of a real cluster works
+(node-IP and hostNetwork Services, NodePorts, ICMP errors of Services, kube-proxy in iptables and in
+nftables mode), pods reach other nodes only inside the overlay, an agent restart keeps pods as they are,
+and tearing down leaves no namespace, state directory or agent process behind. One lab per datapath is
+shared by the module's tests; each leaves it as it found it."""
 
 from __future__ import annotations
 
@@ -7,14 +10,17 @@ import collections
 import os
 import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
 from leftovers import assert_lab_gone
 
-from sknf import netlink, nsutil
+from sknf import netlink, nsutil, overlay
 from sknf.ipam import Store
-from sknf.lab import METRICS_PORT, Lab, LabNode, _alive
+from sknf.lab import METRICS_PORT, SERVICE_FLOWS, Lab, LabNode, _alive, kubeproxy, underlay_pod_frames
+from sknf.lab import who as lab_who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,11 +34,21 @@ EXPECTED_FLOWS = {
     "pod->Internet (SNAT)": 4,
     "pod->ClusterIP TCP same node": 2, "pod->ClusterIP UDP same node": 2,
     "pod->ClusterIP TCP across nodes": 4, "pod->ClusterIP UDP across nodes": 4,
+    "pod->kubernetes API (node IP) same node": 2, "pod->kubernetes API (node IP) across nodes": 2,
+    "pod->hostNetwork Service TCP same node": 2, "pod->hostNetwork Service TCP across nodes": 2,
+    "pod->hostNetwork Service UDP same node": 2, "pod->hostNetwork Service UDP across nodes": 2,
+    "pod->UDP Service, no listener: ECONNREFUSED same node": 1,
+    "pod->UDP Service, no listener: ECONNREFUSED across nodes": 2,
+    "Internet->NodePort, Cluster policy: SNAT to the node": 2, "Internet->NodePort, Local policy: client kept": 2,
     "bulk TCP across VXLAN": 1, "pod MTU = underlay MTU - 50": 1, "full-MTU datagram across nodes": 1,
+    "no pod address on the underlay": 1,
 }
+# what a services-only check produces: the rows through kube-proxy's NAT, and the underlay's counter
+SERVICE_ROWS = {flow: n for flow, n in EXPECTED_FLOWS.items()
+                if any(word in flow for word in SERVICE_FLOWS) or flow == "no pod address on the underlay"}
 
 
-@pytest.fixture(params=["kernel", "bpf"])
+@pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     pids: list[int] = []
     try:
@@ -105,3 +121,55 @@ def test_agent_restart_keeps_pods_working_and_unchanged(lab: Lab) -> None:
     assert failures(lab.check()) == []
     assert pod_wiring(lab) == before_wiring
     assert {n.name: leased(lab, n) for n in lab.state.nodes} == before_leases
+
+
+def nat_rules(node: LabNode) -> tuple[list[str], list[str]]:
+    """(kube-proxy's iptables chains, nftables tables) present on the node."""
+    listed = kubeproxy.run_nft(node.netns, {"nftables": [{"list": {"tables": {"family": "ip"}}}]})
+    chains = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=True,
+                            preexec_fn=nsutil.preexec_enter(node.netns))
+    return ([line.split()[1] for line in chains.stdout.splitlines() if line.startswith("-N KUBE-")],
+            [t["table"]["name"] for t in listed if "table" in t])
+
+
+def test_services_work_with_kube_proxy_in_nftables_mode(lab: Lab) -> None:
+    lab.use_kube_proxy("nftables")
+    try:
+        chains, tables = nat_rules(lab.state.nodes[0])
+        assert chains == [] and kubeproxy.NFT_TABLE in tables  # only nft does the NAT now
+        results = lab.check(services_only=True)
+        assert failures(results) == []
+        assert dict(collections.Counter(r.flow for r in results)) == SERVICE_ROWS
+    finally:
+        lab.use_kube_proxy("iptables")
+    chains, tables = nat_rules(lab.state.nodes[0])
+    assert "KUBE-SERVICES" in chains and kubeproxy.NFT_TABLE not in tables
+
+
+def test_pods_reach_other_nodes_inside_the_overlay_only(lab: Lab) -> None:
+    """Negative control for the pod -> peer node routing: with node 1's rule gone (its agent paused so it
+    cannot restore it), its pods' traffic for node 2 leaves on the underlay, where a cloud network drops
+    pod addresses; the agent, resumed, puts the rule back and the flows work again."""
+    n1, n2 = lab.state.nodes
+    pods = [p for p in lab.state.pods if p.node == n1.name]
+    os.kill(n1.agent_pid, signal.SIGSTOP)
+    try:
+        with netlink.route(nsutil.netns_path(n1.netns)) as ipr:
+            netlink.remove_rules(ipr, overlay.PEER_RULE_PRIORITY)
+        before = underlay_pod_frames(lab)
+        for pod in pods:
+            with pytest.raises(OSError):
+                lab_who(pod.netns, n2.underlay_ip)
+        assert underlay_pod_frames(lab) > before
+    finally:
+        os.kill(n1.agent_pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not peer_rule_present(n1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert peer_rule_present(n1)
+    assert [lab_who(p.netns, n2.underlay_ip) for p in pods] == [(p.ip, n2.name) for p in pods]
+
+
+def peer_rule_present(node: LabNode) -> bool:
+    with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+        return bool(ipr.get_rules(family=socket.AF_INET, priority=overlay.PEER_RULE_PRIORITY))
