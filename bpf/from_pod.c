@@ -2,6 +2,14 @@
 #include "lib/deliver.h"
 #include "lib/flows.h"
 
+static __always_inline int is_local_mac(const __u8 *mac)
+{
+	struct mac_key key = {};
+
+	__builtin_memcpy(key.mac, mac, ETH_ALEN);
+	return local_macs.lookup(&key) != NULL;
+}
+
 /* Fast path for pod-to-pod IPv4: straight into a local pod, or straight to vxsknf for a pod on
  * another node. Everything else -- ARP, IPv6, the gateway, the Internet, Services, learned NAT
  * flows, pods this node does not know yet -- stays on the kernel path (TC_ACT_OK). */
@@ -19,9 +27,10 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 	if (ep)
 		return deliver_to_pod(skb, &pkt, ep);
 	/* Local but unknown (the gateway, a pod not attached yet), routed (sent to the gateway's
-	 * MAC) or broadcast/multicast: the bridge knows better. */
+	 * MAC), broadcast/multicast, or for a local pod's MAC (a pod routing for others): the bridge
+	 * knows better. */
 	if (in_net(pkt.tuple.daddr, cfg->pod_net, cfg->pod_mask) || mac_equal(pkt.h_dest, cfg->gateway_mac) ||
-	    pkt.h_dest[0] & 1)
+	    pkt.h_dest[0] & 1 || is_local_mac(pkt.h_dest))
 		return TC_ACT_OK;
 	skb->mark |= SKNF_MARK_FAST;
 	return bpf_redirect(cfg->vxlan_ifindex, 0);

@@ -80,13 +80,16 @@ class Agent:
         if self.source.changed():
             self.peers = self.source.nodes()
         node = overlay.ensure_node(self.cfg, self.pod_cidr)
+        skipped = overlay.ensure_neighbour_capacity(self.pod_cidr, len(self.peers))
+        if skipped and self.node is None:
+            log.info("%s", skipped)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)
         overlay.sync_peer_routes(self.cfg, node, self.peers, self.cfg.node_name)
         overlay.ensure_rules(self.cfg, node, self.peers)
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
                                          cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
-        if self.node is None:
+        if self.node is None or self.node.underlay_ip != node.underlay_ip:  # first round, or DHCP moved it
             self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow

@@ -119,6 +119,7 @@ class Lease:
     host_ifname: str = ""
     mac: str = ""  # the pod-side MAC (sknf chooses it before the veth exists)
     created: float = 0.0  # unix time
+    netns: str = ""  # the pod's network namespace as the runtime named it (reconciling the pod's end)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -133,7 +134,8 @@ class Lease:
             raise ValueError(f"lease {doc!r} is not an object")
         fields = {**doc, "ip": IPv4Address(doc["ip"])}
         lease = cls(**fields)
-        texts = [lease.container_id, lease.ifname, lease.namespace, lease.pod, lease.host_ifname, lease.mac]
+        texts = [lease.container_id, lease.ifname, lease.namespace, lease.pod, lease.host_ifname, lease.mac,
+                 lease.netns]
         if not all(isinstance(t, str) for t in texts) or not (lease.container_id and lease.ifname):
             raise ValueError(f"lease {doc!r} has empty or non-text fields")
         if not isinstance(lease.created, int | float):
@@ -400,7 +402,7 @@ class Store:
     # -- operations ------------------------------------------------------------------------------
 
     def allocate(self, container_id: str, ifname: str, namespace: str = "", pod: str = "",
-                 host_ifname: str = "", mac: str = "") -> Lease:
+                 host_ifname: str = "", mac: str = "", netns: str = "") -> Lease:
         """Lease the next free address after the last one handed out (wrapping)."""
         with self._locked():
             held = self._lookup((container_id, ifname))
@@ -409,7 +411,8 @@ class Store:
                                   "duplicate ADD without DEL")
             self._save_pod_cidr(self.pod_cidr)
             for ip in self._free():
-                lease = Lease(ip, container_id, ifname, namespace, pod, host_ifname, mac, created=time.time())
+                lease = Lease(ip, container_id, ifname, namespace, pod, host_ifname, mac, created=time.time(),
+                              netns=netns)
                 try:
                     self._commit(lease)
                 except FileExistsError:  # taken behind the lock's back: the link refused to share it

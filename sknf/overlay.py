@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 
 from sknf import iptables, netlink
@@ -57,6 +58,14 @@ SYSCTLS = {
     "net.ipv4.conf.all.send_redirects": 0,
     f"net.ipv4.conf.{BRIDGE}.send_redirects": 0,
 }
+# The kernel's IPv4 neighbour table is one for the whole machine: every pod namespace's ARP entries
+# count against it too, and in one L2 domain each pod resolves every pod it talks to directly. The
+# default hard limit (gc_thresh3 = 1024) overflows at a few dozen busy pods ("neighbour table
+# overflow", dropped connections). sknf sizes it for NEIGH_PER_POD peers per possible pod of this node
+# plus two entries per node, with 2x headroom; gc_thresh2 (soft) is half of it, gc_thresh1 an eighth.
+# Values already higher are kept. These sysctls exist only in the initial namespace.
+NEIGH_PER_POD = 16
+NEIGH_DIR = "/proc/sys/net/ipv4/neigh/default"
 # Pod -> peer node routing: the rule's priority (before the main table) and its own table.
 PEER_RULE_PRIORITY = 1500
 PEER_ROUTE_TABLE = 4789
@@ -122,6 +131,28 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
         netlink.sysctl(key, value)
     return NodeOverlay(underlay_ifindex=dev_index, underlay_ip=local_ip, bridge_ifindex=br, vxlan_ifindex=vx,
                        gateway_ip=gateway, gateway_mac=gateway_mac, mtu=mtu, pod_cidr=pod_cidr)
+
+
+def neighbour_thresholds(pod_cidr: ipaddress.IPv4Network, nodes: int) -> dict[str, int]:
+    """The gc_thresh values this node needs (see NEIGH_PER_POD)."""
+    hard = 2 * ((pod_cidr.num_addresses - 2) * NEIGH_PER_POD + 2 * nodes)
+    hard = 1 << (hard - 1).bit_length()  # a power of two, as operators write them
+    return {"gc_thresh1": hard // 8, "gc_thresh2": hard // 2, "gc_thresh3": hard}
+
+
+def ensure_neighbour_capacity(pod_cidr: ipaddress.IPv4Network, nodes: int, neigh_dir: str = NEIGH_DIR) -> str | None:
+    """Raise the machine's neighbour-table thresholds to fit (never lower them); returns why it could
+    not (outside the initial network namespace, as in the lab), else None."""
+    if not os.path.isdir(neigh_dir):
+        return f"{neigh_dir} is not here (not the initial network namespace): neighbour table limits left as they are"
+    for name, wanted in neighbour_thresholds(pod_cidr, nodes).items():
+        path = os.path.join(neigh_dir, name)
+        with open(path) as f:
+            have = int(f.read())
+        if have < wanted:
+            with open(path, "w") as f:
+                f.write(str(wanted))
+    return None
 
 
 def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[set[str], set[str]]:

@@ -130,7 +130,8 @@ def add(net: PodNetwork, req: Request) -> dict:
     with net.store_guard.shared(), netlink.route() as ipr, ExitStack() as undo:
         # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
         mac = pod_mac(req.container_id, req.ifname)
-        lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac)
+        lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac,
+                                   req.netns)
         undo.callback(net.store.release, req.container_id, req.ifname)
 
         # 2. The veth pair, pod end created directly inside the pod's namespace.
@@ -344,6 +345,8 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
         live = [lease for lease in leases if lease.host_ifname in links]
         for lease in live:
             link = links[lease.host_ifname]
+            if link.get("IFLA_MTU") != node.mtu:
+                _set_mtu(ipr, lease, link, node.mtu)
             if link.get("IFLA_MASTER") == node.bridge_ifindex and link.get("state") == "up":
                 continue
             try:
@@ -358,6 +361,24 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost
+
+
+def _set_mtu(ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
+    """Both ends of the pod's veth to the overlay's MTU (an operator changed `mtu`, or the underlay's
+    changed): the pod's end first, so the host never forwards it frames larger than it accepts. The
+    pod's end is the one in the recorded namespace that is this veth's peer; a pod leased before sknf
+    recorded namespaces gets its host end only."""
+    try:
+        if lease.netns:
+            with netlink.route(lease.netns) as pod_ipr:
+                idx = netlink.link_index(pod_ipr, lease.ifname)
+                if idx is not None and idx == host_link.get("IFLA_LINK"):
+                    pod_ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=host_link["index"], mtu=mtu)
+    except (OSError, NetlinkError) as e:  # the pod is going away: its DEL cleans up
+        log.warning("%s: cannot set MTU %d: %s", lease.host_ifname, mtu, e)
+        return
+    log.info("%s (%s/%s): MTU now %d", lease.host_ifname, lease.namespace, lease.pod, mtu)
 
 
 VERBS: dict[str, Callable[[PodNetwork, Request], dict | None]] = {

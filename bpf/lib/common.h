@@ -44,6 +44,12 @@ struct endpoint_info {
 	__u16 pad;
 };
 
+/* A local pod's MAC, as the local_macs map keys it. */
+struct mac_key {
+	__u8 mac[ETH_ALEN];
+	__u16 pad;
+};
+
 /* Per-pod traffic, per CPU, keyed by the host veth's ifindex; seen from the pod (rx = delivered to
  * it). Bytes are whole frames (skb->len with the Ethernet header), like link statistics. */
 struct pod_counters {

@@ -20,6 +20,9 @@
 BPF_TABLE_PINNED("array", __u32, struct sknf_config, config, 1, SKNF_PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, endpoints, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/endpoints");
+/* The MACs of this node's pods (value: the host veth's ifindex): a frame for one of them belongs to
+ * the bridge, whatever its IP destination (a pod that routes for others). */
+BPF_TABLE_PINNED("hash", struct mac_key, __u32, local_macs, SKNF_MAX_ENDPOINTS, SKNF_PIN_DIR "/local_macs");
 BPF_TABLE_PINNED("percpu_hash", __u32, struct pod_counters, pod_counters, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/pod_counters");
 /* No LRU and no timers: losing a live flow's entry would fast-path its replies un-NATed and break

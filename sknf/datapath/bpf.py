@@ -43,6 +43,7 @@ PROGRAMS = bpfload.PROGRAMS  # what the loader pins: these four
 # {map: (key type, value type)}: checked against each pinned map once, when the agent opens it.
 MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "endpoints": (ctypes.c_uint32, bpfmaps.EndpointInfo),
+               "local_macs": (bpfmaps.MacKey, ctypes.c_uint32),
                "pod_counters": (ctypes.c_uint32, bpfmaps.CounterValues),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState)}
 DEFAULT_MAX_FLOWS = 262144
@@ -105,6 +106,7 @@ class BpfDatapath:
                 tc.attach(ipr, ep.host_ifindex, hook, self.fds[name], f"sknf_{name}")
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex)
         leaf.mac[:] = _mac(ep.mac)
+        bpfmaps.update(self.maps["local_macs"], _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))
         bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
 
     def detach_pod(self, ep: Endpoint) -> None:
@@ -117,6 +119,10 @@ class BpfDatapath:
             ifindex = entry.ifindex
             bpfmaps.delete(self.maps["endpoints"], key)
         if ifindex:
+            mac = _mac_key(ep.mac) if ep.mac else None
+            owner = bpfmaps.lookup(self.maps["local_macs"], mac, ctypes.c_uint32) if mac else None
+            if owner is not None and owner.value == ifindex:  # not the same MAC on a newer pod
+                bpfmaps.delete(self.maps["local_macs"], mac)
             with netlink.route() as ipr:
                 tc.detach(ipr, ifindex)
             bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(ifindex))
@@ -128,6 +134,10 @@ class BpfDatapath:
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
                 bpfmaps.delete(self.maps["endpoints"], ctypes.c_uint32(key))
+        macs = {bytes(_mac_key(ep.mac)) for ep in eps}
+        for key, _ in bpfmaps.read_map(self.maps["local_macs"], bpfmaps.MacKey, ctypes.c_uint32):
+            if bytes(key) not in macs:
+                bpfmaps.delete(self.maps["local_macs"], key)
         live = set(wanted.values())
         for key, _ in bpfmaps.read_map(self.maps["pod_counters"], ctypes.c_uint32, bpfmaps.CounterValues):
             if key not in live:
@@ -283,6 +293,12 @@ def _port(be16: int) -> int:
 
 def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
+
+
+def _mac_key(text: str) -> bpfmaps.MacKey:
+    key = bpfmaps.MacKey()
+    key.mac[:] = _mac(text)
+    return key
 
 
 def _flow_tuple(key) -> flows.FlowTuple:

@@ -33,6 +33,12 @@ class EndpointInfo(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
+class MacKey(ctypes.Structure):
+    """struct mac_key: the local_macs map's key (value: the host veth's ifindex, __u32)."""
+
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
 class Config(ctypes.Structure):
     """struct sknf_config: the one-slot config map's value (key: 0); addresses in network order."""
 

@@ -631,11 +631,12 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
             return CheckResult(flow, src, dst, got[0], got[1])
         return CheckResult(flow, src, dst, got == want, f"saw {got}" + ("" if got == want else f", want {want}"))
 
+    before = underlay_pod_frames(lab)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(run, jobs))
-    leaked = underlay_pod_frames(lab)  # after every flow ran: pods reached nodes inside the overlay
+    leaked = underlay_pod_frames(lab) - before  # every flow ran: pods reached nodes inside the overlay
     results.append(CheckResult("no pod address on the underlay", "pods", "underlay", leaked == 0,
-                               f"{leaked} frames with a pod address dropped by the underlay switch"))
+                               f"{leaked} frames with a pod address dropped by the underlay switch during the check"))
     return results
 
 

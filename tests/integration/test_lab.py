@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from leftovers import assert_lab_gone
@@ -173,3 +174,60 @@ def test_pods_reach_other_nodes_inside_the_overlay_only(lab: Lab) -> None:
 def peer_rule_present(node: LabNode) -> bool:
     with netlink.route(nsutil.netns_path(node.netns)) as ipr:
         return bool(ipr.get_rules(family=socket.AF_INET, priority=overlay.PEER_RULE_PRIORITY))
+
+
+def test_a_frame_for_a_local_pods_mac_stays_on_the_bridge(lab: Lab) -> None:
+    """A pod that routes for others (it holds an address outside its lease): a frame sent to its MAC for
+    that address is the bridge's to deliver, not the overlay's, in both datapaths."""
+    n1 = lab.state.nodes[0]
+    sender, router = [p for p in lab.state.pods if p.node == n1.name][:2]
+    routed = "10.244.2.200"  # in another node's subnet, leased to nobody
+    with netlink.route(nsutil.netns_path(router.netns)) as ipr:
+        ipr.addr("add", index=netlink.link_index(ipr, "lo"), address=routed, prefixlen=32)
+    try:
+        with netlink.route(nsutil.netns_path(sender.netns)) as ipr:
+            ipr.route("add", dst=f"{routed}/32", gateway=router.ip)
+        with nsutil.entered(router.netns):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with rx:
+            rx.bind((routed, 9999))
+            rx.settimeout(5)
+            with nsutil.entered(sender.netns):
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with tx:
+                tx.sendto(b"routed", (routed, 9999))
+            data, (src, _) = rx.recvfrom(100)
+        assert (data, src) == (b"routed", sender.ip)
+    finally:
+        with netlink.route(nsutil.netns_path(sender.netns)) as ipr:
+            ipr.route("del", dst=f"{routed}/32", gateway=router.ip)
+        with netlink.route(nsutil.netns_path(router.netns)) as ipr:
+            ipr.addr("del", index=netlink.link_index(ipr, "lo"), address=routed, prefixlen=32)
+
+
+def mtus(lab: Lab, node: LabNode) -> set[int]:
+    """The MTUs of the node's bridge, VXLAN device and both ends of each of its pods' veths."""
+    found = set()
+    with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+        for name in ["brsknf", "vxsknf", *(p.host_ifname for p in lab.state.pods if p.node == node.name)]:
+            found.add(netlink.link_info(ipr, name).get("IFLA_MTU"))
+    for pod in (p for p in lab.state.pods if p.node == node.name):
+        with netlink.route(nsutil.netns_path(pod.netns)) as ipr:
+            found.add(netlink.link_info(ipr, "eth0").get("IFLA_MTU"))
+    return found
+
+
+def test_an_mtu_change_reaches_running_pods(lab: Lab) -> None:
+    node = lab.state.nodes[0]
+    config = Path(node.config)
+    original = config.read_text()
+    assert mtus(lab, node) == {1450}
+    try:
+        config.write_text(original + "mtu: 1400\n")
+        lab.restart_agent(node)
+        assert mtus(lab, node) == {1400}
+    finally:
+        config.write_text(original)
+        lab.restart_agent(node)
+    assert mtus(lab, node) == {1450}
+    assert failures(lab.check(services_only=True)) == []
