@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
 
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables kmod
-      iperf3 sockperf podman runc containernetworking-plugins busybox-static prometheus bpftool)
+      iperf3 sockperf podman runc containernetworking-plugins busybox-static prometheus bpftool
+      nftables python3-nftables conntrack)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
