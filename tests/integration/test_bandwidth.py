@@ -1,0 +1,216 @@
+"""Bandwidth-annotated pods in both datapaths: a pod added through the installed conflist with
+`runtimeConfig.bandwidth` as containerd sends it starts, gets its shaping objects, and its traffic is
+held to its rate in each direction (same node and across nodes), while an unshaped pod on the same
+node runs far faster. Negative control: with the shaping broken by hand (agent stopped), the same
+measurement runs far faster too, and a restarted agent puts the shaping back from its record. DEL
+leaves no ifb, qdisc or record; bad limits are refused with code 7 and leave nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leftovers import assert_lab_gone
+
+from sknf import netlink, nsutil, shaping
+from sknf.bench_bandwidth import bandwidth, directions, extra_pod, iperf_servers, rate, with_runtime_config
+from sknf.datapath import bpfmaps, tc
+from sknf.datapath.bpf import read_pinned_counters
+from sknf.datapath.kernel import host_veth_stats
+from sknf.lab import Lab, LabNode, LabPod, cni_exec
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+PREFIX = "skw"
+RATE = 50_000_000  # bit/s each way
+SECONDS = 2  # per measurement, after 1 s omitted (the token bucket's initial burst)
+
+
+@pytest.fixture(scope="module", params=["kernel", "bpf"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    pids: list[int] = []
+    try:
+        with Lab(prefix=PREFIX, nodes=2, pods_per_node=1, datapath=request.param) as built, \
+                iperf_servers(built.state.pods):
+            pids = [n.agent_pid for n in built.state.nodes]
+            yield built
+            pids += [n.agent_pid for n in built.state.nodes]  # the negative control restarts n1's agent
+    finally:
+        assert_lab_gone(PREFIX, pids)
+
+
+def n1(lab: Lab) -> LabNode:
+    return lab.state.nodes[0]
+
+
+def tc_json(node: LabNode, *argv: str) -> list[dict]:
+    out = subprocess.run(["tc", "-j", "-n", node.netns, *argv], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+def root_tbf(node: LabNode, dev: str) -> dict | None:
+    qdiscs = tc_json(node, "qdisc", "show", "dev", dev)
+    return next((q["options"] for q in qdiscs if q["kind"] == "tbf" and q.get("root")), None)
+
+
+def links(node: LabNode) -> set[str]:
+    with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+        return {link.get("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def redirect_of(node: LabNode, dev: str) -> str | None:
+    for f in tc_json(node, "filter", "show", "dev", dev, "ingress"):
+        for action in f.get("options", {}).get("actions", []):
+            if f["pref"] == shaping.FILTER_PRIO and action["kind"] == "mirred":
+                return action["to_dev"]
+    return None
+
+
+def endpoint_flags(lab: Lab, node: LabNode, pod: LabPod) -> int:
+    with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{node.name}") / "endpoints") as fd:
+        entry = bpfmaps.lookup(fd, ctypes.c_uint32(_be32(pod.ip)), bpfmaps.EndpointInfo)
+    return entry.flags
+
+
+def _be32(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+def sknf_filters(node: LabNode, dev: str) -> set[str]:
+    with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+        return {name for _, name, _ in tc.sknf_filters(ipr, netlink.link_index(ipr, dev))}
+
+
+def assert_shaped(lab: Lab, pod: LabPod) -> None:
+    """The kernel objects of a pod shaped at RATE both ways (read with tc, not with sknf's own code)."""
+    node, ifb = n1(lab), shaping.ifb_name(pod.host_ifname)
+    assert root_tbf(node, pod.host_ifname)["rate"] == RATE // 8
+    assert ifb in links(node)
+    assert root_tbf(node, ifb)["rate"] == RATE // 8
+    assert redirect_of(node, pod.host_ifname) == ifb
+    if lab.state.datapath == "bpf":
+        assert endpoint_flags(lab, node, pod) == bpfmaps.ENDPOINT_SHAPED
+        assert sknf_filters(node, pod.host_ifname) == {"sknf_from_shaped_pod", "sknf_to_pod"}
+
+
+def pod_bytes(lab: Lab, pod: LabPod) -> tuple[int, int]:
+    """(tx, rx) bytes of the pod as sknf counts them in this datapath (BPF maps, or the host veth's stats)."""
+    with nsutil.entered(n1(lab).netns):
+        if lab.state.datapath == "bpf":
+            c = read_pinned_counters(Path(f"/sys/fs/bpf/{PREFIX}-{n1(lab).name}"))[pod.host_ifname]
+            return c.tx_bytes, c.rx_bytes
+        stats = host_veth_stats()[pod.host_ifname]
+        return stats["rx_bytes"], stats["tx_bytes"]
+
+
+def iperf_bytes(client: LabPod, server: LabPod, nbytes: int, reverse: bool = False) -> None:
+    subprocess.run(["iperf3", "-c", server.ip, "-p", "5202", "-n", str(nbytes), *(["-R"] if reverse else [])],
+                   capture_output=True, check=True, timeout=60, preexec_fn=nsutil.preexec_enter(client.netns))
+
+
+def within_rate(measured: dict[str, float]) -> dict[str, str]:
+    """The directions that break the rule (<= 2x the rate; and at least a third of it: the pod works)."""
+    return {k: f"{v / 1e6:.1f} Mbit/s" for k, v in measured.items() if not RATE / 3 <= v <= 2 * RATE}
+
+
+def far_above_rate(measured: dict[str, float]) -> dict[str, str]:
+    return {k: f"{v / 1e6:.1f} Mbit/s" for k, v in measured.items() if v <= 5 * RATE}
+
+
+def test_shaped_pod_is_held_to_its_rates_and_del_leaves_nothing(lab: Lab) -> None:
+    node = n1(lab)
+    with extra_pod(lab, node, "n1bw", {"bandwidth": bandwidth(RATE, RATE)}) as pod:
+        assert_shaped(lab, pod)
+        shaped = directions(lab, pod, SECONDS)
+        assert within_rate(shaped) == {}, shaped
+
+        # Counted once per frame although each sent frame passes the ifb (8 MiB each way, ~5% headers).
+        remote = next(p for p in lab.state.pods if p.name == "n2p1")
+        tx0, rx0 = pod_bytes(lab, pod)
+        iperf_bytes(pod, remote, 8 << 20)
+        iperf_bytes(pod, remote, 8 << 20, reverse=True)
+        tx1, rx1 = pod_bytes(lab, pod)
+        assert 1.0 < (tx1 - tx0) / (8 << 20) < 1.3 and 1.0 < (rx1 - rx0) / (8 << 20) < 1.3, (tx1 - tx0, rx1 - rx0)
+
+        # Negative control: the agent stopped, the shaping undone by hand as the bug did it.
+        lab.stop_agent(node)
+        with netlink.route(nsutil.netns_path(node.netns)) as ipr:
+            if lab.state.datapath == "bpf":  # the fast path as before: redirect_peer in, from_pod out
+                pins = Path(f"/sys/fs/bpf/{PREFIX}-{node.name}")
+                with bpfmaps.pinned(pins / "endpoints") as fd:
+                    key = ctypes.c_uint32(_be32(pod.ip))
+                    entry = bpfmaps.lookup(fd, key, bpfmaps.EndpointInfo)
+                    entry.flags = 0
+                    bpfmaps.update(fd, key, entry)
+                with bpfmaps.pinned(pins / "prog_from_pod") as prog:
+                    tc.attach(ipr, netlink.link_index(ipr, pod.host_ifname), tc.INGRESS, prog, "sknf_from_pod")
+            else:
+                shaping.remove(ipr, pod.host_ifname)
+        unshaped = directions(lab, pod, SECONDS)
+        assert far_above_rate(unshaped) == {}, unshaped
+
+        # A restarted agent shapes the pod again from its record.
+        lab.restart_agent(node)
+        assert_shaped(lab, pod)
+        local = next(p for p in lab.state.pods if p.name == "n1p1")
+        again = {"egress (to n2p1)": rate(pod, remote, SECONDS),
+                 "ingress (from n1p1)": rate(pod, local, SECONDS, reverse=True)}
+        assert within_rate(again) == {}, again
+        host_ifname, ifb = pod.host_ifname, shaping.ifb_name(pod.host_ifname)
+    assert {host_ifname, ifb} & links(node) == set()
+    assert not (lab.node_dir(node.name) / "state" / shaping.RECORDS / host_ifname).exists()
+
+
+def test_unshaped_pod_on_the_same_node_is_not_limited(lab: Lab) -> None:
+    node = n1(lab)
+    with extra_pod(lab, node, "n1free") as pod:
+        assert root_tbf(node, pod.host_ifname) is None and redirect_of(node, pod.host_ifname) is None
+        assert shaping.ifb_name(pod.host_ifname) not in links(node)
+        measured = directions(lab, pod, SECONDS)
+    assert far_above_rate(measured) == {}, measured
+
+
+def test_check_verifies_the_shaping(lab: Lab) -> None:
+    node = n1(lab)
+    runtime_config = {"bandwidth": bandwidth(RATE, RATE)}
+    with extra_pod(lab, node, "n1chk", runtime_config) as pod:
+        sknf = lab.conflist(node)["plugins"][0]
+        prev = {"cniVersion": "1.0.0", "ips": [{"address": f"{pod.ip}/16"}]}
+        for rc, want in ((runtime_config, 0), ({"bandwidth": bandwidth(RATE, 2 * RATE)}, 110), ({}, 110)):
+            netconf = {**sknf, "cniVersion": "1.0.0", "name": "sknf", "prevResult": prev, "runtimeConfig": rc}
+            code, out = cni_exec(lab.plugin_dir, "CHECK", netconf, container_id=pod.container_id,
+                                 netns=nsutil.netns_path(pod.netns))
+            assert (code and out["code"]) == want, out
+
+
+@pytest.mark.parametrize("limits", [
+    {"ingressRate": RATE},  # rate without burst
+    {"egressRate": RATE, "egressBurst": -1},
+    {"egressRate": "50M", "egressBurst": 1 << 20},
+    {"ingressRate": 10, "ingressBurst": 1 << 20},  # below kubelet's 1 kbit/s
+    {"ingressRate": 2000, "ingressBurst": 1 << 20},  # a bucket (capped at ~4.3 s of tokens) below one frame
+    {"egressRate": RATE, "egressBurst": 1 << 40},
+])
+def test_bad_limits_are_refused_and_leave_nothing(lab: Lab, limits: dict) -> None:
+    node = n1(lab)
+    before = links(node)
+    conflist = with_runtime_config(lab.conflist(node), {"bandwidth": limits})
+    netconf = {**conflist["plugins"][0], "cniVersion": conflist["cniVersion"], "name": conflist["name"]}
+    nsname = f"{PREFIX}-n1bad"
+    subprocess.run(["ip", "netns", "add", nsname], check=True)
+    try:
+        code, out = cni_exec(lab.plugin_dir, "ADD", netconf, container_id="bad" * 8,
+                             netns=nsutil.netns_path(nsname))
+    finally:
+        subprocess.run(["ip", "netns", "del", nsname], check=True)
+    assert code == 1 and out["code"] == 7, out
+    assert "bandwidth" in out["msg"], out
+    assert links(node) == before
+    state = lab.node_dir(node.name) / "state"
+    assert list((state / shaping.RECORDS).glob("sknf*")) == []
+    assert not any("bad" * 8 in p.read_text() for p in (state / "ipam").rglob("*") if p.is_file())
