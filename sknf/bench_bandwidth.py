@@ -102,14 +102,17 @@ def rate(client: LabPod, server: LabPod, seconds: int, reverse: bool = False, om
         raise BenchError(f"iperf3 {client.name} -> {server.name}: {(proc.stdout + proc.stderr)[-400:]}") from None
 
 
-def directions(lab: Lab, pod: LabPod, seconds: int, omit: int = 1) -> dict[str, float]:
-    """{direction: bit/s} of pod against the lab's pods, whose iperf3 servers must run (n1p1 shares
-    pod's node n1, n2p1 is on the other node)."""
-    local = next(p for p in lab.state.pods if p.name == "n1p1")
-    remote = next(p for p in lab.state.pods if p.name == "n2p1")
-    return {"egress (to n2p1)": rate(pod, remote, seconds, omit=omit),
-            "ingress (from n1p1)": rate(pod, local, seconds, reverse=True, omit=omit),
-            "ingress (from n2p1)": rate(pod, remote, seconds, reverse=True, omit=omit)}
+# path -> (the lab pod at the other end, data flows to the measured pod): n1p1 shares the measured
+# pod's node n1 (the fast path's same-node redirect), n2p1 is on the other node (the overlay's).
+PATHS = {"egress (to n2p1)": ("n2p1", False), "ingress (from n1p1)": ("n1p1", True),
+         "ingress (from n2p1)": ("n2p1", True)}
+
+
+def directions(lab: Lab, pod: LabPod, seconds: int, omit: int = 1, paths: tuple[str, ...] = tuple(PATHS)
+               ) -> dict[str, float]:
+    """{path: bit/s} of pod against the lab's pods, whose iperf3 servers must run (see PATHS)."""
+    pods = {p.name: p for p in lab.state.pods}
+    return {path: rate(pod, pods[PATHS[path][0]], seconds, reverse=PATHS[path][1], omit=omit) for path in paths}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

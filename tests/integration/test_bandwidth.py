@@ -11,6 +11,7 @@ import ctypes
 import json
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from leftovers import assert_lab_gone
 
 from sknf import netlink, nsutil, shaping
-from sknf.bench_bandwidth import bandwidth, directions, extra_pod, iperf_servers, rate, with_runtime_config
+from sknf.bench_bandwidth import PATHS, bandwidth, directions, extra_pod, iperf_servers, with_runtime_config
 from sknf.datapath import bpfmaps, tc
 from sknf.datapath.bpf import read_pinned_counters
 from sknf.datapath.kernel import host_veth_stats
@@ -28,7 +29,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PREFIX = "skw"
 RATE = 50_000_000  # bit/s each way
-SECONDS = 2  # per measurement, after 1 s omitted (the token bucket's initial burst)
+SECONDS = 2  # per measurement of a shaped path, after 1 s omitted (the token bucket's initial burst)
+QUICK = 1  # per measurement of a path that must run far faster
+EGRESS, FROM_LOCAL, FROM_REMOTE = PATHS
+TRANSFER_PORT = 5203
 
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
@@ -108,14 +112,35 @@ def pod_bytes(lab: Lab, pod: LabPod) -> tuple[int, int]:
         return stats["rx_bytes"], stats["tx_bytes"]
 
 
-def iperf_bytes(client: LabPod, server: LabPod, nbytes: int, reverse: bool = False) -> None:
-    subprocess.run(["iperf3", "-c", server.ip, "-p", "5202", "-n", str(nbytes), *(["-R"] if reverse else [])],
-                   capture_output=True, check=True, timeout=60, preexec_fn=nsutil.preexec_enter(client.netns))
+def transfer(src: LabPod, dst: LabPod, nbytes: int) -> None:
+    """nbytes over TCP src -> dst; returns once dst has read them all (so every frame has been counted)."""
+    with nsutil.entered(dst.netns):
+        listener = socket.create_server((dst.ip, TRANSFER_PORT))
+    with nsutil.entered(src.netns):
+        sender = socket.socket()
+    got = 0
+    with listener, sender:
+        listener.settimeout(30)
+        sender.settimeout(30)
+        sender.connect((dst.ip, TRANSFER_PORT))
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            block = b"x" * 65536
+            done = threading.Thread(target=lambda: [sender.sendall(block) for _ in range(nbytes // len(block))])
+            done.start()
+            while got < nbytes:
+                chunk = conn.recv(1 << 20)
+                assert chunk, f"connection closed after {got} of {nbytes} bytes"
+                got += len(chunk)
+            done.join()
 
 
 def within_rate(measured: dict[str, float]) -> dict[str, str]:
-    """The directions that break the rule (<= 2x the rate; and at least a third of it: the pod works)."""
-    return {k: f"{v / 1e6:.1f} Mbit/s" for k, v in measured.items() if not RATE / 3 <= v <= 2 * RATE}
+    """The directions not held to the rate: above 1.25x (tighter than the issue's 2x: a shaped stream
+    measures 0.956x, the headers' share, while a half-bypassed one was seen at 1.5x), or below a
+    third of it (the pod must still work)."""
+    return {k: f"{v / 1e6:.1f} Mbit/s" for k, v in measured.items() if not RATE / 3 <= v <= 1.25 * RATE}
 
 
 def far_above_rate(measured: dict[str, float]) -> dict[str, str]:
@@ -132,8 +157,8 @@ def test_shaped_pod_is_held_to_its_rates_and_del_leaves_nothing(lab: Lab) -> Non
         # Counted once per frame although each sent frame passes the ifb (8 MiB each way, ~5% headers).
         remote = next(p for p in lab.state.pods if p.name == "n2p1")
         tx0, rx0 = pod_bytes(lab, pod)
-        iperf_bytes(pod, remote, 8 << 20)
-        iperf_bytes(pod, remote, 8 << 20, reverse=True)
+        transfer(pod, remote, 8 << 20)
+        transfer(remote, pod, 8 << 20)
         tx1, rx1 = pod_bytes(lab, pod)
         assert 1.0 < (tx1 - tx0) / (8 << 20) < 1.3 and 1.0 < (rx1 - rx0) / (8 << 20) < 1.3, (tx1 - tx0, rx1 - rx0)
 
@@ -151,19 +176,40 @@ def test_shaped_pod_is_held_to_its_rates_and_del_leaves_nothing(lab: Lab) -> Non
                     tc.attach(ipr, netlink.link_index(ipr, pod.host_ifname), tc.INGRESS, prog, "sknf_from_pod")
             else:
                 shaping.remove(ipr, pod.host_ifname)
-        unshaped = directions(lab, pod, SECONDS)
+        unshaped = directions(lab, pod, QUICK)
         assert far_above_rate(unshaped) == {}, unshaped
 
         # A restarted agent shapes the pod again from its record.
         lab.restart_agent(node)
         assert_shaped(lab, pod)
-        local = next(p for p in lab.state.pods if p.name == "n1p1")
-        again = {"egress (to n2p1)": rate(pod, remote, SECONDS),
-                 "ingress (from n1p1)": rate(pod, local, SECONDS, reverse=True)}
+        again = directions(lab, pod, SECONDS, paths=(FROM_REMOTE,))
         assert within_rate(again) == {}, again
         host_ifname, ifb = pod.host_ifname, shaping.ifb_name(pod.host_ifname)
     assert {host_ifname, ifb} & links(node) == set()
     assert not (lab.node_dir(node.name) / "state" / shaping.RECORDS / host_ifname).exists()
+
+
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_one_direction_shaped_leaves_the_other_free(lab: Lab, direction: str) -> None:
+    """An ingress-only pod sends on the fast path in BPF mode, so nothing learned keeps its replies on
+    the kernel path: only ENDPOINT_SHAPED takes frames for it past its host veth's qdisc."""
+    node = n1(lab)
+    limits = bandwidth(ingress_rate=RATE) if direction == "ingress" else bandwidth(egress_rate=RATE)
+    with extra_pod(lab, node, f"n1{direction[:3]}", {"bandwidth": limits}) as pod:
+        ifb = shaping.ifb_name(pod.host_ifname)
+        if direction == "ingress":
+            assert root_tbf(node, pod.host_ifname)["rate"] == RATE // 8
+            assert ifb not in links(node) and redirect_of(node, pod.host_ifname) is None
+        else:
+            assert root_tbf(node, pod.host_ifname) is None and redirect_of(node, pod.host_ifname) == ifb
+        if lab.state.datapath == "bpf":
+            assert endpoint_flags(lab, node, pod) == (bpfmaps.ENDPOINT_SHAPED if direction == "ingress" else 0)
+            program = "sknf_from_pod" if direction == "ingress" else "sknf_from_shaped_pod"
+            assert sknf_filters(node, pod.host_ifname) == {program, "sknf_to_pod"}
+        shaped = directions(lab, pod, SECONDS, paths=(FROM_LOCAL, FROM_REMOTE) if direction == "ingress" else (EGRESS,))
+        free = directions(lab, pod, QUICK, paths=(EGRESS,) if direction == "ingress" else (FROM_LOCAL,))
+    assert within_rate(shaped) == {}, shaped
+    assert far_above_rate(free) == {}, free
 
 
 def test_unshaped_pod_on_the_same_node_is_not_limited(lab: Lab) -> None:
@@ -171,7 +217,7 @@ def test_unshaped_pod_on_the_same_node_is_not_limited(lab: Lab) -> None:
     with extra_pod(lab, node, "n1free") as pod:
         assert root_tbf(node, pod.host_ifname) is None and redirect_of(node, pod.host_ifname) is None
         assert shaping.ifb_name(pod.host_ifname) not in links(node)
-        measured = directions(lab, pod, SECONDS)
+        measured = directions(lab, pod, QUICK, paths=(EGRESS, FROM_LOCAL))
     assert far_above_rate(measured) == {}, measured
 
 
