@@ -157,11 +157,12 @@ def add(net: PodNetwork, req: Request) -> dict:
         netlink.set_port(ipr, host_index, node.bridge_ifindex)
 
         # 5. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
-        # reconcile or undone with the lease.
+        # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
         if req.bandwidth is not None:
-            shaping.save_record(net.cfg.state_dir, host_ifname, req.bandwidth)
-            undo.callback(shaping.forget, ipr, net.cfg.state_dir, host_ifname)
-            shaping.ensure(ipr, host_ifname, host_index, req.bandwidth, node.mtu)
+            with net.datapath_lock:
+                shaping.save_record(net.cfg.state_dir, host_ifname, req.bandwidth)
+                undo.callback(shaping.forget, ipr, net.cfg.state_dir, host_ifname)
+                shaping.ensure(ipr, host_ifname, host_index, req.bandwidth, node.mtu)
 
         # 6. Fast path and counters (a no-op in the kernel datapath).
         endpoint = endpoint_of(lease, host_index, req.bandwidth)

@@ -7,11 +7,15 @@ leaves no ifb, qdisc or record; bad limits are refused with code 7 and leave not
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import socket
+import struct
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from sknf.datapath import bpfmaps, tc
 from sknf.datapath.bpf import read_pinned_counters
 from sknf.datapath.kernel import host_veth_stats
 from sknf.lab import Lab, LabNode, LabPod, cni_exec
+from sknf.pod import pod_mac
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -33,6 +38,9 @@ SECONDS = 2  # per measurement of a shaped path, after 1 s omitted (the token bu
 QUICK = 1  # per measurement of a path that must run far faster
 EGRESS, FROM_LOCAL, FROM_REMOTE = PATHS
 TRANSFER_PORT = 5203
+FLOOD_PORT = 5204
+FLOOD_RATE = 5_000_000
+SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
 
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
@@ -219,6 +227,73 @@ def test_unshaped_pod_on_the_same_node_is_not_limited(lab: Lab) -> None:
         assert shaping.ifb_name(pod.host_ifname) not in links(node)
         measured = directions(lab, pod, QUICK, paths=(EGRESS, FROM_LOCAL))
     assert far_above_rate(measured) == {}, measured
+
+
+def raw_flood_rate(src: LabPod, dst: LabPod, seconds: float = 2, warmup: float = 1) -> float:
+    """Bit/s of UDP payload dst receives while src floods it from a packet socket with
+    PACKET_QDISC_BYPASS (what a hostile pod with CAP_NET_RAW does to skip its own qdiscs), counted
+    after warmup (the token bucket's initial burst)."""
+    with nsutil.entered(dst.netns):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload = b"\0" * 1400
+    udp = struct.pack("!HHHH", 40000, FLOOD_PORT, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
+                     socket.inet_aton(src.ip), socket.inet_aton(dst.ip))
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    frame = bytes.fromhex(pod_mac(dst.container_id, "eth0").replace(":", "")) + \
+        bytes.fromhex(pod_mac(src.container_id, "eth0").replace(":", "")) + b"\x08\x00" + ip + udp
+    # The flood runs in a process of its own (a CPU of its own, no GIL shared with the receiver).
+    code = ("import os, socket, sys, time\n"
+            "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+            f"s.setsockopt({SOL_PACKET}, {PACKET_QDISC_BYPASS}, 1)\n"
+            "s.bind(('eth0', 0))\n"
+            "frame = bytes.fromhex(sys.argv[1])\n"
+            f"end = time.monotonic() + {warmup + seconds + 0.5}\n"
+            "while time.monotonic() < end:\n"
+            "    for _ in range(1000):\n"
+            "        try:\n"
+            "            s.send(frame)\n"
+            "        except OSError:\n"
+            "            pass\n")
+    with rx:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind((dst.ip, FLOOD_PORT))
+        rx.settimeout(0.2)
+        sender = subprocess.Popen([sys.executable, "-c", code, frame.hex()], preexec_fn=nsutil.preexec_enter(src.netns))
+        try:
+            got, start = 0, time.monotonic()
+            while (now := time.monotonic()) < start + warmup + seconds:
+                with contextlib.suppress(TimeoutError):
+                    n = len(rx.recv(65536))
+                    got += n if now >= start + warmup else 0
+        finally:
+            sender.kill()
+            sender.wait()
+    return got * 8 / seconds
+
+
+def _checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    return ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+
+
+def test_hostile_pod_cannot_bypass_its_egress_limit(lab: Lab) -> None:
+    """Shaping is on the host side: a packet socket that skips the pod's own qdiscs changes nothing.
+    Control: the same flood from an unshaped pod whose own eth0 has a tbf at the rate (shaping inside
+    the pod) arrives far above the rate."""
+    node = n1(lab)
+    remote = next(p for p in lab.state.pods if p.name == "n2p1")
+    # A 1 Mbit bucket: with the runtimes' burst ~4 s worth of the rate would pass at line rate first.
+    # A lower rate than RATE: a packet socket in Python floods at only ~100 Mbit/s through the overlay.
+    with extra_pod(lab, node, "n1raw", {"bandwidth": bandwidth(egress_rate=FLOOD_RATE, burst=1 << 20)}) as pod:
+        shaped = raw_flood_rate(pod, remote)
+    with extra_pod(lab, node, "n1rawfree") as pod:
+        subprocess.run(["tc", "-n", pod.netns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                        str(FLOOD_RATE), "burst", "125000", "latency", "25ms"], check=True)
+        free = raw_flood_rate(pod, remote)
+    assert shaped <= 1.25 * FLOOD_RATE, f"{shaped / 1e6:.1f} Mbit/s"
+    assert free > 5 * FLOOD_RATE, f"{free / 1e6:.1f} Mbit/s"
 
 
 def test_check_verifies_the_shaping(lab: Lab) -> None:
