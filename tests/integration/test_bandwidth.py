@@ -229,7 +229,7 @@ def test_unshaped_pod_on_the_same_node_is_not_limited(lab: Lab) -> None:
     assert far_above_rate(measured) == {}, measured
 
 
-def raw_flood_rate(src: LabPod, dst: LabPod, seconds: float = 2, warmup: float = 1) -> float:
+def raw_flood_rate(src: LabPod, dst: LabPod, seconds: float = 1, warmup: float = 0.5) -> float:
     """Bit/s of UDP payload dst receives while src floods it from a packet socket with
     PACKET_QDISC_BYPASS (what a hostile pod with CAP_NET_RAW does to skip its own qdiscs), counted
     after warmup (the token bucket's initial burst)."""
