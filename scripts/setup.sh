@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
 
-pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables kmod
+pkgs=(python3 python3-venv python3-bpfcc python3-nftables bpfcc-tools linux-headers-amd64 iproute2 iptables kmod
       iperf3 sockperf podman runc containernetworking-plugins busybox-static prometheus bpftool)
 missing=()
 for p in "${pkgs[@]}"; do
