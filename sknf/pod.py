@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -111,10 +112,30 @@ class PodNetwork:
         return node
 
 
-def endpoint_of(lease: Lease, host_ifindex: int) -> Endpoint:
+def endpoint_of(lease: Lease, host_ifindex: int, siblings: tuple[str, ...] = ()) -> Endpoint:
+    """The datapath's view of a lease; siblings are the addresses of the container's other leases."""
     return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
                     container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
-                    pod=lease.pod)
+                    pod=lease.pod, siblings=tuple(sorted({str(x) for x in siblings} - {str(lease.ip)})))
+
+
+def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: str = "") -> None:
+    """(Re)attach the container's other attachments than `skip`, each allowed every address the
+    container now holds (source validation): called when an attachment is added or deleted."""
+    leases = net.store.of_container(container_id)
+    ips = tuple(str(lease.ip) for lease in leases)
+    for lease in leases:
+        if lease.ifname != skip and (index := netlink.link_index(ipr, lease.host_ifname)):
+            net.datapath.attach_pod(endpoint_of(lease, index, ips))
+
+
+def disable_pod_ipv6(netns: str, ifname: str) -> None:
+    """No IPv6 on the pod's sknf interface until dual-stack (loopback keeps ::1): its kernel then sends
+    no router solicitation, DAD or MLD, and takes no router advertisement; the datapath drops any
+    IPv6 frame a pod crafts anyway."""
+    with nsutil.entered(netns):
+        if os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to turn off
+            netlink.sysctl(f"net.ipv6.conf.{ifname.replace('.', '/')}.disable_ipv6", 1)
 
 
 def _require_netns(req: Request) -> None:
@@ -147,17 +168,22 @@ def add(net: PodNetwork, req: Request) -> dict:
         else:
             netlink.set_alias(ipr, host_index, record)
 
-        # 3. Inside the pod: address with the cluster-wide prefix, up, default route via the bridge.
+        # 3. Inside the pod: no IPv6, address with the cluster-wide prefix, up, default route via the bridge.
+        disable_pod_ipv6(req.netns, req.ifname)
         with netlink.route(req.netns) as pod:
             netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
 
         # 4. The host end joins the bridge.
         netlink.set_port(ipr, host_index, node.bridge_ifindex)
 
-        # 5. Fast path and counters (a no-op in the kernel datapath).
+        # 5. Source validation, fast path and counters; the container's other attachments are allowed
+        #    this address too.
+        siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
         with net.datapath_lock:
-            net.datapath.attach_pod(endpoint_of(lease, host_index))
-        undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index))
+            net.datapath.attach_pod(endpoint_of(lease, host_index, siblings))
+            undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index))
+            if len(siblings) > 1:
+                _attach_container(net, ipr, req.container_id, skip=req.ifname)
 
         result = build_result(
             req.cni_version,
@@ -182,7 +208,10 @@ def delete(net: PodNetwork, req: Request) -> None:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
             # Deleting the host end removes the pod end too, wherever the namespace is.
             netlink.delete_link(ipr, host_ifname)
-        net.store.release(req.container_id, req.ifname)
+            net.store.release(req.container_id, req.ifname)
+            if lease is not None:
+                with net.datapath_lock:  # its other attachments may no longer send from this address
+                    _attach_container(net, ipr, req.container_id)
     if lease is not None:
         log.info("DEL %s/%s %s %s -> freed %s", lease.namespace, lease.pod, req.container_id[:12], req.ifname,
                  lease.ip)
@@ -353,8 +382,12 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
                     raise
                 continue
             rejoined.append(lease.host_ifname)
-        net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"]) for lease in live
-                                     if lease.mac])
+        by_container: dict[str, list[str]] = {}
+        for lease in live:
+            by_container.setdefault(lease.container_id, []).append(str(lease.ip))
+        net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"],
+                                                 tuple(by_container[lease.container_id]))
+                                     for lease in live if lease.mac])
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost
