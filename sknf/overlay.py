@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 
 from sknf import iptables, netlink
@@ -42,6 +43,9 @@ SYSCTLS = {
     "net.ipv4.conf.all.rp_filter": 2,
     f"net.ipv4.conf.{BRIDGE}.rp_filter": 2,
 }
+# A pod's router advertisement must never become the node's default route (CVE-2020-10749): the
+# overlay's devices take none (pods' IPv6 is dropped anyway, see sknf.guard). Skipped without IPv6.
+IPV6_SYSCTLS = {f"net.ipv6.conf.{dev}.accept_ra": 0 for dev in (BRIDGE, VXLAN)}
 
 
 class OverlayError(RuntimeError):
@@ -102,6 +106,9 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
         gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
     for key, value in SYSCTLS.items():
         netlink.sysctl(key, value)
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        for key, value in IPV6_SYSCTLS.items():
+            netlink.sysctl(key, value)
     return NodeOverlay(underlay_ifindex=dev_index, underlay_ip=local_ip, bridge_ifindex=br, vxlan_ifindex=vx,
                        gateway_ip=gateway, gateway_mac=gateway_mac, mtu=mtu, pod_cidr=pod_cidr)
 
@@ -123,9 +130,10 @@ def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[se
 
 
 def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
-    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed."""
+    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
-    return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade)
+    return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade, node_ips - {node.underlay_ip},
+                           cfg.vxlan_port)
 
 
 def teardown() -> None:
