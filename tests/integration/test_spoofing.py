@@ -475,3 +475,32 @@ def test_legitimate_traffic_after_the_attacks(lab: Lab) -> None:
     results = lab.check(bulk_bytes=1 << 20)
     assert [f"{r.flow}: {r.src} -> {r.dst}: {r.detail}" for r in results if not r.ok] == []
     assert who(pod(lab, "n2p1").netns, INTERNET_HOST) == (node(lab, "n2").underlay_ip, "inet")
+
+
+def test_map_mirrors_match_bcc(lab: Lab) -> None:
+    """bpfmaps' hand-written mirrors of the validation maps are what BCC generates from bpf/lib/common.h, and
+    BCC reads the attacker's identity and sources as the agent wrote them."""
+    if lab.state.datapath != "bpf":
+        pytest.skip("BPF maps exist in the bpf datapath only")
+    from sknf.datapath import bpfload
+    from sknf.datapath.bpf import BPF_DIR, _max_flows
+
+    attacker = pod(lab, "n2p1")
+    bpf = bpfload.compile_bpf(BPF_DIR, Path(f"/sys/fs/bpf/{PREFIX}-n2"), _max_flows())
+    try:
+        def layout(struct: type) -> tuple[int, list[int]]:
+            return ctypes.sizeof(struct), [getattr(struct, f[0]).offset for f in struct._fields_]
+
+        assert layout(bpfmaps.PodIdentity) == layout(bpf[b"pod_identity"].Leaf)
+        assert layout(bpfmaps.SourceKey) == layout(bpf[b"pod_sources"].Key)
+        assert ctypes.sizeof(bpf[b"pod_refused"].sLeaf) == ctypes.sizeof(bpfmaps.RefusedValues) == 8 * len(
+            REFUSED_REASONS)
+        with netlink.route(nsutil.netns_path(node(lab, "n2").netns)) as ipr:
+            ifindex = netlink.link_index(ipr, attacker.host_ifname)
+        ident = bpf[b"pod_identity"][ctypes.c_uint32(ifindex)]
+        assert bytes(ident.mac).hex(":") == mac_of(attacker)
+        addrs = [socket.inet_ntoa(struct.pack("I", k.addr)) for k in bpf[b"pod_sources"]
+                 if k.ifindex == ifindex]
+        assert addrs == [attacker.ip]
+    finally:
+        bpf.cleanup()
