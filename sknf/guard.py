@@ -186,6 +186,30 @@ def _pod_elements(host_ifname: str, mac: str, sources: Iterable[str]) -> dict[st
             **{f"drop_{r}": [host_ifname] for r in REASONS}}
 
 
+def _element_commands(verb: str, elements: dict[str, list]) -> list[dict]:
+    return [{verb: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elems}}}
+            for name, elems in elements.items() if elems]
+
+
+def add_pod(host_ifname: str, mac: str, sources: Iterable[str]) -> None:
+    """One attachment's elements (ADD): `add` is idempotent, and nothing is listed, so an ADD costs the
+    same with 10 pods or 10,000. Sources that must go are removed by remove_pod (or the next sync)."""
+    _nft(_element_commands("add", _pod_elements(host_ifname, mac, sources)))
+
+
+def remove_pod(host_ifname: str, mac: str, sources: Iterable[str], address: str | None = None) -> None:
+    """One attachment's elements (DEL), and their counters. Each is added, then deleted, in one transaction:
+    nft's delete fails on a missing element, and a DEL must succeed whatever is left. With `address`
+    (the attachment had siblings), that address also stops being allowed on every other host veth."""
+    elements = _pod_elements(host_ifname, mac, sources)
+    cmds = _element_commands("add", elements) + _element_commands("delete", elements)
+    if address is not None:
+        listed = _nft([{"list": {"set": {"family": FAMILY, "table": TABLE, "name": "ips"}}}])
+        shared = [e for e in _elements(listed).get("ips", []) if _key(e)[1:] == (address,)]
+        cmds += _element_commands("delete", {"ips": [e for e in shared if _key(e)[0] != host_ifname]})
+    _nft(cmds)
+
+
 def _key(value: Any) -> tuple:
     """A set element as a hashable value, for comparing listed and wanted elements."""
     if isinstance(value, dict) and "concat" in value:
@@ -193,12 +217,9 @@ def _key(value: Any) -> tuple:
     return (str(value),)
 
 
-def sync(pods: Iterable[tuple[str, str, Iterable[str]]], only: set[str] | None = None) -> None:
-    """Make the sets hold exactly these pods: (host veth, MAC, allowed sources) each.
-
-    With `only`, just those host veths' elements are reconciled (one pod's ADD or DEL); the others are
-    left as they are. Counters of elements that stay are kept.
-    """
+def sync(pods: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+    """Make the sets hold exactly these pods, (host veth, MAC, allowed sources) each (the periodic
+    reconcile); counters of elements that stay are kept."""
     wanted: dict[str, dict[tuple, Any]] = {name: {} for name in _set_names()}
     for host_ifname, mac, sources in pods:
         for name, elems in _pod_elements(host_ifname, mac, sources).items():
@@ -210,15 +231,9 @@ def sync(pods: Iterable[tuple[str, str, Iterable[str]]], only: set[str] | None =
     cmds = []
     for name in _set_names():
         current = have.get(name, {})
-        if only is not None:
-            current = {k: v for k, v in current.items() if k[0] in only}
-        add = [e for k, e in wanted[name].items() if k not in current]
-        drop = [e for k, e in current.items() if k not in wanted[name]]
-        where = {"family": FAMILY, "table": TABLE, "name": name}
-        if drop:
-            cmds.append({"delete": {"element": {**where, "elem": drop}}})
-        if add:
-            cmds.append({"add": {"element": {**where, "elem": add}}})
+        stale = [e for k, e in current.items() if k not in wanted[name]]
+        missing = [e for k, e in wanted[name].items() if k not in current]
+        cmds += _element_commands("delete", {name: stale}) + _element_commands("add", {name: missing})
     if cmds:
         _nft(cmds)
 

@@ -204,8 +204,9 @@ def delete(net: PodNetwork, req: Request) -> None:
         with netlink.route() as ipr:
             host_index = netlink.link_index(ipr, host_ifname)
             if lease is not None:
+                siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
                 with net.datapath_lock:
-                    net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
+                    net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
             netlink.delete_link(ipr, host_ifname)
             net.store.release(req.container_id, req.ifname)

@@ -51,11 +51,12 @@ class KernelDatapath:
 
     def attach_pod(self, ep: Endpoint) -> None:
         """The pod's guard elements: the bridge port the overlay made is the rest of the datapath."""
-        guard.sync([(ep.host_ifname, ep.mac, ep.sources)], only={ep.host_ifname})
+        guard.add_pod(ep.host_ifname, ep.mac, ep.sources)
 
     def detach_pod(self, ep: Endpoint) -> None:
-        """Its guard elements go (and their counters); the link statistics go with the link."""
-        guard.sync([], only={ep.host_ifname})
+        """Its guard elements go (and their counters), and its address from its siblings; the link
+        statistics go with the link."""
+        guard.remove_pod(ep.host_ifname, ep.mac, ep.sources, ep.ip if ep.siblings else None)
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         guard.sync([(ep.host_ifname, ep.mac, ep.sources) for ep in eps])
