@@ -504,3 +504,32 @@ def test_map_mirrors_match_bcc(lab: Lab) -> None:
         assert addrs == [attacker.ip]
     finally:
         bpf.cleanup()
+
+
+def test_a_container_may_send_any_of_its_addresses_on_each_interface(lab: Lab) -> None:
+    """Linux may send eth1's address out of eth0: both are allowed on both, until eth1 is deleted."""
+    n = node(lab, "n2")
+    observer = pod(lab, "n1p2")
+    ns, cid = f"{PREFIX}-n2m", "d" * 64
+    conflist = lab.conflist(n)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        addrs = {}
+        for ifname in ("eth0", "eth1"):
+            result = run_chain(lab.plugin_dir, "ADD", conflist, container_id=cid, netns=nsutil.netns_path(ns),
+                               ifname=ifname, args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=multi")
+            addrs[ifname] = result["ips"][0]["address"].split("/")[0]
+        frames = {m: ether(mac_of(observer), pod_mac(cid, "eth0"), ETH_P_IP, udp4(addrs[ifname], observer.ip, m))
+                  for ifname, m in (("eth0", marker("eth0")), ("eth1", marker("eth1")))}
+        with listening(observer.netns) as seen:
+            send(ns, *frames.values())
+            assert all(seen(m) for m in frames), "eth0 may send from eth1's address too"
+        run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns), ifname="eth1")
+        late = marker("eth1-deleted")
+        with listening(observer.netns) as seen:
+            send(ns, ether(mac_of(observer), pod_mac(cid, "eth0"), ETH_P_IP, udp4(addrs["eth1"], observer.ip, late)))
+            assert not seen(late), "the deleted interface's address is still allowed on eth0"
+    finally:
+        for ifname in ("eth1", "eth0"):
+            run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns), ifname=ifname)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
