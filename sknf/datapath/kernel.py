@@ -66,7 +66,7 @@ class KernelDatapath:
         refused = guard.drops()
         out = {}
         for name, s in links.items():
-            by_reason = refused.get(name, {})
+            by_reason = refused.get(name) or dict.fromkeys(guard.REASONS, 0)
             out[name] = PodCounters(rx_bytes=s.get("tx_bytes", 0), rx_packets=s.get("tx_packets", 0),
                                     tx_bytes=s.get("rx_bytes", 0), tx_packets=s.get("rx_packets", 0),
                                     drops=s.get("rx_dropped", 0) + s.get("tx_dropped", 0) + sum(by_reason.values()),
