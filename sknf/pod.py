@@ -180,8 +180,9 @@ def add(net: PodNetwork, req: Request) -> dict:
         #    this address too.
         siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
         with net.datapath_lock:
+            # Undo first: an attach that fails halfway (maps written, filter refused) leaves nothing behind.
+            undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index, siblings))
             net.datapath.attach_pod(endpoint_of(lease, host_index, siblings))
-            undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index))
             if len(siblings) > 1:
                 _attach_container(net, ipr, req.container_id, skip=req.ifname)
 
