@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 FAMILY = "bridge"
 TABLE = "sknf"
 CHAIN = "from_pod"
-REASONS = REFUSED_REASONS  # drop reasons, in the order the chain checks them (as the BPF program does)
+REASONS = REFUSED_REASONS  # drop reasons (the BPF program's enum refused_reason)
 PRIORITY = -300  # before br_netfilter (0) and anything else on the bridge's prerouting hook
 POD_SETS = ("macs", "ips")
 COUNTED_MAX = 65535  # pods that can be counted per reason at once (a dynamic set's size)
@@ -93,13 +93,13 @@ def _rules() -> list[list[dict]]:
     """The expressions of from_pod's rules, in order."""
     not_own_mac = lambda field: _match({"concat": [_iif(), field]}, "@macs", "!=")  # noqa: E731
     not_leased = lambda field: _match({"concat": [_iif(), field]}, "@ips", "!=")  # noqa: E731
-    return [
+    return [  # IPv4 first, as the BPF program does: a frame with a source not leased is spoofed_ip, whatever its MAC
+        _refuse("spoofed_ip", _ether_type("ip"), not_leased(_payload("ip", "saddr"))),
         _refuse("spoofed_mac", not_own_mac(_payload("ether", "saddr"))),
         _refuse("spoofed_arp", _ether_type("arp"), not_own_mac(_payload("arp", "saddr ether"))),
         _refuse("spoofed_arp", _ether_type("arp"), _match(_payload("arp", "saddr ip"), "0.0.0.0", "!="),
                 not_leased(_payload("arp", "saddr ip"))),
         [_ether_type("arp"), {"accept": None}],
-        _refuse("spoofed_ip", _ether_type("ip"), not_leased(_payload("ip", "saddr"))),
         [_ether_type("ip"), {"accept": None}],
         _refuse("ipv6", _ether_type("ip6")),
         _refuse("protocol"),

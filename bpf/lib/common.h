@@ -62,7 +62,8 @@ struct pod_identity {
 	__u16 pad;
 };
 
-/* One IPv4 source a pod may send from on one host veth: every address leased to its container. */
+/* One IPv4 source a pod may send from on one host veth: every address leased to its container. The
+ * value is the veth's pod_identity again, so an IPv4 frame is checked with this one lookup. */
 struct source_key {
 	__u32 ifindex;
 	__be32 addr;

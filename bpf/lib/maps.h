@@ -27,7 +27,7 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct pod_counters, pod_counters, SKNF_M
  * addresses it may send from (its container's leases) and what it was refused, by reason. */
 BPF_TABLE_PINNED("hash", __u32, struct pod_identity, pod_identity, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/pod_identity");
-BPF_TABLE_PINNED("hash", struct source_key, __u32, pod_sources, SKNF_MAX_ENDPOINTS * 4,
+BPF_TABLE_PINNED("hash", struct source_key, struct pod_identity, pod_sources, SKNF_MAX_ENDPOINTS * 4,
 		 SKNF_PIN_DIR "/pod_sources");
 BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/pod_refused");

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Why source validation refused a pod's frame, in the order both datapaths check (bpf/lib/common.h's
-# enum refused_reason, sknf.guard's nftables sets).
+# Why source validation refused a pod's frame: bpf/lib/common.h's enum refused_reason, in its order, and
+# sknf.guard's nftables counter sets.
 REFUSED_REASONS = ("spoofed_mac", "spoofed_arp", "spoofed_ip", "ipv6", "protocol")
 
 

@@ -46,7 +46,7 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "pod_counters": (ctypes.c_uint32, bpfmaps.CounterValues),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
                "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
-               "pod_sources": (bpfmaps.SourceKey, ctypes.c_uint32),
+               "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
                "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues)}
 DEFAULT_MAX_FLOWS = 262144
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
@@ -119,7 +119,7 @@ class BpfDatapath:
         ident.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
         for ip in ep.sources:
-            bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ctypes.c_uint32(1))
+            bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
         with netlink.route() as ipr:
             for name, hook in POD_PROGRAMS.items():
                 tc.attach(ipr, ep.host_ifindex, hook, self.fds[name], f"sknf_{name}")
@@ -146,7 +146,7 @@ class BpfDatapath:
         # already holds the address (GC releases before detaching) keeps its own entry.
         owner = entry.ifindex if entry is not None else 0
         addr = _be32(ep.ip)
-        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, ctypes.c_uint32):
+        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner):
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 
@@ -164,7 +164,7 @@ class BpfDatapath:
                 if key not in live:
                     bpfmaps.delete(self.maps[name], ctypes.c_uint32(key))
         sources = {(ep.host_ifindex, _be32(ip)) for ep in eps for ip in ep.sources}
-        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, ctypes.c_uint32):
+        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if (key.ifindex, key.addr) not in sources:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 

@@ -64,7 +64,7 @@ class PodIdentity(ctypes.Structure):
 
 
 class SourceKey(ctypes.Structure):
-    """struct source_key: the pod_sources map's key (value: __u32, unused); the address in network order."""
+    """struct source_key: the pod_sources map's key (value: struct pod_identity); the address in network order."""
 
     _fields_ = [("ifindex", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 

@@ -378,7 +378,7 @@ def guard_state(lab: Lab, n: LabNode) -> str:
     pins = Path(f"/sys/fs/bpf/{PREFIX}-{n.name}")
     with bpfmaps.pinned(pins / "pod_identity") as ident, bpfmaps.pinned(pins / "pod_sources") as sources:
         idents = bpfmaps.read_map(ident, ctypes.c_uint32, bpfmaps.PodIdentity)
-        srcs = bpfmaps.read_map(sources, bpfmaps.SourceKey, ctypes.c_uint32)
+        srcs = bpfmaps.read_map(sources, bpfmaps.SourceKey, bpfmaps.PodIdentity)
         return "\n".join([*(f"identity {k} {bytes(v.mac).hex(':')}" for k, v in idents),
                           *(f"source {k.ifindex} {ipaddress.IPv4Address(socket.ntohl(k.addr))}" for k, _ in srcs)])
 
@@ -493,6 +493,7 @@ def test_map_mirrors_match_bcc(lab: Lab) -> None:
 
         assert layout(bpfmaps.PodIdentity) == layout(bpf[b"pod_identity"].Leaf)
         assert layout(bpfmaps.SourceKey) == layout(bpf[b"pod_sources"].Key)
+        assert layout(bpfmaps.PodIdentity) == layout(bpf[b"pod_sources"].Leaf)
         assert ctypes.sizeof(bpf[b"pod_refused"].sLeaf) == ctypes.sizeof(bpfmaps.RefusedValues) == 8 * len(
             REFUSED_REASONS)
         with netlink.route(nsutil.netns_path(node(lab, "n2").netns)) as ipr:
