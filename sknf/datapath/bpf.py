@@ -106,11 +106,8 @@ class BpfDatapath:
     def _remove_kernel_guard() -> None:
         """The kernel datapath's nftables guard goes after a mode switch: here the tc programs validate every
         pod frame before anything forwards it, fast path included, and count the drops themselves."""
-        try:
-            if guard.remove():
-                log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
-        except guard.GuardError as e:  # no libnftables: a kernel-mode run cannot have left a table either
-            log.debug("nftables guard not checked: %s", e)
+        if guard.remove():
+            log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
 
     def attach_pod(self, ep: Endpoint) -> None:
         """Identity and sources first (the filter drops everything from a veth it has no identity for), then
