@@ -26,5 +26,9 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct pod_counters, pod_counters, SKNF_M
  * it. Entries go only when conntrack has forgotten the flow (see sknf/datapath/flows.py). */
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,
 		 SKNF_PIN_DIR "/kernel_flows", BPF_F_NO_PREALLOC);
+/* Hooks: read by from_pod (tc ingress, pod -> node) and from_overlay (tc ingress of vxsknf, other
+ * node -> this node) before any fast-path decision; written by learn_reply_flow (to_pod, to_overlay:
+ * tc egress) when a learn fails, and by the agent. Slots: see FLOW_GUARD_* in flows.h. */
+BPF_TABLE_PINNED("array", __u32, __u64, flow_guard, FLOW_GUARD_SLOTS, SKNF_PIN_DIR "/flow_guard");
 
 #endif
