@@ -46,6 +46,7 @@ class ServedStream:
 
     def __init__(self, client: LabPod, backend: LabPod, vip: str, port: int, quiet: bool = False) -> None:
         self.flowing, self.done = threading.Event(), threading.Event()
+        self.quiet = quiet
         if not quiet:
             self.flowing.set()
         self.sent, self.received = hashlib.sha256(), hashlib.sha256()
@@ -63,6 +64,7 @@ class ServedStream:
             self.client = socket.socket()
         self.client.settimeout(15)
         self.client.connect((vip, port))
+        self.client.settimeout(None)  # a quiet stream's reader waits as long as the transition takes
         self.client_port = self.client.getsockname()[1]
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -114,6 +116,10 @@ class ServedStream:
             self.client.shutdown(socket.SHUT_RDWR)
         self._reader.join(timeout=10)
         self.client.close()
+
+    def __repr__(self) -> str:
+        return (f"<{'quiet' if self.quiet else 'flowing'} {self.vip}:{self.server_port} from port {self.client_port}: "
+                f"sent {self.nsent}, received {self.nreceived}, error {self.error!r}>")
 
     def intact(self) -> bool:
         return (self.error is None and self.nsent > BLOCK and
@@ -188,7 +194,7 @@ def _after_transition(flowing: list[ServedStream], silent: list[ServedStream]) -
     for s in silent:
         s.flowing.set()
     for s in flowing + silent:
-        assert s.wait_received(s.nsent + 8 * BLOCK), f"stream to {s.vip} stalled after the transition: {s.error!r}"
+        assert s.wait_received(s.nsent + 8 * BLOCK), f"stream {s} stalled after the transition"
 
 
 def test_kernel_to_bpf_keeps_live_service_flows(lab: Lab) -> None:
