@@ -72,15 +72,6 @@ struct flow_state {
 	__u32 exempt;
 };
 
-/* Slots of the flow_guard array (__u64 each). While FULL or SYNCING is non-zero every pod frame the
- * fast path would take goes to the kernel path instead: a learn that failed (FULL, set by the
- * programs) or flows not learned yet (SYNCING, set by the agent while it seeds the map from
- * conntrack) may belong to a NATed flow nobody can name. The agent clears both. */
-#define FLOW_GUARD_FULL 0
-#define FLOW_GUARD_SYNCING 1
-#define FLOW_GUARD_FAILED_LEARNS 2 /* learns the map refused, ever (atomic counter) */
-#define FLOW_GUARD_SLOTS 3
-
 /* What the programs need from one frame: its destination MAC and, for IPv4, its own 5-tuple. */
 struct packet {
 	__u8 h_dest[ETH_ALEN];

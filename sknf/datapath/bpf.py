@@ -56,7 +56,7 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
                "flow_guard": (ctypes.c_uint32, ctypes.c_uint64)}
 DEFAULT_MAX_FLOWS = 262144
-GUARD_FULL, GUARD_SYNCING, GUARD_FAILED_LEARNS = 0, 1, 2  # flow_guard's slots (FLOW_GUARD_* in common.h)
+GUARD_FULL, GUARD_SYNCING, GUARD_FAILED_LEARNS = 0, 1, 2  # flow_guard's slots (FLOW_GUARD_* in bpf/lib/maps.h)
 ROOM = 0.9  # FULL clears only once the map, re-seeded, is at most this full: no flapping at the brim
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 

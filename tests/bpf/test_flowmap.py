@@ -153,7 +153,7 @@ class _NoLeases:
 
 
 def test_guard_slots_match_the_programs() -> None:
-    text = (BPF_DIR / "lib" / "common.h").read_text()
+    text = (BPF_DIR / "lib" / "maps.h").read_text()
     from sknf.datapath import bpf
 
     for name, slot in (("FULL", bpf.GUARD_FULL), ("SYNCING", bpf.GUARD_SYNCING),
