@@ -4,7 +4,9 @@
  * would skip the reverse NAT and arrive from the backend's address. Every pod-sourced frame that
  * reaches a host veth's or vxsknf's egress hook without the fast-path mark came through the bridge
  * or the routing stack, i.e. possibly through NAT: its reply's tuple (the reversed tuple) is learned
- * here, and the fast path looks each frame's own tuple up before taking it.
+ * here, and the fast path looks each frame's own tuple up before taking it. A learn the map refuses
+ * (full) cannot say which flow it lost: it sets flow_guard's FULL slot, and while that (or the
+ * agent's SYNCING) is set no frame takes the fast path at all.
  */
 #ifndef SKNF_FLOWS_H
 #define SKNF_FLOWS_H
