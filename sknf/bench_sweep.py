@@ -4,11 +4,12 @@ A 1-node lab (BPF datapath, the agent's default 10 s reconcile and sweep period)
 learned flows: entries in the node's kernel_flows map, each backed by a conntrack entry (a DNAT-
 shaped client -> ClusterIP flow whose reply tuple is the learned one), so every sweep asks conntrack
 about all of them and keeps them. The agent's CPU over --seconds at rest, then CNI ADD latency (pods
-added one at a time, paced across several sweeps), are measured twice in one run: with no other
-conntrack entries, then with --entries static, unrelated ones inserted into the node's namespace
-(ctnetlink, sknf.conntrack; machine-wide sysctls are not touched). Target: the second CPU figure at
-most 2% of a core above the first, and ADD p50 unchanged within noise. --old-sweep also times one
-full pyroute2 conntrack dump (what the sweep did before) over the same table.
+added one at a time, paced across two sweeps), are measured with no other conntrack entries, then
+with --entries static, unrelated ones inserted into the node's namespace (ctnetlink, sknf.conntrack;
+machine-wide sysctls are not touched); the ADDs once more in each state after that (the table
+flushed and refilled), so a change of the machine's load shows as noise in both columns. Target:
+the second CPU figure at most 2% of a core above the first, and ADD p50 unchanged within noise.
+--old-sweep also times one full pyroute2 conntrack dump (what the sweep did before) over the table.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entries", type=int, default=100_000, help="unrelated conntrack entries (default 100000)")
     parser.add_argument("--flows", type=int, default=1000, help="learned flows (default 1000)")
     parser.add_argument("--seconds", type=float, default=60.0, help="CPU measurement window (default 60)")
-    parser.add_argument("--adds", type=int, default=40, help="CNI ADDs per phase, paced over 2 sweeps (default 40)")
+    parser.add_argument("--adds", type=int, default=40,
+                        help="CNI ADDs per table state, in two rounds of two sweeps each (default 40)")
     parser.add_argument("--reconcile-interval", type=float, default=10.0,
                         help="the agent's reconcile and sweep period (default 10 s, the agent's own default)")
     parser.add_argument("--old-sweep", action="store_true", help="also time one full pyroute2 dump of the table")
@@ -60,10 +63,12 @@ def _unrelated(i: int) -> tuple[conntrack.FlowTuple, conntrack.FlowTuple]:
     return (a, b, 1024 + i % 60000, 53, UDP), (b, a, 53, 1024 + i % 60000, UDP)
 
 
-def _adds(lab: Lab, node: LabNode, n: int, span: float, tag: str) -> list[float]:
-    """n pods added one at a time, evenly over span seconds (so some meet a sweep); ms each; deleted after."""
+def _adds(lab: Lab, node: LabNode, n: int, span: float, tag: str) -> tuple[list[float], list[float]]:
+    """n pods added one at a time, evenly over span seconds (so some meet a sweep), each followed by a
+    reference without sknf (an `ip` veth pair made and deleted in the node): (ADD ms, reference ms)."""
     names = [f"{lab.prefix}-{tag}{i:03d}" for i in range(n)]
     times: list[float] = []
+    refs: list[float] = []
     made: list[str] = []
     try:
         for name in names:
@@ -73,6 +78,7 @@ def _adds(lab: Lab, node: LabNode, n: int, span: float, tag: str) -> list[float]
             plugin(lab, node, "ADD", container_id(name), name)
             took = time.perf_counter() - started
             times.append(took * 1000)
+            refs.append(_reference(node) * 1000)
             time.sleep(max(0.0, span / n - took))
         for name in names:
             plugin(lab, node, "DEL", container_id(name), name)
@@ -80,7 +86,26 @@ def _adds(lab: Lab, node: LabNode, n: int, span: float, tag: str) -> list[float]
         for name in made:
             with contextlib.suppress(OSError):
                 pnetns.remove(name)
-    return times
+    return times, refs
+
+
+def _reference(node: LabNode) -> float:
+    """Seconds to make and delete a veth pair with `ip` in the node: the machine's load, without sknf."""
+    started = time.perf_counter()
+    for argv in (["ip", "link", "add", "skref0", "type", "veth", "peer", "name", "skref1"],
+                 ["ip", "link", "del", "skref0"]):
+        subprocess.run(argv, check=True, capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
+    return time.perf_counter() - started
+
+
+def _insert(node: LabNode, args: argparse.Namespace) -> float:
+    """Fill the node's conntrack with the unrelated entries and let one sweep run; seconds the insert took."""
+    started = time.perf_counter()
+    with nsutil.entered(node.netns), conntrack.Conntrack() as ct:
+        ct.create((_unrelated(i) for i in range(args.entries)), timeout=7200)
+    took = time.perf_counter() - started
+    time.sleep(args.reconcile_interval + 1)
+    return took
 
 
 def _old_sweep_seconds(node: LabNode) -> float:
@@ -110,20 +135,25 @@ def measure(lab: Lab, args: argparse.Namespace, rows: list[tuple[str, str, str]]
         for _, reply in flows:
             bpfmaps.update(fd, _flow_key(reply), bpfmaps.FlowState(0))
     time.sleep(args.reconcile_interval + 1)  # one sweep has seen them
-    span = 2 * args.reconcile_interval
+    span, half = 2 * args.reconcile_interval, max(2, args.adds // 2)
     base_cpu = cpu_share(node.agent_pid, args.seconds)
-    base_adds = _adds(lab, node, args.adds, span, "a")
-    started = time.perf_counter()
-    with nsutil.entered(node.netns), conntrack.Conntrack() as ct:
-        ct.create((_unrelated(i) for i in range(args.entries)), timeout=7200)
-    inserted = time.perf_counter() - started
-    time.sleep(args.reconcile_interval + 1)
+    base_adds, base_refs = _adds(lab, node, half, span, "a")
+    inserted = _insert(node, args)
     with bpfmaps.pinned(Path(f"/sys/fs/bpf/{lab.prefix}-{node.name}") / "kernel_flows") as fd:
         kept = bpfmaps.count(fd)
     if kept < args.flows:
         raise BenchError(f"the sweep forgot live learned flows: {kept} of {args.flows} left")
     big_cpu = cpu_share(node.agent_pid, args.seconds)
-    big_adds = _adds(lab, node, args.adds, span, "b")
+    big_adds, big_refs = _adds(lab, node, half, span, "b")
+    subprocess.run(["conntrack", "-F"], check=True, capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
+    with nsutil.entered(node.netns), conntrack.Conntrack() as ct:
+        ct.create(flows, timeout=7200)
+    time.sleep(args.reconcile_interval + 1)
+    more = _adds(lab, node, half, span, "c")
+    base_adds, base_refs = base_adds + more[0], base_refs + more[1]
+    _insert(node, args)
+    more = _adds(lab, node, half, span, "d")
+    big_adds, big_refs = big_adds + more[0], big_refs + more[1]
     p50a, p50b = statistics.median(base_adds), statistics.median(big_adds)
     rows += [
         ("learned flows (all kept by the sweeps)", f"{kept}", f"{args.flows} backed by conntrack"),
@@ -134,6 +164,9 @@ def measure(lab: Lab, args: argparse.Namespace, rows: list[tuple[str, str, str]]
         ("CNI ADD p50, 0 / N unrelated", f"{p50a:.1f} / {p50b:.1f} ms", f"ratio {p50b / p50a:.2f}"),
         ("CNI ADD p90, 0 / N unrelated", f"{_p90(base_adds):.1f} / {_p90(big_adds):.1f} ms",
          f"ratio {_p90(big_adds) / _p90(base_adds):.2f}"),
+        ("reference p50 (ip veth add+del), 0 / N", f"{statistics.median(base_refs):.1f} / "
+         f"{statistics.median(big_refs):.1f} ms",
+         f"ratio {statistics.median(big_refs) / statistics.median(base_refs):.2f}: the machine, not sknf"),
     ]
     if args.old_sweep:
         old = _old_sweep_seconds(node)
