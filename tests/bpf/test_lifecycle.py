@@ -174,12 +174,14 @@ def test_restart_reuses_pins_or_replaces_changed_programs(bpf: Cluster, tmp_path
     snap.assert_exact()  # nothing lost or counted twice across the swap
 
 
-def _ct_flush(pod_ip: str) -> int:
-    """Make conntrack forget every flow involving pod_ip (as its timeouts eventually would)."""
+def _ct_flush(pod_ip: str, sport: int | None = None) -> int:
+    """Make conntrack forget every flow involving pod_ip (only those from client port sport, if given), as
+    its timeouts eventually would."""
     n = 0
     with Conntrack() as ct:
         for entry in list(ct.dump_entries()):
-            if pod_ip in (entry.tuple_orig.saddr, entry.tuple_orig.daddr, entry.tuple_reply.saddr):
+            if pod_ip in (entry.tuple_orig.saddr, entry.tuple_orig.daddr, entry.tuple_reply.saddr) and \
+                    sport in (None, entry.tuple_orig.sport):
                 ct.delete(entry)
                 n += 1
     return n
@@ -217,16 +219,23 @@ def test_learned_flows_go_only_after_conntrack_forgets(bpf: Cluster) -> None:
 
 
 def test_sweeper_thread_runs_in_the_node(bpf: Cluster) -> None:
-    """The agent's own sweeper (reconcile_interval apart) forgets a dead flow with no help."""
+    """The agent's own sweeper (reconcile_interval apart) forgets a dead flow with no help, and keeps a live
+    one learned and not exempt through many sweeps: it reads its own node's conntrack, not another's."""
     node = bpf.nodes[0]
     vip = next(iter(SERVICES))
     client, backend = bpf.pod(1, 1), bpf.pod(*SERVICES[vip])
     node.stop()
     node.cfg = dataclasses.replace(node.cfg, reconcile_interval=0.2)
     node.start(BpfDatapath)
-    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40002) == 3
-    node.call(_ct_flush, backend.ip)
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40002) == 3  # to be forgotten
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40003) == 3  # stays in conntrack
+    assert node.call(_ct_flush, backend.ip, 40002) > 0
     deadline = time.monotonic() + 30
-    while _learned(node, backend, client, 40002) and time.monotonic() < deadline:
+    while _learned(node, backend, client, 40002) and time.monotonic() < deadline:  # two sweeps: mark, delete
+        assert list(_learned(node, backend, client, 40003).values()) == [False]
         time.sleep(0.1)
     assert _learned(node, backend, client, 40002) == {}
+    for _ in range(15):  # 1.5 s more: about seven more sweeps
+        assert list(_learned(node, backend, client, 40003).values()) == [False]
+        time.sleep(0.1)
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40003) == 3
