@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class State:
     leases: frozenset[tuple[str, str, str]]  # (container id, ifname, ip)
     host_links: frozenset[str]  # sknf* veths in the node namespace
     pod_links: frozenset[str]  # interfaces in the test pod namespace
+    pod_default_routes: frozenset[tuple[str, str]]  # (interface, gateway) of its IPv4 default routes
 
 
 @dataclass
@@ -75,9 +77,11 @@ class Rig:
         with netlink.route(nsutil.netns_path(self.node.netns)) as ipr:
             host = frozenset(netlink.host_veths(ipr, "sknf"))
         with netlink.route(self.pod_path) as ipr:
-            pod = frozenset(link.get("IFLA_IFNAME") for link in ipr.get_links())
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+            routes = frozenset((names.get(r.get("RTA_OIF")), r.get("RTA_GATEWAY"))
+                               for r in ipr.get_default_routes(family=socket.AF_INET))
         return State(frozenset((lease.container_id, lease.ifname, str(lease.ip)) for lease in store.leases()),
-                     host, pod)
+                     host, frozenset(names.values()), routes)
 
 
 def assert_spec_error(out: Outcome, code: int | None = None) -> dict:
