@@ -3,11 +3,13 @@ learned Service flows are forgotten only once conntrack has forgotten them."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from topo import Cluster, Node, Pod, Snapshot, Stream, counters, tcp_bulk, udp_e
 from sknf import netlink, nsutil
 from sknf.datapath import Endpoint, bpfmaps
 from sknf.datapath import tc as tcmod
-from sknf.datapath.bpf import BPF_DIR, PROGRAMS, BpfDatapath, _be32, read_pinned_counters
+from sknf.datapath.bpf import BPF_DIR, PROGRAMS, BpfDatapath, _be32
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
 
@@ -103,27 +105,34 @@ def test_sync_removes_stale_entries(bpf: Cluster) -> None:
 
 
 def test_restart_keeps_forwarding_and_counters(bpf: Cluster) -> None:
+    """Each node's datapath runs in a real process; both are SIGKILLed under two streams and started again."""
     a, b, r = bpf.pod(1, 1), bpf.pod(1, 2), bpf.pod(2, 1)
-    snap = Snapshot(bpf, a, b, r)
-    cross, local = Stream(a, r), Stream(b, a)
-    cross.wait_sent(4 * MiB)
-    local.wait_sent(4 * MiB)
-    before = counters(bpf, a)
     for node in bpf.nodes:
-        node.stop()  # the agent exits: programs stay attached, maps stay pinned
-    cross.wait_sent(cross.sent + 4 * MiB)  # forwarding with no agent at all
-    node1 = bpf.nodes[0]
-    unattended = node1.call(read_pinned_counters, node1.cfg.bpf_pin_dir)[a.host_ifname]  # `sknf stats`, no agent
-    assert unattended.tx_bytes > before.tx_bytes
-    for node in bpf.nodes:
-        node.start(BpfDatapath)  # a new agent: compiles again, reopens the pins, replaces filters
-    after = counters(bpf, a)
-    assert after.tx_bytes >= unattended.tx_bytes and after.fast_packets >= unattended.fast_packets
-    cross.wait_sent(cross.sent + 8 * MiB)
-    local.wait_sent(local.sent + 4 * MiB)
-    assert cross.finish()[1] == cross.sent and local.finish()[1] == local.sent
-    assert counters(bpf, a).fast_packets > after.fast_packets  # the new programs fast-path too
-    snap.assert_exact()  # nothing lost or counted twice across the restart
+        node.stop()  # the fixture's in-process datapaths make way for processes (programs stay attached)
+    with contextlib.ExitStack() as first:
+        killed = [first.enter_context(node.datapath_process()) for node in bpf.nodes]
+        snap = Snapshot(bpf, a, b, r)  # counters from the pins from here on
+        cross, local = Stream(a, r), Stream(b, a)
+        cross.wait_sent(4 * MiB)
+        local.wait_sent(4 * MiB)
+        before = counters(bpf, a)
+        for proc in killed:
+            proc.send_signal(signal.SIGKILL)  # a crash: no clean-up of any kind
+            proc.wait()
+        cross.wait_sent(cross.sent + 4 * MiB)  # forwarding with no agent at all
+        local.wait_sent(local.sent + 2 * MiB)
+        unattended = counters(bpf, a)  # what `sknf stats` reads with no agent
+        assert unattended.tx_bytes > before.tx_bytes and unattended.fast_packets > before.fast_packets
+    with contextlib.ExitStack() as second:
+        for node in bpf.nodes:
+            second.enter_context(node.datapath_process())  # new agents: reopen the pins, replace the filters
+        after = counters(bpf, a)
+        assert after.tx_bytes >= unattended.tx_bytes and after.fast_packets >= unattended.fast_packets
+        cross.wait_sent(cross.sent + 8 * MiB)
+        local.wait_sent(local.sent + 4 * MiB)
+        assert cross.finish()[1] == cross.sent and local.finish()[1] == local.sent
+        assert counters(bpf, a).fast_packets > after.fast_packets  # the new programs fast-path too
+        snap.assert_exact()  # nothing lost or counted twice across the crash
 
 
 def attached_programs(node: Node, ifname: str) -> dict[str, int]:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import pickle
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +33,24 @@ from pyroute2 import netns as pnetns
 from sknf import netlink, nsutil, overlay
 from sknf.config import Config
 from sknf.datapath import Datapath, Endpoint, NodeNet, PodCounters
+from sknf.datapath.bpf import read_pinned_counters
 from sknf.overlay import NodeOverlay
 from sknf.peers import Node as Peer
 
 CLUSTER = ipaddress.IPv4Network("10.244.0.0/16")
+REPO = Path(__file__).resolve().parents[2]
+# A node's datapath in a process of its own, wired up as the agent does at start, until it is killed.
+DATAPATH_PROCESS = """
+import pickle, signal, sys
+sys.path.insert(0, sys.argv[1])
+from sknf.datapath.bpf import BpfDatapath
+cfg, nodenet, endpoints = pickle.load(sys.stdin.buffer)
+datapath = BpfDatapath(cfg)
+datapath.setup_node(nodenet)
+datapath.sync_endpoints(endpoints)
+print("ready", flush=True)
+signal.pause()
+"""
 
 
 @dataclass
@@ -95,6 +112,24 @@ class Node:
         if close is not None:
             close()
         self.datapath = None
+
+    @contextlib.contextmanager
+    def datapath_process(self) -> Iterator[subprocess.Popen]:
+        """The BPF datapath run by a real process in the node (as the agent runs it), for a test to SIGKILL
+        under traffic; killed by its PID on exit if still alive. Meanwhile counters come from the pins."""
+        proc = subprocess.Popen([sys.executable, "-c", DATAPATH_PROCESS, str(REPO)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, preexec_fn=nsutil.preexec_enter(self.netns))
+        try:
+            with proc.stdin:
+                pickle.dump((self.cfg, self.nodenet, [p.endpoint for p in self.pods]), proc.stdin)
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the datapath process of {self.netns} did not start")
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
 
 
 class Cluster:
@@ -210,7 +245,10 @@ def near(actual: int, expected: int, unit: int = 1) -> bool:
 
 
 def counters(cluster: Cluster, pod: Pod) -> PodCounters:
+    """From the node's datapath, or from its pins when no datapath runs in this process (as `sknf stats`)."""
     node = cluster.node_of(pod)
+    if node.datapath is None:
+        return node.call(read_pinned_counters, node.cfg.bpf_pin_dir)[pod.host_ifname]
     return node.call(node.datapath.read_counters)[pod.host_ifname]
 
 
@@ -275,7 +313,7 @@ class Snapshot:
 # -- traffic, against sknf/labserver.py's protocol ------------------------------------------------
 
 SERVER_PORT = 8080
-LABSERVER = Path(__file__).resolve().parents[2] / "sknf" / "labserver.py"
+LABSERVER = REPO / "sknf" / "labserver.py"
 
 
 @contextlib.contextmanager

@@ -100,13 +100,14 @@ def assert_spec_error(out: Outcome, code: int | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = True) -> Iterator[Rig]:
-    """A 1-node lab (kernel datapath); optionally a smaller pod subnet (agent restarted with it) and
-    without the lab's own pod, so the store starts empty."""
+def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = True,
+                 datapath: str = "kernel") -> Iterator[Rig]:
+    """A 1-node lab (kernel datapath unless asked); optionally a smaller pod subnet (agent restarted with
+    it) and without the lab's own pod, so the store starts empty."""
     pids: list[int] = []
     pod_netns = f"{prefix}-t"
     try:
-        with Lab(prefix=prefix, nodes=1, pods_per_node=1, datapath="kernel") as lab:
+        with Lab(prefix=prefix, nodes=1, pods_per_node=1, datapath=datapath) as lab:
             node = lab.state.nodes[0]
             pids.append(node.agent_pid)
             if not keep_lab_pod:
