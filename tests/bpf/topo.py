@@ -7,7 +7,8 @@ sknf... and enslaved to brsknf. The nodes share an underlay veth (198.51.100.1x/
 every namespace so stray neighbour discovery never blurs exact packet counts.
 
 The datapath under test runs in this process: `node.call(fn)` runs fn with the thread inside the
-node's namespace (netlink sockets, conntrack and sysctls then belong to that node).
+node's namespace (netlink sockets, conntrack and sysctls then belong to that node). For a crash,
+`node.datapath_process()` runs it in a child process instead, which the test kills.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Faults and abuse a node survives, with real agents, the real plugin and real kernel objects: an agent
 killed in the middle of an ADD, restarted under a running TCP stream, a hundred concurrent ADDs and DELs,
 a corrupt lease store, the overlay and iptables chains removed by hand, a node leaving and rejoining the
-peers file, the underlay link bouncing. `sknf cleanup` is tests/integration/test_cleanup.py.
+peers file, the underlay link bouncing. `sknf cleanup` is tests/integration/test_node_cleanup.py.
 
 The recovery cases run on one lab per datapath (kernel, bpf), shared by the module's tests; each test
 leaves the lab as it found it (and checks that it works). In BPF mode they also check the datapath's own
