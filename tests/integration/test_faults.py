@@ -181,9 +181,13 @@ def fast_packets(node: LabNode) -> int:
 
 
 def assert_works(lab: Lab) -> None:
-    """Every flow of the lab's matrix works; in BPF mode the fast path carried some of it."""
+    """Every flow of the lab's matrix works (a round that times out on a busy machine is run again, within
+    SETTLE); in BPF mode the fast path carried some of it."""
     before = [fast_packets(n) for n in lab.state.nodes] if bpf_mode(lab) else []
-    assert failures(lab.check(bulk_bytes=1 << 20)) == []
+    deadline = time.monotonic() + SETTLE
+    while (failed := failures(lab.check(bulk_bytes=1 << 20))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert failed == []
     if bpf_mode(lab):
         assert all(fast_packets(n) > b for n, b in zip(lab.state.nodes, before, strict=True)), before
 
