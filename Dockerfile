@@ -38,6 +38,9 @@ RUN apt-get update \
 
 # Source layout kept as in the repository: the datapath compiles bpf/*.c at start, and the package
 # holds the plugin binary as sknf/cni_plugin (where a checkout's `make -C cni` puts it).
+# PIP_CERT: a CA bundle for pip alone, for a build behind a TLS-intercepting proxy; mount it for the build
+# (podman build -v HOSTFILE:/run/build-ca.crt:ro --build-arg PIP_CERT=/run/build-ca.crt), never copy it in.
+ARG PIP_CERT
 WORKDIR /opt/sknf/src
 COPY pyproject.toml README.md ./
 COPY sknf/ sknf/

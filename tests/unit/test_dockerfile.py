@@ -59,8 +59,9 @@ def test_it_parses_into_known_instructions() -> None:
 
 def test_base_is_debian_bookworm_slim() -> None:
     """Both stages start from BASE (a build argument, so a local or digest-pinned base can be given)."""
-    (arg,) = [a for k, a in instructions() if k == "ARG"]
-    assert arg.split("=", 1) == ["BASE", "debian:bookworm-slim"]
+    args = [a for k, a in instructions() if k == "ARG"]
+    assert args[0].split("=", 1) == ["BASE", "debian:bookworm-slim"]
+    assert args[1:] == ["PIP_CERT"]  # no default: unset unless a build passes one
     assert [a.split()[0] for k, a in instructions() if k == "FROM"] == ["${BASE}", "${BASE}"]
 
 
