@@ -340,9 +340,9 @@ class Lab:
 
     def _start_agent(self, node: LabNode) -> None:
         log = open(self.node_dir(node.name) / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+        enter = None if self.state.agent_image else nsutil.preexec_enter(node.netns)  # podman joins it itself
         proc = subprocess.Popen(self._agent_argv(node), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=nsutil.preexec_enter(node.netns),
-                                start_new_session=True, cwd=str(REPO))
+                                stderr=subprocess.STDOUT, preexec_fn=enter, start_new_session=True, cwd=str(REPO))
         log.close()
         node.agent_pid = proc.pid
         self.save()
