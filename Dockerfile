@@ -46,9 +46,14 @@ COPY pyproject.toml README.md ./
 COPY sknf/ sknf/
 COPY bpf/ bpf/
 COPY --from=plugin /src/cni_plugin sknf/cni_plugin
+# Not needed at run time, so not kept: the Kubernetes client's asyncio twin (kubernetes/aio, 68 MB of the
+# package's 126; sknf uses the synchronous client) and pip itself.
 RUN python3 -m venv --system-site-packages /opt/sknf/venv \
  && /opt/sknf/venv/bin/pip install --editable . \
- && /opt/sknf/venv/bin/python -c "import bcc, sknf.kube, sknf.install; sknf.install.plugin_source()"
+ && site=$(/opt/sknf/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+ && rm -rf "$site/kubernetes/aio" \
+ && /opt/sknf/venv/bin/python -m pip uninstall -y -q pip \
+ && /opt/sknf/venv/bin/python -c "import bcc, kubernetes, sknf.kube, sknf.install; sknf.install.plugin_source()"
 
 COPY scripts/container-entrypoint /usr/local/bin/sknf-entrypoint
 ENTRYPOINT ["/usr/local/bin/sknf-entrypoint"]

@@ -254,5 +254,5 @@ def report(sknf: Side, ref: Side, args: argparse.Namespace, start: tuple[float, 
         print(f"{phase} ADD+DEL of all pods (median of rounds): sknf {s:.2f} s, reference {r:.2f} s, "
               f"ratio {s / r:.2f}; sknf {2 * args.pods / s:.0f} ops/s")
     print(f"sknf plugin start-up alone (VERSION exec, no agent): p50 {start[0] * ms:.2f} ms, /bin/true exec'd the same "
-          f"way {start[1] * ms:.2f} ms (+{(start[0] - start[1]) * ms:.2f} ms); the agent column is the handler's own "
+          f"way {start[1] * ms:.2f} ms ({(start[0] - start[1]) * ms:+.2f} ms); the agent column is the handler's own "
           "time (sknf_cni_request_duration_seconds); the rest is socket, JSON and scheduling")

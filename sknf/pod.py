@@ -229,7 +229,8 @@ def delete(net: PodNetwork, req: Request) -> None:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
             netlink.delete_link(ipr, host_ifname)
-            shaping.forget(ipr, net.cfg.state_dir, host_ifname)
+            if shaping.recorded(net.cfg.state_dir, host_ifname):  # else no ifb: two lookups saved per DEL
+                shaping.forget(ipr, net.cfg.state_dir, host_ifname)
             net.store.release(req.container_id, req.ifname)
             if lease is not None:
                 with net.datapath_lock:  # its other attachments may no longer send from this address

@@ -191,6 +191,11 @@ def save_record(state_dir: Path, host_ifname: str, bw: Bandwidth) -> None:
     atomic_write(_record_path(state_dir, host_ifname), json.dumps(bw.to_json()).encode(), mode=0o600)
 
 
+def recorded(state_dir: Path, host_ifname: str) -> bool:
+    """Whether the attachment was shaped: ADD writes the record before it makes an ifb or qdisc."""
+    return _record_path(state_dir, host_ifname).exists()
+
+
 def remove_record(state_dir: Path, host_ifname: str) -> None:
     _record_path(state_dir, host_ifname).unlink(missing_ok=True)
 
