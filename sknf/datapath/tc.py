@@ -60,33 +60,41 @@ def sknf_filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, str, int]]:
 
 
 def detach(ipr: IPRoute, ifindex: int) -> int:
-    """Remove sknf's filters from the link (and clsact if nothing else uses it); returns how many."""
+    """Remove sknf's filters from the link (and clsact if nothing else uses it); returns how many.
+
+    When sknf's are the only filters (a pod veth), deleting clsact removes them all in one request
+    instead of one per filter and a second listing (a pod DEL in BPF mode: 3 requests, not 7)."""
+    ours: list[tuple[int, int]] = []
+    others = False
+    for hook in HOOKS:
+        try:
+            msgs = ipr.get_filters(index=ifindex, parent=hook)
+        except NetlinkError as e:
+            if e.code in _GONE:
+                continue
+            raise
+        for msg in msgs:
+            name = filter_name(msg)
+            if name and name.startswith(FILTER_PREFIX):
+                ours.append((hook, msg["info"] >> 16))
+            elif msg["handle"]:  # a filter of another tool (per-prio header messages have handle 0)
+                others = True
+    if ours and not others:
+        try:
+            ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code not in _GONE:
+                raise
+        return len(ours)
     removed = 0
-    for hook, _name, prio in sknf_filters(ipr, ifindex):
+    for hook, prio in ours:
         try:
             ipr.tc("del-filter", index=ifindex, parent=hook, prio=prio)
             removed += 1
         except NetlinkError as e:
             if e.code not in _GONE:
                 raise
-    if removed and not _has_filters(ipr, ifindex):
-        try:
-            ipr.tc("del", "clsact", ifindex)
-        except NetlinkError as e:
-            if e.code not in _GONE:
-                raise
     return removed
-
-
-def _has_filters(ipr: IPRoute, ifindex: int) -> bool:
-    for hook in HOOKS:
-        try:
-            if any(msg["handle"] for msg in ipr.get_filters(index=ifindex, parent=hook)):
-                return True
-        except NetlinkError as e:
-            if e.code not in _GONE:
-                raise
-    return False
 
 
 def detach_everywhere(ipr: IPRoute) -> int:
