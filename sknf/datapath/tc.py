@@ -63,7 +63,9 @@ def detach(ipr: IPRoute, ifindex: int) -> int:
     """Remove sknf's filters from the link (and clsact if nothing else uses it); returns how many.
 
     When sknf's are the only filters (a pod veth), deleting clsact removes them all in one request
-    instead of one per filter and a second listing (a pod DEL in BPF mode: 3 requests, not 7)."""
+    instead of one per filter and a second listing (a pod DEL in BPF mode: 3 requests, not 7). A filter is
+    deleted by its whole tcm_info (priority and protocol): with the priority alone pyroute2 sends 0, and
+    the kernel then flushes every filter on the hook, another tool's too."""
     ours: list[tuple[int, int]] = []
     others = False
     for hook in HOOKS:
@@ -76,7 +78,7 @@ def detach(ipr: IPRoute, ifindex: int) -> int:
         for msg in msgs:
             name = filter_name(msg)
             if name and name.startswith(FILTER_PREFIX):
-                ours.append((hook, msg["info"] >> 16))
+                ours.append((hook, msg["info"]))
             elif msg["handle"]:  # a filter of another tool (per-prio header messages have handle 0)
                 others = True
     if ours and not others:
@@ -87,9 +89,9 @@ def detach(ipr: IPRoute, ifindex: int) -> int:
                 raise
         return len(ours)
     removed = 0
-    for hook, prio in ours:
+    for hook, info in ours:
         try:
-            ipr.tc("del-filter", index=ifindex, parent=hook, prio=prio)
+            ipr.tc("del-filter", index=ifindex, parent=hook, info=info)
             removed += 1
         except NetlinkError as e:
             if e.code not in _GONE:
