@@ -548,9 +548,12 @@ int main(void) {
         write_all(1, reply.p + 1, reply.len - 1);
         return reply.p[0] - '0';
     }
-    if (strcmp(command, "DEL")) {
-        int code = !strcmp(command, "STATUS") ? 50 : 11;
-        return error(version, code, "sknf agent unreachable", why, strlen(why));
+    if (strcmp(command, "DEL")) { /* the details name the socket: "<agentSocket>: <why>" */
+        struct buf d = {0};
+        put(&d, where[0], where_len[0]);
+        puts_(&d, ": ");
+        puts_(&d, why);
+        return error(version, !strcmp(command, "STATUS") ? 50 : 11, "sknf agent unreachable", d.p, d.len);
     }
     char reason[sizeof why];
     memcpy(reason, why, sizeof why);

@@ -11,7 +11,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-import pytest
+from sknf.datapath.bpf import BPF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,9 +88,6 @@ def test_what_the_package_reads_outside_itself_is_copied() -> None:
     copied = {s.rstrip("/") for sources, _ in copies() for s in sources}
     readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"]
     assert {"pyproject.toml", readme, "cni"} <= copied
-    pytest.importorskip("bcc")
-    from sknf.datapath.bpf import BPF_DIR
-
     assert str(BPF_DIR.relative_to(REPO)) in copied
 
 
