@@ -36,7 +36,7 @@ def program_fd() -> int:
     from bcc import BPF
 
     prog = BPF(text="int pass(struct __sk_buff *skb) { return 0; }")
-    return prog.load_func("pass", BPF.SCHED_CLS).fd
+    return prog.load_func(b"pass", BPF.SCHED_CLS).fd
 
 
 def qdiscs(ipr, index: int) -> list[str]:
