@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from sknf import api, cni, ipam, overlay, pod
+from sknf import api, cni, ipam, iptables, overlay, pod
 from sknf.config import Config, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
@@ -65,6 +65,7 @@ class Agent:
         self.pod_cidr = node_pod_cidr(cfg, self.source, self.peers)
         self.store = ipam.Store(cfg.state_dir, self.pod_cidr)
         self.datapath = choose(cfg)
+        self.iptables = iptables.detect()  # once, as kube-proxy's wrapper does: a restart decides alike
         self.node: overlay.NodeOverlay | None = None
         self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
         self.metrics = Metrics(cfg.node_name, self.snapshot)
@@ -85,7 +86,7 @@ class Agent:
             log.info("%s", skipped)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)
         overlay.sync_peer_routes(self.cfg, node, self.peers, self.cfg.node_name)
-        overlay.ensure_rules(self.cfg, node, self.peers)
+        overlay.ensure_rules(self.cfg, node, self.peers, self.iptables)
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
                                          cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
@@ -150,10 +151,11 @@ class Agent:
         log.info("sknf agent on %s: cluster %s, pod subnet %s, datapath %s%s", self.cfg.node_name,
                  self.cfg.cluster_cidr, self.pod_cidr, self.datapath.mode,
                  f" ({self.datapath.reason})" if self.datapath.reason else "")
+        log.info("iptables backend %s (%s)", self.iptables.mode, self.iptables.reason)
         self.reconcile()  # the first one must succeed: a node without its network must not serve
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
-            "stats": lambda _req: handle_query(self.sampler, self.snapshot()),
+            "stats": lambda _req: {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode},
         }))
         self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
         self.serving = True
