@@ -134,15 +134,16 @@ class Lab:
 
     def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
                  extra_services: int = 0, kube_proxy: str = "iptables", agent_image: str = "",
-                 node_setup: Sequence[Sequence[str]] = ()) -> None:
+                 node_setup: Sequence[Sequence[str]] = (), shaped_pod: bool = False) -> None:
         """node_setup: commands run in every node's namespace before its agent starts (a host's own
-        firewall, say); agent_image: an sknf image whose agent (and plugin) the nodes run, via podman."""
+        firewall, say); agent_image: an sknf image whose agent (and plugin) the nodes run, via podman;
+        shaped_pod: also a bandwidth-annotated pod on node 1, with its rows in the matrix."""
         if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
             raise LabError("nodes must be 1-50 and pods per node 1-60")
         self.prefix = prefix
         if kube_proxy not in kubeproxy.MODES:
             raise LabError(f"kube-proxy mode must be one of {', '.join(kubeproxy.MODES)}")
-        self.n_nodes, self.n_pods = nodes, pods_per_node
+        self.n_nodes, self.n_pods, self.shaped_pod = nodes, pods_per_node, shaped_pod
         self.root = ROOT / prefix
         self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy,
                               agent_image=agent_image)
@@ -223,9 +224,9 @@ class Lab:
         for node in self.state.nodes:
             for j in range(1, self.n_pods + 1):
                 self._pod(node, f"{node.name}p{j}", self.state.pods)
-        # a pod with kubernetes.io/{in,e}gress-bandwidth annotations, as the runtime passes them on
-        self._pod(self.state.nodes[0], f"{self.state.nodes[0].name}shaped", self.state.shaped,
-                  {"bandwidth": bandwidth(SHAPED_RATE, SHAPED_RATE, SHAPED_BURST)})
+        if self.shaped_pod:  # kubernetes.io/{in,e}gress-bandwidth annotations, as a runtime passes them on
+            self._pod(self.state.nodes[0], f"{self.state.nodes[0].name}shaped", self.state.shaped,
+                      {"bandwidth": bandwidth(SHAPED_RATE, SHAPED_RATE, SHAPED_BURST)})
         self.use_kube_proxy(self.state.kube_proxy)
         self._start_servers()
         self.save()
@@ -726,7 +727,7 @@ def run(args: argparse.Namespace) -> int:
             lab = Lab.load(args.prefix)
             return 0 if print_matrix(lab.check()) else 1
         lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy,
-                  args.agent_image)
+                  args.agent_image, shaped_pod=True)
         if args.action == "up":
             try:
                 lab.up()

@@ -55,7 +55,7 @@ SERVICE_ROWS = {flow: n for flow, n in EXPECTED_FLOWS.items()
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     pids: list[int] = []
     try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
+        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param, shaped_pod=True) as built:
             pids = [n.agent_pid for n in built.state.nodes]
             yield built
             pids += [n.agent_pid for n in built.state.nodes]  # a test may have restarted agents

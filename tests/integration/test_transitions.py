@@ -129,11 +129,17 @@ class ServedStream:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath="kernel") as built:
-        for svc in built.state.services:  # kube-proxy-like DNAT of our ports (the node's namespace goes with the lab)
-            subprocess.run(["iptables", "-w", "-t", "nat", "-I", "PREROUTING", "-d", f"{svc['ip']}/32", "-p", "tcp",
-                            "--dport", f"{PORT}:{PORT + PORTS - 1}", "-j", "DNAT", "--to-destination", svc["backend"]],
+        for svc in pod_services(built):  # kube-proxy-like DNAT of our ports (the node's namespace goes with the lab)
+            subprocess.run(["iptables", "-w", "-t", "nat", "-I", "PREROUTING", "-d", f"{svc.cluster_ip}/32", "-p",
+                            "tcp", "--dport", f"{PORT}:{PORT + PORTS - 1}", "-j", "DNAT", "--to-destination",
+                            svc.endpoints[0][0]],
                            check=True, capture_output=True, preexec_fn=nsutil.preexec_enter(built.state.nodes[0].netns))
         yield built
+
+
+def pod_services(lab: Lab) -> list:
+    """The lab's ClusterIPs backed by a pod (one per node: n1p1, n2p1), TCP entries only."""
+    return [s for s in lab.services() if s.name.startswith("pod-") and s.proto == "tcp"]
 
 
 def _set(lab: Lab, node: LabNode, **settings: object) -> None:
@@ -161,10 +167,10 @@ def _streams(lab: Lab, quiet: int = 2) -> Iterator[tuple[list[ServedStream], lis
     flowing: list[ServedStream] = []
     silent: list[ServedStream] = []
     try:
-        for svc in lab.state.services:  # service 0 -> n1p1 (same node), service 1 -> n2p1 (across nodes)
-            backend = pods[svc["backend_pod"]]
+        for svc in pod_services(lab):  # service 0 -> n1p1 (same node), service 1 -> n2p1 (across nodes)
+            backend = next(p for p in pods.values() if p.ip == svc.endpoints[0][0])
             for k, quiet_stream in enumerate([False] + [True] * quiet):
-                s = ServedStream(client, backend, svc["ip"], PORT + k, quiet_stream)
+                s = ServedStream(client, backend, svc.cluster_ip, PORT + k, quiet_stream)
                 (silent if quiet_stream else flowing).append(s)
         for s in flowing + silent:
             assert s.wait_received(BLOCK), f"stream to {s.vip} never started"
