@@ -485,10 +485,9 @@ def test_legitimate_traffic_after_the_attacks(lab: Lab) -> None:
     assert who(pod(lab, "n2p1").netns, INTERNET_HOST) == (node(lab, "n2").underlay_ip, "inet")
 
 
+@pytest.mark.parametrize("lab", ["bpf"], indirect=True)  # the maps exist in the bpf datapath only
 def test_bcc_reads_the_validation_maps_as_written(lab: Lab) -> None:
     """BCC reads the attacker's identity and sources as the agent wrote them, one counter per reason."""
-    if lab.state.datapath != "bpf":
-        pytest.skip("BPF maps exist in the bpf datapath only")
     from sknf.datapath import bpfload
     from sknf.datapath.bpf import BPF_DIR, _max_flows
 
