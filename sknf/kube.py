@@ -44,7 +44,8 @@ PREFIX = "sknf.io/"
 UNDERLAY_IP = PREFIX + "underlay-ip"
 VTEP_MAC = PREFIX + "vtep-mac"
 POD_CIDR = PREFIX + "pod-cidr"  # set only when the agent carved its subnet (the Node has no spec.podCIDR)
-ANNOTATIONS = (UNDERLAY_IP, VTEP_MAC, POD_CIDR)
+MTU = PREFIX + "mtu"  # the node's pod/overlay MTU, for `sknf doctor`'s cross-node comparison
+ANNOTATIONS = (UNDERLAY_IP, VTEP_MAC, POD_CIDR, MTU)
 
 MERGE_PATCH = "application/merge-patch+json"  # names only our keys; null deletes one
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: for everything but watches
@@ -143,10 +144,17 @@ def _mac(value: str) -> str:
     return value
 
 
+def _mtu(value: str) -> int:
+    if not value.isdigit() or not 576 <= int(value) <= 9000:
+        raise ValueError(f"{value!r} is not an MTU")
+    return int(value)
+
+
 _CHECKS = {
     UNDERLAY_IP: lambda v: str(ipaddress.IPv4Address(v)),
     POD_CIDR: lambda v: str(ipaddress.IPv4Network(v)),
     VTEP_MAC: _mac,
+    MTU: _mtu,
 }
 
 
@@ -156,7 +164,7 @@ class _Parser:
 
     warned: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def valid(self, name: str, annotations: dict[str, str], key: str) -> str | None:
+    def valid(self, name: str, annotations: dict[str, str], key: str) -> Any:
         raw = annotations.get(key)
         if raw is None:
             return None
@@ -176,7 +184,8 @@ class _Parser:
         if not name or ip is None:
             return None
         cidr = spec_pod_cidr(obj) or self.valid(name, ours, POD_CIDR)
-        return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC))
+        return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC),
+                    mtu=self.valid(name, ours, MTU))
 
 
 class KubePeerSource:
@@ -226,7 +235,8 @@ class KubePeerSource:
         if own is None:
             own = self._own_facts(read_node(self.api, self.name))
         carved = node.pod_cidr if node.pod_cidr != own["spec_cidr"] else None
-        want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved}
+        want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved,
+                MTU: str(node.mtu) if node.mtu else None}
         diff = {k: v for k, v in want.items() if own["annotations"].get(k) != v}
         if not diff:
             return

@@ -37,6 +37,7 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
+from sknf.config import VXLAN_OVERHEAD
 from sknf.lab import kubeproxy
 from sknf.lab.kubeproxy import Service
 
@@ -53,6 +54,7 @@ CLOSED_PORT = 9  # nothing listens here
 SVC_TCP_PORT, SVC_UDP_PORT, KUBERNETES_PORT = 80, 53, 443
 NODEPORT, NODEPORT_LOCAL = 30080, 30081  # Cluster policy -> node 1's first pod; Local -> each node's first pod
 METRICS_PORT = 9655
+LAB_MTU = 1500  # every link of the underlay
 CONFLIST = "10-sknf.conflist"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 ROOT = Path("/run/sknf-lab")
@@ -252,7 +254,7 @@ class Lab:
             br = netlink.link_index(ul, "ul0")
             ul.addr("add", index=br, address=str(UNDERLAY.network_address + 1), prefixlen=UNDERLAY.prefixlen)
             ul.link("set", index=br, state="up")
-            netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), 1500)
+            netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), LAB_MTU)
             idx = netlink.link_index(ul, "inet0")
             ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
             ul.link("set", index=idx, state="up")
@@ -272,7 +274,7 @@ class Lab:
         pnetns.create(ns)
         underlay_ip = str(UNDERLAY.network_address + 10 + i)
         with netlink.route(nsutil.netns_path(self.ul)) as ul:
-            netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), 1500)
+            netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), LAB_MTU)
             netlink.set_port(ul, netlink.link_index(ul, f"{self.prefix[:8]}-{name}"[:15]),
                              netlink.link_index(ul, "ul0"))
         with netlink.route(nsutil.netns_path(ns)) as n:
@@ -300,8 +302,8 @@ class Lab:
         self.save()
 
     def _write_peers(self) -> None:
-        doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr}
-                         for n in self.state.nodes]}
+        doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr,
+                          "mtu": LAB_MTU - VXLAN_OVERHEAD} for n in self.state.nodes]}
         tmp = self.root / "peers.yaml.tmp"
         tmp.write_text(yaml.safe_dump(doc))
         tmp.replace(self.root / "peers.yaml")
