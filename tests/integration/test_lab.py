@@ -108,6 +108,9 @@ def test_every_flow_works_and_nothing_is_left(lab: Lab) -> None:
         assert leased(lab, node) == {p.container_id: (p.ip, p.host_ifname) for p in mine}
         with netlink.route(nsutil.netns_path(node.netns)) as ipr:
             assert sorted(netlink.host_veths(ipr, "sknf")) == sorted(p.host_ifname for p in mine)
+            routes = {(r.get("RTA_DST"), r.get("RTA_GATEWAY"))
+                      for r in ipr.get_routes(family=socket.AF_INET, table=overlay.PEER_ROUTE_TABLE)}
+        assert routes == {(n.underlay_ip, n.gateway_ip) for n in lab.state.nodes if n is not node}
 
 
 def test_agent_restart_keeps_pods_working_and_unchanged(lab: Lab) -> None:
