@@ -708,7 +708,8 @@ def run(args: argparse.Namespace) -> int:
             _describe(lab)
             ok = print_matrix(lab.check())
             _show_stats(lab)
-            return 0 if ok else 1
+            healthy = _show_doctor(lab)
+            return 0 if ok and healthy else 1
     except LabError as e:
         print(f"sknf lab: {e}", file=sys.stderr)
         return 1
@@ -736,6 +737,18 @@ def _show_stats(lab: Lab) -> None:
         sys.stdout.flush()
         subprocess.run([sys.executable, "-m", "sknf", "stats", "-c", node.config], cwd=str(REPO),
                        preexec_fn=nsutil.preexec_enter(node.netns), timeout=60, check=False)
+
+
+def _show_doctor(lab: Lab) -> bool:
+    """`sknf doctor` on each node, as run there; True when every node is all OK."""
+    healthy = True
+    for node in lab.state.nodes:
+        print(f"\n$ sknf doctor   # on {node.name}")
+        sys.stdout.flush()
+        proc = subprocess.run([sys.executable, "-m", "sknf", "doctor", "-c", node.config], cwd=str(REPO),
+                              preexec_fn=nsutil.preexec_enter(node.netns), timeout=120, check=False)
+        healthy = healthy and proc.returncode == 0
+    return healthy
 
 
 def _agent_mode(lab: Lab, node: LabNode) -> str:
