@@ -300,3 +300,42 @@ def test_an_unloadable_config_is_a_failure_and_the_other_checks_still_run(lab: L
     assert {"forward", "vxlan-port", "sysctls", "leftovers", "capacity"} <= set(found)
     assert "mtu" not in found
     assert found["sysctls"].status == doctor.OK
+
+
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJza3gtc2VjcmV0In0.c2t4LXNpZ25hdHVyZQ"
+
+
+def test_sysdump_has_everything_and_no_secret(lab: Lab, tmp_path: Path) -> None:
+    n1 = lab.state.nodes[0]
+    pod = pods_of(lab, n1)[0]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"users:\n- name: admin\n  user:\n    token: skx-kubeconfig-secret\n    client-key-data: "
+                          f"c2t4LWtleQ==\n# {JWT}\n")
+    config = tmp_path / "config.yaml"
+    settings = yaml.safe_load(Path(n1.config).read_text()) | {"kubeconfig": str(kubeconfig)}
+    config.write_text(f"# token: skx-comment-secret, Authorization: Bearer {JWT}\n" + yaml.safe_dump(settings))
+    out = tmp_path / "dump.tar.gz"
+    proc = subprocess.run([sys.executable, "-m", "sknf", "sysdump", "-c", str(config), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO),
+                          preexec_fn=nsutil.preexec_enter(n1.netns))
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    import tarfile
+
+    with tarfile.open(out) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode() for m in tar.getmembers()}
+    wanted = {
+        "net/links.txt": "vxsknf", "net/addresses.txt": n1.gateway_ip, "net/routes.txt": "table 4789",
+        "net/neighbours.txt": "", "net/fdb.txt": "dst 198.51.100.12", "net/tc.txt": "sknf_",
+        "firewall/iptables-nft.txt": "SKNF-FORWARD", "firewall/nft-ruleset.txt": "table ip filter",
+        "bpf/map-endpoints.txt": "key", "sysctls.txt": "net.ipv4.ip_forward = 1",
+        "agent/config.txt": "node_name: n1", "agent/leases.json": pod.ip, "agent/metrics.txt": "sknf_build_info",
+        "agent/health.json": '"peers"', "agent/stats.json": pod.ip, "agent/log.txt": "ready: serving CNI",
+        "doctor.txt": "peer-health",
+    }
+    found = {name: text in members.get(name, "<missing>") for name, text in wanted.items()}
+    assert found == dict.fromkeys(wanted, True)
+    everything = "\n".join(members.values())
+    for secret in ("skx-kubeconfig-secret", "c2t4LWtleQ==", JWT, "skx-comment-secret"):
+        assert secret not in everything
+    assert str(kubeconfig) in members["agent/config.txt"]  # named, never read
