@@ -1,0 +1,65 @@
+"""Doctor's pieces that need no root: exit codes, the agent verdict, nft rule matching, and sysdump's redaction."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from sknf import doctor, sysdump
+from sknf.config import Config
+
+
+def cfg(**kw) -> Config:
+    return Config(node_name="n1", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), peers_file="/p", **kw)
+
+
+def agent(mode: str, reason: str) -> dict:
+    return {"datapath": {"mode": mode, "reason": reason}}
+
+
+def test_exit_codes_are_distinct_and_not_the_config_error_code() -> None:
+    assert doctor.EXIT == {"OK": 0, "WARN": 3, "FAIL": 4}
+    f = doctor.Finding
+    assert doctor.overall([f("a", "OK", ""), f("b", "WARN", "")]) == "WARN"
+    assert doctor.overall([f("a", "FAIL", ""), f("b", "WARN", "")]) == "FAIL"
+    assert 2 not in doctor.EXIT.values()  # what `sknf` returns for a bad configuration
+
+
+@pytest.mark.parametrize(("configured", "mode", "reason", "status"), [
+    ("auto", "bpf", "", "OK"),
+    ("kernel", "kernel", "datapath: kernel in config", "OK"),
+    ("auto", "kernel", "no BCC (python3-bpfcc)", "WARN"),
+])
+def test_a_fallback_to_the_kernel_datapath_is_a_warning(configured: str, mode: str, reason: str, status: str) -> None:
+    ctx = doctor.Context(cfg=cfg(datapath=configured), agent=agent(mode, reason))
+    found = doctor.check_agent(ctx)
+    assert found.status == status
+    if status == "WARN":
+        assert reason in found.message and found.fix
+
+
+def test_an_agent_that_does_not_answer_fails_and_says_why() -> None:
+    found = doctor.check_agent(doctor.Context(cfg=None, agent_error="no agent socket at /run/sknf/sknf.sock"))
+    assert found.status == "FAIL" and "no agent socket" in found.message
+
+
+def _rule(right) -> list[dict]:
+    return [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": right}},
+            {"drop": None}]
+
+
+@pytest.mark.parametrize(("right", "hit"), [(4789, True), ({"set": [53, 4789]}, True), ({"range": [4000, 5000]}, True),
+                                            (8472, False), ({"set": [53]}, False)])
+def test_nft_port_matching(right, hit: bool) -> None:
+    assert doctor._matches_port(_rule(right), 4789) is hit
+
+
+def test_redaction_blanks_tokens_wherever_they_are() -> None:
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    text = (f"Authorization: Bearer abc.def-123\ntoken: s3cr3t\n  client-key-data: QUJD\n{jwt}\n"
+            '{"password": "hunter2"}\nvxsknf mtu 1450\n')
+    out = sysdump.redact(text)
+    for secret in ("abc.def-123", "s3cr3t", "QUJD", jwt, "hunter2"):
+        assert secret not in out
+    assert "vxsknf mtu 1450" in out
