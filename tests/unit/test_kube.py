@@ -252,3 +252,14 @@ def test_annotation_keys_are_valid_qualified_names() -> None:
         assert key.startswith(kube.PREFIX)
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", prefix)
         assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", name)
+
+
+def test_the_mtu_is_published_and_read_back_a_bad_one_ignored(api, make_source, server) -> None:
+    api.create_node(node(ME, "192.0.2.1", "10.244.1.0/24"))
+    api.create_node(node("skc-b", "192.0.2.2", "10.244.2.0/24", {kube.MTU: "1400"}))
+    api.create_node(node("skc-c", "192.0.2.3", "10.244.3.0/24", {kube.MTU: "jumbo"}))
+    src = make_source()
+    assert {n.name: n.mtu for n in src.nodes()} == {ME: None, "skc-b": 1400, "skc-c": None}
+    src.publish_self(Node(ME, "192.0.2.1", "10.244.1.0/24", mtu=1450))
+    assert server.requests("patch")[-1].data == {"metadata": {"annotations": {kube.UNDERLAY_IP: "192.0.2.1",
+                                                                               kube.MTU: "1450"}}}
