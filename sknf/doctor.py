@@ -326,6 +326,8 @@ def check_vxlan_port(ctx: Context) -> Finding:
                 problems.append((FAIL, f"`{r}` (iptables-{backend}) drops VXLAN from the other nodes"))
         if policy == "DROP" and not any(f"--dport {port}" in r for r in rules):
             problems.append((WARN, f"INPUT policy DROP in iptables-{backend} and no rule for UDP {port}"))
+    if ctx.nft_error is not None:
+        problems.append((WARN, f"the nftables ruleset was not read ({ctx.nft_error}): native nft rules unchecked"))
     if not problems:
         return Finding("vxlan-port", OK, f"UDP {port} is sknf's and nothing here drops it")
     return Finding("vxlan-port", _worst(problems), "; ".join(m for _, m in problems),
