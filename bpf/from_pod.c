@@ -46,3 +46,13 @@ int from_pod(struct __sk_buff *skb)
 	count_sent(skb->ifindex, len, verdict);
 	return verdict;
 }
+
+/* Hook: tc ingress of a shaped pod's host veth, in from_pod's place (direction: pod -> node). None of
+ * its frames is fast-pathed: TC_ACT_UNSPEC lets classification go on to the next filter, sknf's
+ * redirect to the pod's ifb (sknf/shaping.py), after which they take the kernel path. Counted here,
+ * once: ifb re-injects them with tc skipped. */
+int from_shaped_pod(struct __sk_buff *skb)
+{
+	count_sent(skb->ifindex, skb->len, TC_ACT_OK);
+	return TC_ACT_UNSPEC;
+}

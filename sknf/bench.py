@@ -15,6 +15,7 @@ BENCHES = {
     "observability": ("sknf.bench_observability", "Prometheus scrape and `sknf stats` on a busy node"),
     "scale": ("sknf.bench_scale", "agent memory, start-up and peer programming with many pods and nodes"),
     "datapath": ("sknf.bench_datapath", "pod TCP throughput and RTT: limits, bridge, counting, eBPF fast path"),
+    "bandwidth": ("sknf.bench_bandwidth", "a bandwidth-annotated pod's achieved/requested rate, per direction"),
 }
 
 

@@ -102,6 +102,7 @@ class Request:
     path: tuple[str, ...] = ()
     prev_result: dict[str, Any] | None = None
     valid_attachments: frozenset[tuple[str, str]] | None = None  # GC only: (container id, ifname)
+    bandwidth: Bandwidth | None = None  # ADD and CHECK: runtimeConfig.bandwidth, None when unshaped
 
     @property
     def pod_namespace(self) -> str:
@@ -119,6 +120,71 @@ class Request:
     def runtime_config(self) -> dict[str, Any]:
         rc = self.config.get("runtimeConfig")
         return rc if isinstance(rc, dict) else {}
+
+
+# runtimeConfig.bandwidth (the `bandwidth` capability; rates in bit/s, bursts in bits). kubelet refuses
+# annotations below 1 kbit/s; a tbf rate is 32 bits of bytes/s; the reference plugin refuses bursts of
+# 4 GiB and more. containerd and CRI-O send burst = 2**32 - 1 bits for every annotated direction.
+MIN_RATE = 1000
+MAX_RATE = (2**32 - 1) * 8
+MAX_BURST = (2**32 - 1) * 8
+_BANDWIDTH_FIELDS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """A pod's traffic limits, per direction seen from the pod (ingress = to it); 0 = unlimited."""
+
+    ingress_rate: int = 0
+    ingress_burst: int = 0
+    egress_rate: int = 0
+    egress_burst: int = 0
+
+    @property
+    def ingress(self) -> bool:
+        return self.ingress_rate > 0
+
+    @property
+    def egress(self) -> bool:
+        return self.egress_rate > 0
+
+    def to_json(self) -> dict[str, int]:
+        """The capability's own spelling, so a record reads like the runtime's request."""
+        return dict(zip(_BANDWIDTH_FIELDS, (self.ingress_rate, self.ingress_burst, self.egress_rate,
+                                            self.egress_burst), strict=True))
+
+
+def parse_bandwidth(runtime_config: Mapping[str, Any]) -> Bandwidth | None:
+    """runtimeConfig.bandwidth validated (code 7 for anything out of range); None when nothing is limited.
+
+    Like the reference plugin: each direction needs both rate and burst or neither; a missing or
+    zero field means "not set". Unknown keys are ignored, as the spec asks of plugins.
+    """
+    raw = runtime_config.get("bandwidth")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise CniError(INVALID_CONFIG, "runtimeConfig.bandwidth must be an object", f"bandwidth={raw!r}")
+    values = {}
+    for key in _BANDWIDTH_FIELDS:
+        value = raw.get(key) or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.bandwidth.{key} must be a non-negative integer",
+                           f"{key}={raw.get(key)!r}")
+        values[key] = value
+    for direction in ("ingress", "egress"):
+        rate, burst = values[f"{direction}Rate"], values[f"{direction}Burst"]
+        if bool(rate) != bool(burst):
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.bandwidth: {direction} rate and burst must be set together",
+                           f"{direction}Rate={rate}, {direction}Burst={burst}")
+        if rate and not MIN_RATE <= rate <= MAX_RATE:
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.bandwidth.{direction}Rate out of range",
+                           f"{rate} bit/s, allowed {MIN_RATE}..{MAX_RATE}")
+        if burst > MAX_BURST:
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.bandwidth.{direction}Burst out of range",
+                           f"{burst} bits, at most {MAX_BURST}")
+    bw = Bandwidth(*values.values())
+    return bw if bw.ingress or bw.egress else None
 
 
 def error_version(config: Any) -> str:
@@ -225,7 +291,15 @@ def parse_request(env: Mapping[str, str], config: Any) -> Request:
         path=tuple(p for p in env.get("CNI_PATH", "").split(":") if p),
         prev_result=prev,
         valid_attachments=_valid_attachments(config) if command == "GC" else None,
+        bandwidth=parse_bandwidth(_runtime_config(config)) if command in ("ADD", "CHECK") else None,
     )
+
+
+def _runtime_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    rc = config.get("runtimeConfig")
+    if rc is not None and not isinstance(rc, dict):
+        raise CniError(INVALID_CONFIG, "runtimeConfig must be an object", f"runtimeConfig={rc!r}")
+    return rc or {}
 
 
 # Result fields per spec version; anything else a caller passes is dropped, not passed through.

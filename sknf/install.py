@@ -32,14 +32,19 @@ def plugin_source() -> bytes:
 
 
 def render_conflist(cfg: Config) -> dict[str, Any]:
-    """The network: sknf (only the keys the plugin reads), then host port mappings and shaping."""
+    """The network: sknf (the keys the plugin reads; it shapes pods itself), then host port mappings.
+
+    No reference `bandwidth` entry: its ingress qdisc collides with the BPF datapath's clsact, and
+    bpf_redirect_peer would skip its shaping anyway (see sknf/shaping.py); sknf declares the
+    capability, so runtimes hand it runtimeConfig.bandwidth.
+    """
     return {
         "cniVersion": "1.0.0",
         "name": NETWORK_NAME,
         "plugins": [
-            {"type": PLUGIN_NAME, "agentSocket": str(cfg.socket_path), "stateDir": str(cfg.state_dir)},
+            {"type": PLUGIN_NAME, "agentSocket": str(cfg.socket_path), "stateDir": str(cfg.state_dir),
+             "capabilities": {"bandwidth": True}},
             {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-            {"type": "bandwidth", "capabilities": {"bandwidth": True}},
         ],
     }
 

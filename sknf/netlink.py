@@ -300,6 +300,25 @@ def set_port(ipr: IPRoute, index: int, master: int) -> None:
     ipr.link("set", index=index, master=master, state="up")
 
 
+def ensure_ifb(ipr: IPRoute, name: str, mtu: int) -> int:
+    """An ifb device (the target of a redirect that shapes a pod's frames), up, with the pod's MTU."""
+    link = link_info(ipr, name)
+    if link is not None and link_kind(link) != "ifb":
+        delete_link(ipr, name)
+        link = None
+    if link is None:
+        try:
+            ipr.link("add", ifname=name, kind="ifb", mtu=mtu)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        link = link_info(ipr, name)
+    idx = link["index"]
+    if link.get("IFLA_MTU") != mtu or link.get("state") != "up":
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+    return idx
+
+
 def set_alias(ipr: IPRoute, index: int, alias: str) -> None:
     """The link's ifalias (IFLA_IFALIAS, at most IFALIAS_MAX bytes): a note the kernel keeps for us."""
     ipr.link("set", index=index, ifalias=alias)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from sknf import netlink, nsutil
-from sknf.cni import ALREADY_EXISTS, CHECK_FAILED, CniError, Request, build_result
+from sknf import netlink, nsutil, shaping
+from sknf.cni import ALREADY_EXISTS, CHECK_FAILED, Bandwidth, CniError, Request, build_result
 from sknf.config import BRIDGE, HOST_VETH_PREFIX, Config
 from sknf.datapath import Datapath, Endpoint
 from sknf.ipam import CorruptStore, Lease, Store
@@ -111,10 +111,10 @@ class PodNetwork:
         return node
 
 
-def endpoint_of(lease: Lease, host_ifindex: int) -> Endpoint:
+def endpoint_of(lease: Lease, host_ifindex: int, bw: Bandwidth | None = None) -> Endpoint:
     return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
                     container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
-                    pod=lease.pod)
+                    pod=lease.pod, shaped_to_pod=bool(bw and bw.ingress), shaped_from_pod=bool(bw and bw.egress))
 
 
 def _require_netns(req: Request) -> None:
@@ -125,6 +125,8 @@ def _require_netns(req: Request) -> None:
 def add(net: PodNetwork, req: Request) -> dict:
     node = net.ready_node()
     _require_netns(req)
+    if req.bandwidth is not None:
+        shaping.plan(req.bandwidth, node.mtu)  # refused (code 7) before anything is made
     host_ifname = host_veth_name(req.container_id, req.ifname)
     prefixlen = net.cfg.cluster_cidr.prefixlen
     with net.store_guard.shared(), netlink.route() as ipr, ExitStack() as undo:
@@ -155,10 +157,19 @@ def add(net: PodNetwork, req: Request) -> dict:
         # 4. The host end joins the bridge.
         netlink.set_port(ipr, host_index, node.bridge_ifindex)
 
-        # 5. Fast path and counters (a no-op in the kernel datapath).
+        # 5. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
+        # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
+        if req.bandwidth is not None:
+            with net.datapath_lock:
+                shaping.save_record(net.cfg.state_dir, host_ifname, req.bandwidth)
+                undo.callback(shaping.forget, ipr, net.cfg.state_dir, host_ifname)
+                shaping.ensure(ipr, host_ifname, host_index, req.bandwidth, node.mtu)
+
+        # 6. Fast path and counters (a no-op in the kernel datapath).
+        endpoint = endpoint_of(lease, host_index, req.bandwidth)
         with net.datapath_lock:
-            net.datapath.attach_pod(endpoint_of(lease, host_index))
-        undo.callback(net.datapath.detach_pod, endpoint_of(lease, host_index))
+            net.datapath.attach_pod(endpoint)
+        undo.callback(net.datapath.detach_pod, endpoint)
 
         result = build_result(
             req.cni_version,
@@ -183,6 +194,7 @@ def delete(net: PodNetwork, req: Request) -> None:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
             # Deleting the host end removes the pod end too, wherever the namespace is.
             netlink.delete_link(ipr, host_ifname)
+            shaping.forget(ipr, net.cfg.state_dir, host_ifname)
         net.store.release(req.container_id, req.ifname)
     if lease is not None:
         log.info("DEL %s/%s %s %s -> freed %s", lease.namespace, lease.pod, req.container_id[:12], req.ifname,
@@ -212,6 +224,13 @@ def check(net: PodNetwork, req: Request) -> None:
         raise CniError(CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
     if gateway != node.gateway_ip:
         raise CniError(CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
+    recorded = shaping.load_records(net.cfg.state_dir).get(lease.host_ifname)
+    if recorded != req.bandwidth:
+        raise CniError(CHECK_FAILED, f"shaping of {lease.host_ifname} is {recorded}, the request asks {req.bandwidth}")
+    with netlink.route() as ipr:
+        found = shaping.problems(ipr, lease.host_ifname, link["index"], recorded, node.mtu)
+    if found:
+        raise CniError(CHECK_FAILED, "; ".join(found))
 
 
 def gc(net: PodNetwork, req: Request) -> None:
@@ -221,6 +240,7 @@ def gc(net: PodNetwork, req: Request) -> None:
             for lease in net.store.gc(req.valid_attachments or frozenset()):
                 net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
                 netlink.delete_link(ipr, lease.host_ifname)
+                shaping.forget(ipr, net.cfg.state_dir, lease.host_ifname)
                 log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
         remove_orphan_links(net)
 
@@ -339,10 +359,14 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
     """
     rejoined = []
     with net.datapath_lock, netlink.route() as ipr:
+        # Records before links and leases: an ADD saves its record after both exist.
+        shaped = shaping.load_records(net.cfg.state_dir)
         links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
         leases = net.store.leases()  # after the dump, see _delete_orphans
         lost = _delete_orphans(ipr, links, leases)
         live = [lease for lease in leases if lease.host_ifname in links]
+        _sync_shaping(net, ipr, node, shaped, {lease.host_ifname: links[lease.host_ifname]["index"] for lease in live},
+                      {lease.host_ifname for lease in leases})
         for lease in live:
             link = links[lease.host_ifname]
             if link.get("IFLA_MTU") != node.mtu:
@@ -356,8 +380,8 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
                     raise
                 continue
             rejoined.append(lease.host_ifname)
-        net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"]) for lease in live
-                                     if lease.mac])
+        net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"],
+                                                 shaped.get(lease.host_ifname)) for lease in live if lease.mac])
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost
@@ -379,6 +403,21 @@ def _set_mtu(ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
         log.warning("%s: cannot set MTU %d: %s", lease.host_ifname, mtu, e)
         return
     log.info("%s (%s/%s): MTU now %d", lease.host_ifname, lease.namespace, lease.pod, mtu)
+
+
+def _sync_shaping(net: PodNetwork, ipr: IPRoute, node: NodeOverlay, shaped: dict[str, Bandwidth],
+                  live: dict[str, int], leased: set[str]) -> None:
+    """Every recorded pod with a live link (name -> ifindex) is shaped as recorded; records no lease
+    names go, with their ifb. A leased pod whose link is gone keeps both until its DEL or GC."""
+    for host_ifname, bw in shaped.items():
+        if host_ifname in live:
+            try:
+                shaping.ensure(ipr, host_ifname, live[host_ifname], bw, node.mtu)
+            except (NetlinkError, CniError) as e:  # one pod's failure must not stop the others' reconcile
+                log.error("cannot shape %s as recorded (%s): %s", host_ifname, bw, e)
+        elif host_ifname not in leased:
+            shaping.forget(ipr, net.cfg.state_dir, host_ifname)
+            log.warning("removed the shaping of %s: no lease names it", host_ifname)
 
 
 VERBS: dict[str, Callable[[PodNetwork, Request], dict | None]] = {

@@ -37,11 +37,15 @@ struct sknf_config {
 	__u16 pad;
 };
 
+/* endpoint_info.flags: traffic to the pod is shaped by a qdisc on its host veth, which
+ * bpf_redirect_peer would skip: frames for it take the kernel path (the bridge). */
+#define ENDPOINT_SHAPED 0x1
+
 /* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
 struct endpoint_info {
 	__u32 ifindex; /* the pod's host-side veth */
 	__u8 mac[ETH_ALEN]; /* the pod's eth0 */
-	__u16 pad;
+	__u16 flags; /* ENDPOINT_* */
 };
 
 /* A local pod's MAC, as the local_macs map keys it. */

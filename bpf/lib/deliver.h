@@ -14,7 +14,7 @@ static __always_inline struct sknf_config *node_config(void)
 }
 
 /* Only frames addressed to the pod's own MAC (those the bridge would hand to its port) go straight
- * in; bpf_redirect_peer lands them in the pod's netns, skipping the host veth's egress hook, so the
+ * in, and none for a pod shaped on its host veth (ENDPOINT_SHAPED); bpf_redirect_peer lands them in the pod's netns, skipping the host veth's egress hook, so the
  * pod's rx is counted here. PACKET_HOST: older kernels drop peer-redirected frames still marked for
  * another host. Returns the verdict; the caller counts drops against the pod it accounts for. */
 static __always_inline int deliver_to_pod(struct __sk_buff *skb, struct packet *pkt,
@@ -23,7 +23,7 @@ static __always_inline int deliver_to_pod(struct __sk_buff *skb, struct packet *
 	__u32 len = skb->len;
 	int verdict;
 
-	if (!mac_equal(pkt->h_dest, ep->mac))
+	if (!mac_equal(pkt->h_dest, ep->mac) || ep->flags & ENDPOINT_SHAPED)
 		return TC_ACT_OK;
 	bpf_skb_change_type(skb, PACKET_HOST);
 	verdict = bpf_redirect_peer(ep->ifindex, 0);

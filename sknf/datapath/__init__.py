@@ -27,6 +27,8 @@ class Endpoint:
     ifname: str
     namespace: str = ""
     pod: str = ""
+    shaped_to_pod: bool = False  # a qdisc on the host veth shapes what the pod receives (sknf.shaping)
+    shaped_from_pod: bool = False  # what the pod sends is redirected to its ifb and shaped there
 
 
 @dataclass

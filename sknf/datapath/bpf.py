@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's host veth
+SHAPED_FROM_POD = "from_shaped_pod"  # in from_pod's place when the pod's sending is shaped
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
 PROGRAMS = bpfload.PROGRAMS  # what the loader pins: these four
 # {map: (key type, value type)}: checked against each pinned map once, when the agent opens it.
@@ -103,8 +104,10 @@ class BpfDatapath:
         """Filters first, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted."""
         with netlink.route() as ipr:
             for name, hook in POD_PROGRAMS.items():
-                tc.attach(ipr, ep.host_ifindex, hook, self.fds[name], f"sknf_{name}")
-        leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex)
+                program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
+                tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
+        leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
+                                    flags=bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
         leaf.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["local_macs"], _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))
         bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)

@@ -30,7 +30,10 @@ BATCH = 512  # entries per syscall: few calls, and buffers stay small on many-CP
 class EndpointInfo(ctypes.Structure):
     """struct endpoint_info: the endpoints map's value (key: the pod's IPv4 address, __be32)."""
 
-    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("flags", ctypes.c_uint16)]
+
+
+ENDPOINT_SHAPED = 0x1  # endpoint_info.flags (bpf/lib/common.h): deliver through the bridge, never redirect
 
 
 class MacKey(ctypes.Structure):

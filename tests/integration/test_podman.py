@@ -130,7 +130,7 @@ def test_installed_conflist_suits_podman(lab: Lab) -> None:
     node = lab.state.nodes[0]
     conflist = lab.conflist(node)
     assert conflist["cniVersion"] == "1.0.0"  # podman 4.3 cannot parse 1.1.0 results
-    assert [p["type"] for p in conflist["plugins"]] == ["sknf", "portmap", "bandwidth"]
+    assert [p["type"] for p in conflist["plugins"]] == ["sknf", "portmap"]
     assert conflist["plugins"][0]["agentSocket"] == str(lab.node_dir(node.name) / "run" / "sknf.sock")
 
 

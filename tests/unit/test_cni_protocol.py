@@ -195,3 +195,44 @@ def test_drain_pending_dels(tmp_path: Path) -> None:
     assert cni.drain_pending_dels(tmp_path) == [first, second]
     assert [p.name for p in pending.iterdir()] == [".00000000000000000004-1.json"]
     assert cni.drain_pending_dels(tmp_path) == []
+
+
+# -- runtimeConfig.bandwidth (the `bandwidth` capability) ----------------------------------------
+
+KUBELET_BURST = 2**32 - 1  # containerd and CRI-O: math.MaxUint32 bits for an annotated direction
+
+
+def test_bandwidth_as_containerd_sends_it() -> None:
+    rc = {"bandwidth": {"ingressRate": 50_000_000, "ingressBurst": KUBELET_BURST,
+                        "egressRate": 10_000_000, "egressBurst": KUBELET_BURST}}
+    bw = cni.parse_request(env("ADD"), conf(runtimeConfig=rc)).bandwidth
+    assert bw == cni.Bandwidth(50_000_000, KUBELET_BURST, 10_000_000, KUBELET_BURST)
+    assert bw.ingress and bw.egress
+    assert bw.to_json() == rc["bandwidth"]  # the record reads like the request
+
+
+def test_bandwidth_one_direction_and_none() -> None:
+    bw = cni.parse_request(env("ADD"), conf(runtimeConfig={"bandwidth": {"egressRate": 8000, "egressBurst": 80000,
+                                                                         "ingressRate": 0}})).bandwidth
+    assert bw is not None and bw.egress and not bw.ingress
+    for rc in ({}, {"bandwidth": {}}, {"bandwidth": {"ingressRate": 0, "ingressBurst": 0}}, {"portMappings": []}):
+        assert cni.parse_request(env("ADD"), conf(runtimeConfig=rc)).bandwidth is None
+    # Only ADD and CHECK read it: a DEL with odd limits must still delete.
+    assert cni.parse_request(env("DEL"), conf(runtimeConfig={"bandwidth": "x"})).bandwidth is None
+
+
+@pytest.mark.parametrize("bandwidth", [
+    "50M", [], {"ingressRate": 50_000_000}, {"ingressBurst": 1000}, {"egressRate": 1000, "egressBurst": 0},
+    {"ingressRate": -1, "ingressBurst": 1000}, {"ingressRate": True, "ingressBurst": 1000},
+    {"ingressRate": 1.5e6, "ingressBurst": 1000}, {"egressRate": "1000", "egressBurst": 1000},
+    {"ingressRate": 999, "ingressBurst": 1 << 20}, {"ingressRate": cni.MAX_RATE + 1, "ingressBurst": 1 << 20},
+    {"egressRate": 1000, "egressBurst": cni.MAX_BURST + 1},
+])
+def test_bad_bandwidth_is_invalid_config(bandwidth: Any) -> None:
+    for command in ("ADD", "CHECK"):
+        extra = {"prevResult": {"cniVersion": "1.0.0"}} if command == "CHECK" else {}
+        assert code_of(env(command), conf(runtimeConfig={"bandwidth": bandwidth}, **extra)) == cni.INVALID_CONFIG
+
+
+def test_runtime_config_must_be_an_object() -> None:
+    assert code_of(env("ADD"), conf(runtimeConfig=["bandwidth"])) == cni.INVALID_CONFIG
