@@ -100,10 +100,14 @@ def _sysctls() -> str:
 
 
 def _devices() -> list[str]:
+    """vxsknf, every pod's host veth and every shaped pod's ifb."""
     from sknf import netlink
+    from sknf.shaping import IFB_PREFIX
 
     with netlink.route() as ipr:
-        return [VXLAN, *sorted(netlink.host_veths(ipr, HOST_VETH_PREFIX))]
+        ifbs = [link.get("IFLA_IFNAME") for link in ipr.get_links()
+                if (link.get("IFLA_IFNAME") or "").startswith(IFB_PREFIX)]
+        return [VXLAN, *sorted(netlink.host_veths(ipr, HOST_VETH_PREFIX)), *sorted(ifbs)]
 
 
 def _tc(devices: list[str]) -> str:
