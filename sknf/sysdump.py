@@ -2,7 +2,7 @@
 
 What goes in (each a member; a command that fails or is not installed leaves a note, never a gap):
 links, addresses, routes (every table), policy rules, neighbours, the FDB and bridge ports; tc
-qdiscs and filters of `vxsknf` and every pod veth; bpftool's view of programs, tc attachments and
+qdiscs and filters of `vxsknf`, every pod veth and shaped pod ifb; bpftool's view of programs, tc attachments and
 a dump of each map pinned under bpf_pin_dir; both iptables backends and the nftables ruleset;
 conntrack statistics; the sysctls sknf depends on; the agent's configuration (the file and the
 effective settings), the IPAM leases and parked DELs; and from the running agent its metrics, its
