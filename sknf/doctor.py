@@ -18,6 +18,7 @@ import fnmatch
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -220,10 +221,41 @@ def _drops(rule: str) -> bool:
     return any(words[i] == "-j" and words[i + 1] in ("DROP", "REJECT") for i in range(len(words) - 1))
 
 
+POD_DEVICES = (BRIDGE, VXLAN, "+", f"{HOST_VETH_PREFIX}+")
+
+
+def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
+    """A DROP/REJECT rule whose every condition can match pod traffic (-s/-d overlapping the cluster CIDR,
+    -i/-o a device pod traffic crosses, a protocol, a comment). Anything else (conntrack INVALID, another
+    CNI's device, a negation) is taken as not about pods: doctor flags what certainly drops, not what might."""
+    try:
+        words = shlex.split(rule)[2:]  # after "-A CHAIN"
+    except ValueError:
+        return False
+    if not _drops(rule):
+        return False
+    i = 0
+    while i < len(words):
+        word, arg = words[i], words[i + 1] if i + 1 < len(words) else ""
+        if word in ("-s", "-d"):
+            net = ipaddress.ip_network(arg, strict=False)
+            if cluster is not None and (net.version != 4 or not net.overlaps(cluster)):
+                return False
+        elif word in ("-i", "-o"):
+            if arg not in POD_DEVICES:
+                return False
+        elif not ((word == "-m" and arg in ("comment", "tcp", "udp"))
+                  or word in ("-p", "--comment", "--dport", "--sport", "-j", "--reject-with")):
+            return False
+        i += 2
+    return True
+
+
 def check_forward(ctx: Context) -> Finding:
     from sknf.iptables import FORWARD_CHAIN
 
     ours = iptables_backend()
+    cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
     problems: list[tuple[str, str]] = []
     for backend in ("nft", "legacy"):
         if not _backend_has_tables(backend, ctx):
@@ -234,7 +266,7 @@ def check_forward(ctx: Context) -> Finding:
         policy, rules = got
         if backend == ours:
             jump = next((i for i, r in enumerate(rules) if f"-j {FORWARD_CHAIN}" in r), None)
-            ahead = [r for r in rules[:jump] if _drops(r) and "INVALID" not in r]
+            ahead = [r for r in rules[:jump] if drops_pod_traffic(r, cluster)]
             problems += [(FAIL, f"`{r}` comes before sknf's jump and drops forwarded traffic") for r in ahead]
             if jump is None and policy == "DROP":
                 problems.append((FAIL, f"FORWARD policy DROP in iptables-{backend} and no jump to {FORWARD_CHAIN}"))
@@ -243,12 +275,13 @@ def check_forward(ctx: Context) -> Finding:
                 problems.append((FAIL, f"FORWARD policy DROP in iptables-{backend}, where sknf's rules are not "
                                        f"(sknf uses iptables-{ours}): every forwarded pod packet is dropped"))
             problems += [(FAIL, f"`{r}` in iptables-{backend} (not sknf's backend) drops forwarded traffic")
-                         for r in rules if _drops(r) and "INVALID" not in r and len(r.split()) <= 8]
-    cidr = str(ctx.cfg.cluster_cidr) if ctx.cfg is not None else None
+                         for r in rules if drops_pod_traffic(r, cluster)]
     for chain in _nft_base_chains(ctx, "forward"):
-        if chain["policy"] == "drop" and not (cidr and _chain_mentions(ctx, chain, cidr.split("/")[0])):
-            problems.append((FAIL, f"nft chain {chain['family']} {chain['table']} {chain['name']} (hook forward) has "
-                                   "policy drop and no rule for the cluster CIDR: forwarded pod traffic is dropped"))
+        about_pods = cluster is not None and _chain_mentions(ctx, chain, str(cluster.network_address))
+        if _nft_drops_by_default(ctx, chain) and not about_pods:
+            problems.append((FAIL, f"nft chain {chain['family']} {chain['table']} {chain['name']} (hook forward) "
+                                   "drops by default and no rule is about the cluster CIDR: forwarded pod traffic "
+                                   "is dropped"))
     if not problems:
         return Finding("forward", OK, f"nothing drops forwarded pod traffic ahead of sknf (iptables-{ours})")
     return Finding("forward", _worst(problems), "; ".join(m for _, m in problems),
@@ -272,6 +305,19 @@ def _nft_base_chains(ctx: Context, hook: str) -> list[dict]:
 def _chain_rules(ctx: Context, chain: dict) -> list[dict]:
     return [item["rule"] for item in ctx.nft or [] if "rule" in item and item["rule"]["family"] == chain["family"]
             and item["rule"]["table"] == chain["table"] and item["rule"]["chain"] == chain["name"]]
+
+
+TERMINAL_ONLY = {"counter", "log", "limit", "drop", "reject"}
+
+
+def _nft_drops_by_default(ctx: Context, chain: dict) -> bool:
+    """Policy drop, or a last rule that drops or rejects whatever reaches it (firewalld's style)."""
+    if chain.get("policy") == "drop":
+        return True
+    rules = _chain_rules(ctx, chain)
+    last = rules[-1]["expr"] if rules else []
+    return bool(last) and all(set(e) <= TERMINAL_ONLY for e in last) and any("drop" in e or "reject" in e
+                                                                            for e in last)
 
 
 def _chain_mentions(ctx: Context, chain: dict, needle: Any) -> bool:
@@ -312,8 +358,8 @@ def check_vxlan_port(ctx: Context) -> Finding:
             if _matches_port(rule["expr"], port) and any("drop" in e or "reject" in e for e in rule["expr"]):
                 problems.append((FAIL, f"{where} drops UDP {port} (handle {rule.get('handle')}): VXLAN from the "
                                        "other nodes never reaches vxsknf"))
-        if chain.get("policy") == "drop" and chain.get("hook") == "input" and not _chain_mentions(ctx, chain, port):
-            problems.append((WARN, f"{where} has policy drop and no rule for UDP {port}"))
+        if chain.get("hook") == "input" and _nft_drops_by_default(ctx, chain) and not _chain_mentions(ctx, chain, port):
+            problems.append((WARN, f"{where} drops by default and has no rule for UDP {port}"))
     for backend in ("nft", "legacy"):
         if not _backend_has_tables(backend, ctx):
             continue

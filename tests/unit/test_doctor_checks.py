@@ -63,3 +63,34 @@ def test_redaction_blanks_tokens_wherever_they_are() -> None:
     for secret in ("abc.def-123", "s3cr3t", "QUJD", jwt, "hunter2"):
         assert secret not in out
     assert "vxsknf mtu 1450" in out
+
+
+CLUSTER = ipaddress.IPv4Network("10.244.0.0/16")
+
+
+@pytest.mark.parametrize(("rule", "hit"), [
+    ("-A FORWARD -j DROP", True),
+    ('-A FORWARD -m comment --comment "block all" -j REJECT --reject-with icmp-port-unreachable', True),
+    ("-A FORWARD -d 10.244.2.0/24 -j REJECT", True),
+    ("-A FORWARD -s 10.0.0.0/8 -p tcp -m tcp --dport 80 -j DROP", True),
+    ("-A FORWARD -i brsknf -j DROP", True),
+    ("-A FORWARD -m conntrack --ctstate INVALID -j DROP", False),
+    ("-A FORWARD -i docker0 -o docker0 -j DROP", False),
+    ("-A FORWARD -d 192.168.0.0/16 -j DROP", False),
+    ("-A FORWARD ! -s 10.244.0.0/16 -j DROP", False),
+    ("-A FORWARD -j ACCEPT", False),
+])
+def test_which_iptables_drops_hit_pod_traffic(rule: str, hit: bool) -> None:
+    assert doctor.drops_pod_traffic(rule, CLUSTER) is hit
+
+
+def test_an_nft_chain_ending_in_a_bare_reject_drops_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx: False)  # iptables not consulted
+    chain = {"family": "inet", "table": "firewalld", "name": "filter_FORWARD", "hook": "forward", "policy": "accept"}
+    rule = {"family": "inet", "table": "firewalld", "chain": "filter_FORWARD"}
+    established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}}
+    ctx = doctor.Context(cfg=cfg(), nft=[{"chain": chain}, {"rule": {**rule, "expr": [established, {"accept": None}]}},
+                                         {"rule": {**rule, "expr": [{"reject": {"type": "icmpx"}}]}}])
+    assert doctor._nft_drops_by_default(ctx, chain)
+    found = doctor.check_forward(ctx)
+    assert found.status == "FAIL" and "firewalld filter_FORWARD (hook forward) drops by default" in found.message
