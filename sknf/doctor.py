@@ -382,7 +382,7 @@ def check_vxlan_port(ctx: Context) -> Finding:
 
 
 def check_sknf_rules(ctx: Context) -> Finding:
-    from sknf.iptables import COMMENT, JUMPS, NAT_CHAIN
+    from sknf.iptables import COMMENT, FORWARD_CHAIN, JUMPS, NAT_CHAIN
 
     assert ctx.cfg is not None
     cidr = str(ctx.cfg.cluster_cidr)
@@ -394,7 +394,7 @@ def check_sknf_rules(ctx: Context) -> Finding:
             missing.append(f"{table}/{chain} (chain)")
             continue
         rules = got[1]
-        if table == "filter" and not any(f"-s {cidr}" in r and "ACCEPT" in r for r in rules):
+        if chain == FORWARD_CHAIN and not any(f"-s {cidr}" in r and "ACCEPT" in r for r in rules):
             missing.append(f"{table}/{chain}: accept of {cidr}")
         if chain == NAT_CHAIN and ctx.cfg.masquerade and not any("MASQUERADE" in r for r in rules):
             missing.append(f"{table}/{chain}: masquerade")
