@@ -138,6 +138,10 @@ def _worst(parts: Iterable[tuple[str, str]]) -> str:
     return max((s for s, _ in parts), key=RANK.__getitem__, default=OK)
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def _fill(name: str, used: int, limit: int) -> tuple[str, str]:
     share = used / limit if limit else 0.0
     status = FAIL if share >= FILL_FAIL else WARN if share >= FILL_WARN else OK
@@ -463,7 +467,7 @@ def check_mtu(ctx: Context) -> Finding:
                        "give every node the same underlay MTU (or the same `mtu` setting), then restart the agents")
     unknown = len(ctx.others()) - len(published)
     return Finding("mtu", OK, f"pods, {VXLAN} and {BRIDGE} at {want} (underlay {underlay_mtu}); "
-                   f"{len(published)} peers agree" + (f", {unknown} publish none" if unknown else ""))
+                   f"{_n(len(published), 'peer')} agree" + (f", {unknown} publish none" if unknown else ""))
 
 
 def _conf_type(path: Path) -> str:
@@ -567,7 +571,7 @@ def check_overlay(ctx: Context) -> Finding:
     if problems:
         return Finding("overlay", FAIL, "; ".join(problems) + ": pods cannot reach other nodes' pods",
                        "the agent rebuilds the overlay every reconcile_interval: start it or read its log")
-    return Finding("overlay", OK, f"{BRIDGE} and {VXLAN} up, {len(ctx.others())} peers in the flood list")
+    return Finding("overlay", OK, f"{BRIDGE} and {VXLAN} up, {_n(len(ctx.others()), 'peer')} in the flood list")
 
 
 def check_capacity(ctx: Context) -> Finding:
@@ -637,7 +641,7 @@ def check_peers(ctx: Context) -> Finding:
     if problems:
         return Finding("peers", _worst(problems), "; ".join(m for _, m in problems),
                        "fix the peers file entry, or the Node's InternalIP / sknf.io/underlay-ip annotation")
-    return Finding("peers", OK, f"{len(ctx.others())} peers with usable underlay addresses")
+    return Finding("peers", OK, f"{_n(len(ctx.others()), 'peer')} with usable underlay addresses")
 
 
 def check_pod_subnet(ctx: Context) -> Finding:
@@ -704,7 +708,10 @@ def check_peer_health(ctx: Context) -> Finding:
                        f"overlay at fault: allow UDP {port} between the nodes' underlay addresses (security groups, "
                        "host firewalls) and check the peer's vxsknf with its own `sknf doctor`; underlay at fault: "
                        "check that node and the network")
+    rtts = sorted(p["overlay"]["rtt"] for p in probes["peers"] if p.get("overlay") and p["overlay"]["ok"])
     notes = [f"{reachable + filtered}/{len(probes['peers'])} peers reachable ({when})"]
+    if rtts:
+        notes.append(f"overlay RTT median {rtts[len(rtts) // 2] * 1000:.2f} ms, max {rtts[-1] * 1000:.2f} ms")
     if filtered:
         notes.append(f"{filtered} ignore pings on the underlay but their overlay works")
     if pending:
