@@ -149,6 +149,7 @@ class Agent:
                 "underlay_ip": node.underlay_ip if node else None,
                 "peers": [{"name": p.name, "underlay_ip": p.underlay_ip, "pod_cidr": p.pod_cidr, "mtu": p.mtu}
                           for p in self.peers],
+                "unaddressed": getattr(self.source, "unaddressed", list)(),  # Nodes that cannot be peers
                 "ipam": {"allocated": self.store.allocated, "capacity": self.store.capacity},
                 "probes": self.health.report(fresh=bool(req.get("probe")))}
 

@@ -620,6 +620,9 @@ def check_peers(ctx: Context) -> Finding:
             if p["pod_cidr"] in cidrs:
                 problems.append((FAIL, f"{cidrs[p['pod_cidr']]} and {p['name']} both have pod subnet {p['pod_cidr']}"))
             cidrs[p["pod_cidr"]] = p["name"]
+    for name in ctx.agent.get("unaddressed", []) if ctx.agent else []:
+        problems.append((FAIL, f"{name}: its Node has no InternalIP and no valid sknf.io/underlay-ip, so it is not "
+                               "a peer: its pods are unreachable from here"))
     cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
     with netlink.route() as ipr:
         for p in ctx.others():

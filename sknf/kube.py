@@ -206,6 +206,7 @@ class KubePeerSource:
         self._lock = threading.Lock()
         self._peers: dict[str, Node] = {}
         self._own: dict | None = None  # this node's sknf.io/ annotations and spec pod subnet, once seen
+        self._unaddressed: set[str] = set()  # Nodes without a usable address: not peers (`sknf doctor` says so)
         self._version = 0  # bumped whenever the peer set changes
         self._returned = 0  # the version nodes() last returned
         self._synced = threading.Event()
@@ -225,6 +226,11 @@ class KubePeerSource:
     def changed(self) -> bool:
         with self._lock:
             return self._version != self._returned
+
+    def unaddressed(self) -> list[str]:
+        """Nodes left out of the peers because they have neither an InternalIP nor a valid sknf.io/underlay-ip."""
+        with self._lock:
+            return sorted(self._unaddressed)
 
     def publish_self(self, node: Node) -> None:
         """Set this node's sknf.io/ annotations, patching only those keys and only when they differ."""
@@ -336,16 +342,20 @@ class KubePeerSource:
         resp = self.api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
         doc = json.loads(resp.data)
         peers: dict[str, Node] = {}
+        unaddressed = set()
         own = None
         for obj in doc.get("items") or []:
             if (node := self._parser.node(obj)) is not None:
                 peers[node.name] = node
+            elif name := (obj.get("metadata") or {}).get("name"):
+                unaddressed.add(name)
             if (obj.get("metadata") or {}).get("name") == self.name:
                 own = self._own_facts(obj)
         with self._lock:
             if peers != self._peers or not self._synced.is_set():
                 self._version += 1
             self._peers = peers
+            self._unaddressed = unaddressed
             self._own = own
         self._synced.set()
         log.debug("listed %d nodes", len(peers))
@@ -385,6 +395,10 @@ class KubePeerSource:
             return  # BOOKMARK: only its resourceVersion matters
         node = self._parser.node(obj) if kind != "DELETED" else None
         with self._lock:
+            if kind == "DELETED" or node is not None:
+                self._unaddressed.discard(name)
+            else:
+                self._unaddressed.add(name)
             if name == self.name:
                 self._own = None if kind == "DELETED" else self._own_facts(obj)
             if self._peers.get(name) != node:
