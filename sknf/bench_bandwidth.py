@@ -26,29 +26,10 @@ from pyroute2 import netns as pnetns
 from sknf import netlink, nsutil
 from sknf.bench_datapath import BenchError, _wait_bound
 from sknf.lab import Lab, LabNode, LabPod, run_chain
+from sknf.lab.runtime import KUBELET_BURST, bandwidth, with_runtime_config
 
 IPERF_PORT = 5202
-KUBELET_BURST = 2**32 - 1  # bits: what containerd and CRI-O send for an annotated direction (math.MaxUint32)
 TARGET = 0.10
-
-
-def with_runtime_config(conflist: dict, runtime_config: dict) -> dict:
-    """The conflist as libcni hands it to each plugin: runtimeConfig holds only the capabilities it declares."""
-    plugins = []
-    for plugin in conflist["plugins"]:
-        declared = {k: v for k, v in runtime_config.items() if plugin.get("capabilities", {}).get(k)}
-        plugins.append({**plugin, "runtimeConfig": declared} if declared else plugin)
-    return {**conflist, "plugins": plugins}
-
-
-def bandwidth(ingress_rate: int = 0, egress_rate: int = 0, burst: int = KUBELET_BURST) -> dict:
-    """runtimeConfig.bandwidth for these rates (bit/s), as a runtime spells it for annotated directions."""
-    out = {}
-    if ingress_rate:
-        out |= {"ingressRate": ingress_rate, "ingressBurst": burst}
-    if egress_rate:
-        out |= {"egressRate": egress_rate, "egressBurst": burst}
-    return out
 
 
 @contextlib.contextmanager

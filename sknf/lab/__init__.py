@@ -40,6 +40,7 @@ from sknf import netlink, nsutil
 from sknf.config import VXLAN_OVERHEAD
 from sknf.lab import kubeproxy
 from sknf.lab.kubeproxy import Service
+from sknf.lab.runtime import LabError, bandwidth, cni_exec, run_chain, with_runtime_config
 
 UNDERLAY = ipaddress.IPv4Network("198.51.100.0/24")
 INTERNET_HOST = "203.0.113.10"
@@ -53,6 +54,9 @@ SERVER_PORT = 8080
 CLOSED_PORT = 9  # nothing listens here
 SVC_TCP_PORT, SVC_UDP_PORT, KUBERNETES_PORT = 80, 53, 443
 NODEPORT, NODEPORT_LOCAL = 30080, 30081  # Cluster policy -> node 1's first pod; Local -> each node's first pod
+# The bandwidth-annotated pod: its rate each way (bit/s), and a burst small enough (bits) that a short
+# transfer shows the rate (runtimes send 2**32 - 1, seconds' worth: tests/integration/test_bandwidth.py)
+SHAPED_RATE, SHAPED_BURST, SHAPED_BYTES = 50_000_000, 1_000_000, 4 << 20
 METRICS_PORT = 9655
 LAB_MTU = 1500  # every link of the underlay
 CONFLIST = "10-sknf.conflist"
@@ -88,44 +92,10 @@ class LabState:
     datapath: str
     nodes: list[LabNode] = field(default_factory=list)
     pods: list[LabPod] = field(default_factory=list)
+    shaped: list[LabPod] = field(default_factory=list)  # bandwidth-annotated pods, beside the matrix's
     extra_services: int = 0  # ClusterIPs beyond the lab's own, for a realistic rule count
     kube_proxy: str = "iptables"
     server_pid: int = 0
-
-
-class LabError(RuntimeError):
-    pass
-
-
-# -- a container runtime's view of CNI ----------------------------------------------------------
-
-def cni_exec(plugin_dir: str, command: str, netconf: dict, *, container_id: str, netns: str, ifname: str = "eth0",
-             args: str = "", timeout: float = 60) -> tuple[int, dict | None]:
-    """Run one plugin as a runtime does: bare environment, netconf on stdin, result on stdout."""
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
-           "CNI_ARGS": args, "CNI_PATH": plugin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    binary = next(Path(d) / netconf["type"] for d in plugin_dir.split(":") if (Path(d) / netconf["type"]).exists())
-    proc = subprocess.run([str(binary)], input=json.dumps(netconf).encode(), env=env, capture_output=True,
-                          timeout=timeout)
-    out = proc.stdout.decode().strip()
-    return proc.returncode, (json.loads(out) if out else None)
-
-
-def run_chain(plugin_dir: str, command: str, conflist: dict, **kw) -> dict | None:
-    """ADD/CHECK run the conflist's plugins in order, each with its predecessor's result; DEL in reverse."""
-    plugins = conflist["plugins"]
-    order = list(reversed(plugins)) if command == "DEL" else plugins
-    prev = None
-    for conf in order:
-        netconf = {**conf, "cniVersion": conflist["cniVersion"], "name": conflist["name"]}
-        if prev is not None and command != "DEL":
-            netconf["prevResult"] = prev
-        code, out = cni_exec(plugin_dir, command, netconf, **kw)
-        if code != 0:
-            raise LabError(f"CNI {command} via {conf['type']} failed: {out}")
-        if command == "ADD":
-            prev = out
-    return prev
 
 
 # -- the underlay ---------------------------------------------------------------------------------
@@ -211,7 +181,8 @@ class Lab:
         lab = cls(prefix=prefix, datapath=raw["datapath"])
         lab.state = LabState(prefix=prefix, datapath=raw["datapath"], extra_services=raw["extra_services"],
                              kube_proxy=raw["kube_proxy"], server_pid=raw["server_pid"],
-                             nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]])
+                             nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]],
+                             shaped=[LabPod(**p) for p in raw["shaped"]])
         return lab
 
     def __enter__(self) -> Lab:
@@ -241,7 +212,10 @@ class Lab:
             self._wait_ready(node)
         for node in self.state.nodes:
             for j in range(1, self.n_pods + 1):
-                self._pod(node, j)
+                self._pod(node, f"{node.name}p{j}", self.state.pods)
+        # a pod with kubernetes.io/{in,e}gress-bandwidth annotations, as the runtime passes them on
+        self._pod(self.state.nodes[0], f"{self.state.nodes[0].name}bw", self.state.shaped,
+                  {"bandwidth": bandwidth(SHAPED_RATE, SHAPED_RATE, SHAPED_BURST)})
         self.use_kube_proxy(self.state.kube_proxy)
         self._start_servers()
         self.save()
@@ -346,15 +320,15 @@ class Lab:
             time.sleep(0.2)
         raise LabError(f"agent on {node.name} not ready after {timeout:.0f}s:\n{self.agent_log_tail(node)}")
 
-    def _pod(self, node: LabNode, j: int) -> None:
-        name = f"{node.name}p{j}"
+    def _pod(self, node: LabNode, name: str, into: list[LabPod], runtime_config: dict | None = None) -> None:
         ns = f"{self.prefix}-{name}"
         pnetns.create(ns)
         pod = LabPod(name=name, node=node.name, netns=ns,
                      container_id=hashlib.sha256(f"{self.prefix}/{name}".encode()).hexdigest())
-        self.state.pods.append(pod)
+        into.append(pod)
         self.save()
-        result = run_chain(self.plugin_dir, "ADD", self.conflist(node), container_id=pod.container_id,
+        conflist = with_runtime_config(self.conflist(node), runtime_config or {})
+        result = run_chain(self.plugin_dir, "ADD", conflist, container_id=pod.container_id,
                            netns=nsutil.netns_path(ns), args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
         pod.ip = result["ips"][0]["address"].split("/")[0]
         pod.host_ifname = result["interfaces"][0]["name"]
@@ -396,7 +370,7 @@ class Lab:
         self.save()
 
     def _start_servers(self) -> None:
-        targets = [f"{p.name}={nsutil.netns_path(p.netns)}" for p in self.state.pods]
+        targets = [f"{p.name}={nsutil.netns_path(p.netns)}" for p in self.state.pods + self.state.shaped]
         targets += [f"{n.name}={nsutil.netns_path(n.netns)}" for n in self.state.nodes]
         targets.append(f"inet={nsutil.netns_path(self.inet)}")
         with open(self.root / "servers.log", "ab") as log:
@@ -413,7 +387,7 @@ class Lab:
     def down(self) -> None:
         """Undo everything, best effort and in reverse; safe on a half-built lab and when run twice."""
         errors: list[str] = []
-        for pod in reversed(self.state.pods):
+        for pod in reversed(self.state.pods + self.state.shaped):
             node = next((n for n in self.state.nodes if n.name == pod.node), None)
             if node is not None and pod.ip and _alive(node.agent_pid):
                 try:
@@ -536,8 +510,8 @@ def udp_refused(netns: str, ip: str, port: int) -> str:
     return "answered"
 
 
-def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
-    """Send nbytes of varied data over TCP; the server must count and hash exactly the same."""
+def _transfer(netns: str, ip: str, nbytes: int) -> tuple[bool, float]:
+    """Send nbytes of varied data over TCP; (the server counted and hashed exactly the same, seconds)."""
     block = hashlib.sha256(b"sknf").digest() * 2048
     digest, sent = hashlib.sha256(), 0
     started = time.perf_counter()
@@ -550,9 +524,19 @@ def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
             digest.update(chunk)
             sent += len(chunk)
         got, their = s.makefile().readline().split()
-    secs = time.perf_counter() - started
-    ok = int(got) == nbytes and their == digest.hexdigest()
+    return int(got) == nbytes and their == digest.hexdigest(), time.perf_counter() - started
+
+
+def bulk(netns: str, ip: str, nbytes: int) -> tuple[bool, str]:
+    ok, secs = _transfer(netns, ip, nbytes)
     return ok, f"{nbytes >> 20} MiB, {nbytes * 8 / secs / 1e9:.2f} Gbit/s, sha256 {'match' if ok else 'MISMATCH'}"
+
+
+def shaped_transfer(netns: str, ip: str, nbytes: int, rate: int) -> tuple[bool, str]:
+    """A transfer that must be held to the rate (bit/s): at most twice it, as measured end to end."""
+    ok, secs = _transfer(netns, ip, nbytes)
+    got = nbytes * 8 / secs
+    return ok and got <= 2 * rate, f"{got / 1e6:.1f} Mbit/s, sha256 {'match' if ok else 'MISMATCH'}"
 
 
 SERVICE_FLOWS = ("ClusterIP", "kubernetes", "hostNetwork", "NodePort", "no listener")
@@ -613,6 +597,12 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
             flow = "node->pod (own)" if p.node == n.name else "node->pod (other)"
             expect(flow, n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[1], p.name)
             expect(flow + " source", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[0], n.gateway_ip)
+    for shaped in st.shaped:
+        peer = next(p for p in st.pods if p.node != shaped.node) if len(st.nodes) > 1 else st.pods[0]
+        expect(f"bandwidth-annotated pod: egress <= 2 x {SHAPED_RATE // 10**6} Mbit/s", shaped.name, peer.name,
+               lambda s=shaped, p=peer: shaped_transfer(s.netns, p.ip, SHAPED_BYTES, SHAPED_RATE), None)
+        expect(f"bandwidth-annotated pod: ingress <= 2 x {SHAPED_RATE // 10**6} Mbit/s", peer.name, shaped.name,
+               lambda s=shaped, p=peer: shaped_transfer(p.netns, s.ip, SHAPED_BYTES, SHAPED_RATE), None)
     if len(st.nodes) > 1:
         a, b = pods_by_node[st.nodes[0].name][0], pods_by_node[st.nodes[1].name][0]
         mtu = _mtu(a.netns)

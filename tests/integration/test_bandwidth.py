@@ -23,11 +23,12 @@ import pytest
 from leftovers import assert_lab_gone
 
 from sknf import netlink, nsutil, shaping
-from sknf.bench_bandwidth import PATHS, bandwidth, directions, extra_pod, iperf_servers, with_runtime_config
+from sknf.bench_bandwidth import PATHS, directions, extra_pod, iperf_servers
 from sknf.datapath import bpfmaps, tc
 from sknf.datapath.bpf import read_pinned_counters
 from sknf.datapath.kernel import host_veth_stats
 from sknf.lab import Lab, LabNode, LabPod, cni_exec
+from sknf.lab.runtime import bandwidth, with_runtime_config
 from sknf.pod import pod_mac
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

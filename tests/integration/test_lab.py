@@ -25,7 +25,7 @@ from sknf.lab import who as lab_who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-PREFIX = "ske"
+PREFIX = "skm"  # no other test's prefix starts with it: the leftover check matches "skm-*"
 
 # flow name -> how many results a 2-node, 2-pods-per-node lab must produce for it
 EXPECTED_FLOWS = {
@@ -43,6 +43,7 @@ EXPECTED_FLOWS = {
     "Internet->NodePort, Cluster policy: SNAT to the node": 2, "Internet->NodePort, Local policy: client kept": 2,
     "bulk TCP across VXLAN": 1, "pod MTU = underlay MTU - 50": 1, "full-MTU datagram across nodes": 1,
     "no pod address on the underlay": 1,
+    "bandwidth-annotated pod: egress <= 2 x 50 Mbit/s": 1, "bandwidth-annotated pod: ingress <= 2 x 50 Mbit/s": 1,
 }
 # what a services-only check produces: the rows through kube-proxy's NAT, and the underlay's counter
 SERVICE_ROWS = {flow: n for flow, n in EXPECTED_FLOWS.items()
@@ -104,7 +105,7 @@ def test_every_flow_works_and_nothing_is_left(lab: Lab) -> None:
     if lab.state.datapath == "bpf":  # the fast path really carried traffic: no silent fallback
         assert all(fastpath_packets(lab, n) > 0 for n in lab.state.nodes)
     for node in lab.state.nodes:
-        mine = [p for p in lab.state.pods if p.node == node.name]
+        mine = [p for p in lab.state.pods + lab.state.shaped if p.node == node.name]
         assert leased(lab, node) == {p.container_id: (p.ip, p.host_ifname) for p in mine}
         with netlink.route(nsutil.netns_path(node.netns)) as ipr:
             assert sorted(netlink.host_veths(ipr, "sknf")) == sorted(p.host_ifname for p in mine)
