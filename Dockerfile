@@ -17,8 +17,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # unpacked from the .debs, not installed: linux-headers-* depend on gcc, which BCC does not need, and the
 # .debs carry a real ./lib that must not replace the merged-/usr /lib symlink. Other architectures go.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc iproute2 iptables \
-    python3-nftables nftables bpftool conntrack \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc python3-nftables iproute2 iptables \
+    nftables bpftool conntrack \
  && abi=$(apt-cache depends linux-headers-amd64 | sed -n 's/^ *Depends: linux-headers-\(.*\)-amd64$/\1/p') \
  && mkdir /tmp/headers && cd /tmp/headers \
  && apt-get download "linux-headers-$abi-amd64" "linux-headers-$abi-common" \

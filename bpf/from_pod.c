@@ -1,6 +1,7 @@
 /* Programs on the pod's host veth, tc ingress: every frame the pod sends ("from the pod"). */
 #include "lib/deliver.h"
 #include "lib/flows.h"
+#include "lib/guard.h"
 
 static __always_inline int is_local_mac(const __u8 *mac)
 {
@@ -36,23 +37,35 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 	return bpf_redirect(cfg->vxlan_ifindex, 0);
 }
 
-/* Hook: tc ingress of the pod's host veth (direction: pod -> node). Counts every frame as the pod's
- * tx, once, with the path it took. */
-int from_pod(struct __sk_buff *skb)
+/* Everything done to a frame the pod sent: source validation (lib/guard.h), then forwarding; every
+ * frame counts as the pod's tx, once, with the path it took (a refused one as a drop). Shared by
+ * every program on the host veth's ingress. */
+static __always_inline int sent_by_pod(struct __sk_buff *skb)
 {
 	__u32 len = skb->len;
-	int verdict = forward_from_pod(skb);
+	int verdict = guard_source(skb);
 
+	if (verdict == TC_ACT_OK)
+		verdict = forward_from_pod(skb);
 	count_sent(skb->ifindex, len, verdict);
 	return verdict;
 }
 
-/* Hook: tc ingress of a shaped pod's host veth, in from_pod's place (direction: pod -> node). None of
- * its frames is fast-pathed: TC_ACT_UNSPEC lets classification go on to the next filter, sknf's
- * redirect to the pod's ifb (sknf/shaping.py), after which they take the kernel path. Counted here,
- * once: ifb re-injects them with tc skipped. */
+/* Hook: tc ingress of the pod's host veth (direction: pod -> node). */
+int from_pod(struct __sk_buff *skb)
+{
+	return sent_by_pod(skb);
+}
+
+/* Hook: tc ingress of a shaped pod's host veth, in from_pod's place (direction: pod -> node). Its
+ * frames are validated as every pod's, but none is fast-pathed: TC_ACT_UNSPEC lets classification go
+ * on to the next filter, sknf's redirect to the pod's ifb (sknf/shaping.py), after which they take the
+ * kernel path. Counted here, once: ifb re-injects them with tc skipped. */
 int from_shaped_pod(struct __sk_buff *skb)
 {
-	count_sent(skb->ifindex, skb->len, TC_ACT_OK);
-	return TC_ACT_UNSPEC;
+	__u32 len = skb->len;
+	int verdict = guard_source(skb);
+
+	count_sent(skb->ifindex, len, verdict);
+	return verdict == TC_ACT_OK ? TC_ACT_UNSPEC : verdict;
 }

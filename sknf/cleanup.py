@@ -71,7 +71,7 @@ def _datapath(cfg: Config) -> list[str]:
     from sknf.datapath.select import cleanup_all
 
     cleanup_all(cfg)
-    return [f"tc filters sknf_*, pins under {cfg.bpf_pin_dir}"]
+    return [f"tc filters sknf_*, pins under {cfg.bpf_pin_dir}, nftables table bridge sknf"]
 
 
 def _overlay(cfg: Config) -> list[str]:

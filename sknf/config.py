@@ -3,6 +3,11 @@
 Environment variables win over the file, so a DaemonSet can set the two settings users edit
 (CLUSTER_CIDR, HOST_PHYSICAL_IF) and NODE_NAME from the downward API while the rest comes from a
 ConfigMap. Every error names the field (and its source) that is wrong.
+
+Every setting is read from `SKNF_<NAME>`: plain names such as MTU, DATAPATH or VXLAN_PORT are set by
+anything (a Service named `vxlan` injects VXLAN_PORT=udp://... into every pod of its namespace).
+The three documented before the prefix existed (CLUSTER_CIDR, HOST_PHYSICAL_IF, NODE_NAME) are
+still read unprefixed; the SKNF_ spelling wins when both are set.
 """
 
 from __future__ import annotations
@@ -71,8 +76,21 @@ class Config:
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+ENV_PREFIX = "SKNF_"
+LEGACY_ENV = ("cluster_cidr", "host_physical_if", "node_name")  # also read without the prefix
+
+
 def _env_name(name: str) -> str:
-    return name.upper()
+    return ENV_PREFIX + name.upper()
+
+
+def _from_env(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(variable, value) setting this field, the SKNF_ spelling first; None when neither is set (or empty)."""
+    for var in (_env_name(name), *([name.upper()] if name in LEGACY_ENV else [])):
+        raw = env.get(var)
+        if raw not in (None, ""):
+            return var, raw
+    return None
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:
@@ -180,9 +198,8 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             if raw is not None:
                 values[name] = _convert(name, raw, str(path))
     for name in FIELDS:
-        raw = env.get(_env_name(name))
-        if raw not in (None, ""):
-            values[name] = _convert(name, raw, f"${_env_name(name)}")
+        if (found := _from_env(env, name)) is not None:
+            values[name] = _convert(name, found[1], f"${found[0]}")
     for name in REQUIRED:
         if name not in values:
             raise ConfigError(f"{name}: required (set ${_env_name(name)} or '{name}' in the config file)")

@@ -437,6 +437,21 @@ class Store:
         with self._locked():
             return self._lookup((container_id, ifname))
 
+    def of_container(self, container_id: str) -> list[Lease]:
+        """The leases of every attachment of one container (its interfaces), without reading the others."""
+        prefix = _key_name((container_id, "")).rpartition("@")[0] + "@"
+        with self._locked():
+            found = []
+            for name in os.listdir(self._keys):
+                if name.startswith(prefix):
+                    try:
+                        lease, _ = self._load(f"{self._keys}/{name}")
+                    except FileNotFoundError:
+                        continue
+                    if lease.container_id == container_id and (lease := self._lookup(lease.key)) is not None:
+                        found.append(lease)
+            return sorted(found, key=lambda x: x.ifname)
+
     def leases(self) -> list[Lease]:
         with self._locked():
             return self._read_all()

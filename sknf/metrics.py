@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 
 import sknf
-from sknf.datapath import PodCounters
+from sknf.datapath import REFUSED_REASONS, PodCounters
 
 if TYPE_CHECKING:
     from sknf.datapath import Datapath
@@ -153,6 +153,16 @@ def _pod_totals(snap: Snapshot) -> dict[tuple[str, str], tuple[int | None, ...]]
     return dict(sorted(totals.items()))
 
 
+def _refused_totals(snap: Snapshot) -> dict[tuple[str, str], dict[str, int]]:
+    """Refused frames by reason per (namespace, pod), sorted; two leases of one pod are summed."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    for ident, counted in snap.pods:
+        acc = totals.setdefault(pod_label(ident), dict.fromkeys(REFUSED_REASONS, 0))
+        for reason, n in (counted.refused if counted else {}).items():
+            acc[reason] = acc.get(reason, 0) + n
+    return dict(sorted(totals.items()))
+
+
 def render_snapshot(snap: Snapshot, openmetrics: bool = False) -> str:
     """The snapshot's metric families as exposition text (OpenMetrics without its closing # EOF)."""
     node = f'node="{_escape(snap.node)}"'
@@ -164,6 +174,12 @@ def render_snapshot(snap: Snapshot, openmetrics: bool = False) -> str:
                    if values[i] is not None]  # the kernel datapath cannot tell fast from kernel path: no series
         if samples:
             _family(out, f"sknf_pod_{name}", "counter", doc, samples, openmetrics)
+    refused = [(f'{lab},reason="{reason}"', n) for lab, by_reason in zip(labels, _refused_totals(snap).values(),
+                                                                          strict=True)
+               for reason, n in by_reason.items()]
+    if refused:
+        _family(out, "sknf_pod_refused_packets", "counter", "Pod frames source validation dropped, by reason "
+                "(spoofed_mac, spoofed_arp, spoofed_ip, ipv6, protocol); included in drops.", refused, openmetrics)
     _family(out, "sknf_datapath_mode", "gauge", "1 for the datapath this agent runs, else 0.",
             [(f'{node},mode="{m}"', int(snap.datapath_mode == m)) for m in MODES], openmetrics)
     gauges = [("sknf_ipam_allocated_addresses", "Pod addresses leased on this node.", snap.ipam_allocated),

@@ -58,6 +58,9 @@ SYSCTLS = {
     "net.ipv4.conf.all.send_redirects": 0,
     f"net.ipv4.conf.{BRIDGE}.send_redirects": 0,
 }
+# A pod's router advertisement must never become the node's default route (CVE-2020-10749): the
+# overlay's devices take none (pods' IPv6 is dropped anyway, see sknf.guard). Skipped without IPv6.
+IPV6_SYSCTLS = {f"net.ipv6.conf.{dev}.accept_ra": 0 for dev in (BRIDGE, VXLAN)}
 # The kernel's IPv4 neighbour table is one for the whole machine: every pod namespace's ARP entries
 # count against it too, and in one L2 domain each pod resolves every pod it talks to directly. The
 # default hard limit (gc_thresh3 = 1024) overflows at a few dozen busy pods ("neighbour table
@@ -129,6 +132,9 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
         gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
     for key, value in SYSCTLS.items():
         netlink.sysctl(key, value)
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        for key, value in IPV6_SYSCTLS.items():
+            netlink.sysctl(key, value)
     return NodeOverlay(underlay_ifindex=dev_index, underlay_ip=local_ip, bridge_ifindex=br, vxlan_ifindex=vx,
                        gateway_ip=gateway, gateway_mac=gateway_mac, mtu=mtu, pod_cidr=pod_cidr)
 
@@ -191,9 +197,10 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
 
 
 def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
-    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed."""
+    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
-    return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade)
+    return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade, node_ips - {node.underlay_ip},
+                           cfg.vxlan_port)
 
 
 def teardown() -> None:

@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -111,10 +112,37 @@ class PodNetwork:
         return node
 
 
-def endpoint_of(lease: Lease, host_ifindex: int, bw: Bandwidth | None = None) -> Endpoint:
+def endpoint_of(lease: Lease, host_ifindex: int, siblings: tuple[str, ...] = (),
+                bw: Bandwidth | None = None) -> Endpoint:
+    """The datapath's view of a lease; siblings are the addresses of the container's other leases, bw its
+    recorded shaping."""
     return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
                     container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
-                    pod=lease.pod, shaped_to_pod=bool(bw and bw.ingress), shaped_from_pod=bool(bw and bw.egress))
+                    pod=lease.pod, shaped_to_pod=bool(bw and bw.ingress), shaped_from_pod=bool(bw and bw.egress),
+                    siblings=tuple(sorted({str(x) for x in siblings} - {str(lease.ip)})))
+
+
+def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: str = "") -> None:
+    """(Re)attach the container's other attachments than `skip`, each allowed every address the
+    container now holds (source validation): called when an attachment is added or deleted."""
+    leases = [lease for lease in net.store.of_container(container_id) if lease.ifname != skip]
+    if not leases:
+        return
+    ips = tuple(str(lease.ip) for lease in net.store.of_container(container_id))
+    shaped = shaping.load_records(net.cfg.state_dir)
+    for lease in leases:
+        if index := netlink.link_index(ipr, lease.host_ifname):
+            net.datapath.attach_pod(endpoint_of(lease, index, ips, shaped.get(lease.host_ifname)))
+
+
+def disable_pod_ipv6(netns: str, ifname: str) -> None:
+    """No IPv6 on the pod's sknf interface until dual-stack (loopback keeps ::1): its kernel then sends
+    no router solicitation, DAD or MLD, and takes no router advertisement; the datapath drops any
+    IPv6 frame a pod crafts anyway."""
+    with nsutil.entered(netns):
+        if os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to turn off
+            with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:  # the path keeps dots
+                f.write("1")
 
 
 def _require_netns(req: Request) -> None:
@@ -150,7 +178,8 @@ def add(net: PodNetwork, req: Request) -> dict:
         else:
             netlink.set_alias(ipr, host_index, record)
 
-        # 3. Inside the pod: address with the cluster-wide prefix, up, default route via the bridge.
+        # 3. Inside the pod: no IPv6, address with the cluster-wide prefix, up, default route via the bridge.
+        disable_pod_ipv6(req.netns, req.ifname)
         with netlink.route(req.netns) as pod:
             netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
 
@@ -165,11 +194,16 @@ def add(net: PodNetwork, req: Request) -> dict:
                 undo.callback(shaping.forget, ipr, net.cfg.state_dir, host_ifname)
                 shaping.ensure(ipr, host_ifname, host_index, req.bandwidth, node.mtu)
 
-        # 6. Fast path and counters (a no-op in the kernel datapath).
-        endpoint = endpoint_of(lease, host_index, req.bandwidth)
+        # 6. Source validation, fast path and counters; the container's other attachments are allowed
+        #    this address too.
+        siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
+        endpoint = endpoint_of(lease, host_index, siblings, req.bandwidth)
         with net.datapath_lock:
+            # Undo first: an attach that fails halfway (maps written, filter refused) leaves nothing behind.
+            undo.callback(net.datapath.detach_pod, endpoint)
             net.datapath.attach_pod(endpoint)
-        undo.callback(net.datapath.detach_pod, endpoint)
+            if len(siblings) > 1:
+                _attach_container(net, ipr, req.container_id, skip=req.ifname)
 
         result = build_result(
             req.cni_version,
@@ -190,12 +224,16 @@ def delete(net: PodNetwork, req: Request) -> None:
         with netlink.route() as ipr:
             host_index = netlink.link_index(ipr, host_ifname)
             if lease is not None:
+                siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
                 with net.datapath_lock:
-                    net.datapath.detach_pod(endpoint_of(lease, host_index or 0))
+                    net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
             netlink.delete_link(ipr, host_ifname)
             shaping.forget(ipr, net.cfg.state_dir, host_ifname)
-        net.store.release(req.container_id, req.ifname)
+            net.store.release(req.container_id, req.ifname)
+            if lease is not None:
+                with net.datapath_lock:  # its other attachments may no longer send from this address
+                    _attach_container(net, ipr, req.container_id)
     if lease is not None:
         log.info("DEL %s/%s %s %s -> freed %s", lease.namespace, lease.pod, req.container_id[:12], req.ifname,
                  lease.ip)
@@ -380,8 +418,13 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
                     raise
                 continue
             rejoined.append(lease.host_ifname)
+        by_container: dict[str, list[str]] = {}
+        for lease in live:
+            by_container.setdefault(lease.container_id, []).append(str(lease.ip))
         net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"],
-                                                 shaped.get(lease.host_ifname)) for lease in live if lease.mac])
+                                                 tuple(by_container[lease.container_id]),
+                                                 shaped.get(lease.host_ifname))
+                                     for lease in live if lease.mac])
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost

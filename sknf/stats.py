@@ -20,6 +20,7 @@ Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sortin
      "pods": [{"namespace", "pod", "container_id", "ip", "host_ifname",
                "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "drops",
                "fast_packets", "kernel_packets" (null in kernel mode),
+               "refused" ({reason: frames source validation dropped}, see sknf.datapath.REFUSED_REASONS),
                "rx_bytes_rate", "tx_bytes_rate", "rx_packets_rate", "tx_packets_rate" (per second, or null)}]}
 rx is what the pod received, tx what it sent (the pod's view, as in PodCounters).
 """
@@ -30,6 +31,8 @@ import argparse
 import errno
 import fnmatch
 import json
+import logging
+import math
 import sys
 import threading
 import time
@@ -47,6 +50,8 @@ from sknf.peers import PeersFileError, StaticPeerSource
 
 if TYPE_CHECKING:
     from sknf.metrics import Snapshot  # imports prometheus_client: only the agent needs it
+
+log = logging.getLogger(__name__)
 
 REPLY_VERSION = 1
 RATED = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
@@ -66,6 +71,7 @@ def pod_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "rx_packets": c.rx_packets,
             "tx_packets": c.tx_packets, "drops": c.drops,
             "fast_packets": c.fast_packets, "kernel_packets": c.kernel_packets,
+            "refused": dict(c.refused),
         })
     return rows
 
@@ -95,21 +101,64 @@ def make_reply(snap: Snapshot, rows: list[dict[str, Any]], rate_interval: float 
     }
 
 
+class RefusalLog:
+    """The agent's log line for refused frames (spoofing attempts), from the counters' deltas.
+
+    At most one line per pod and reason each `interval` seconds, however fast a pod spoofs; a line
+    sums everything refused since the last one. The first sample after start is the baseline (a
+    restarted agent does not re-report old drops); a pod that is gone is forgotten.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._seen: dict[tuple[tuple[str, str], str], int] = {}
+        self._pending: dict[tuple[tuple[str, str], str], int] = {}
+        self._logged: dict[tuple[tuple[str, str], str], float] = {}
+        self._started = False
+
+    def observe(self, rows: list[dict[str, Any]], now: float) -> list[str]:
+        """Feed one sample; returns (and logs) the lines due."""
+        seen: dict[tuple[tuple[str, str], str], int] = {}
+        lines = []
+        for row in rows:
+            for reason, count in row.get("refused", {}).items():
+                k = (_key(row), reason)
+                seen[k] = count
+                before = self._seen.get(k, None if self._started else count)
+                delta = count if before is None else count - before if count >= before else count
+                if delta:
+                    self._pending[k] = self._pending.get(k, 0) + delta
+                if self._pending.get(k) and now - self._logged.get(k, -math.inf) >= self.interval:
+                    lines.append(f"pod {row['namespace'] or '-'}/{row['pod'] or row['container_id'][:12]} "
+                                 f"({row['ip']}, {row['host_ifname']}): {self._pending.pop(k)} frames dropped as "
+                                 f"{reason} since the last report")
+                    self._logged[k] = now
+        self._seen, self._started = seen, True
+        self._pending = {k: v for k, v in self._pending.items() if k in seen}
+        self._logged = {k: v for k, v in self._logged.items() if k in seen}
+        for line in lines:
+            log.warning("refused: %s", line)
+        return lines
+
+
 class Sampler:
-    """Keeps the agent's last two samples so a one-shot `sknf stats` has current rates.
+    """Keeps the agent's last two samples so a one-shot `sknf stats` has current rates, and reports
+    refused frames from them (RefusalLog).
 
     The agent ticks it every second or two; `handle_query` measures rates against the newest sample
     at least MIN_RATE_SPAN old.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refusals: RefusalLog | None = None) -> None:
         self._samples: deque[tuple[float, list[dict[str, Any]]]] = deque(maxlen=2)
         self._lock = threading.Lock()
+        self.refusals = refusals or RefusalLog()
 
     def tick(self, snap: Snapshot) -> None:
         rows = pod_rows(snap)
         with self._lock:
             self._samples.append((snap.taken, rows))
+        self.refusals.observe(rows, time.monotonic())
 
     def base(self, now: float) -> tuple[float, list[dict[str, Any]]] | None:
         """The sample to measure rates against at `now`: the newest one old enough, else the oldest."""
@@ -333,12 +382,19 @@ def _columns(wide: bool) -> list[tuple[str, Callable[[dict[str, Any]], str], boo
     if wide:
         pps = lambda v: "-" if v is None else human_count(v)  # noqa: E731
         cols += [
+            ("REFUSED", refused_cell, False),
             ("RX-PPS", lambda r: pps(r.get("rx_packets_rate")), True),
             ("TX-PPS", lambda r: pps(r.get("tx_packets_rate")), True),
             ("HOST-IF", lambda r: r["host_ifname"], False),
             ("CONTAINER", lambda r: r["container_id"][:12], False),
         ]
     return cols
+
+
+def refused_cell(row: dict[str, Any]) -> str:
+    """Refused frames by reason, nonzero ones only: `spoofed_ip:3,ipv6:1`, or `-`."""
+    parts = [f"{reason}:{human_count(n)}" for reason, n in row.get("refused", {}).items() if n]
+    return ",".join(parts) or "-"
 
 
 def summary(reply: dict[str, Any]) -> str:

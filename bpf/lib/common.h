@@ -66,6 +66,36 @@ struct pod_counters {
 	__u64 drops; /* refused by a redirect helper */
 };
 
+/* Who a pod's host veth belongs to, keyed by its ifindex: the only Ethernet (and ARP sender) source
+ * the pod may use there. */
+struct pod_identity {
+	__u8 mac[ETH_ALEN]; /* the attachment's pod-side MAC */
+	__u16 pad;
+};
+
+/* One IPv4 source a pod may send from on one host veth: every address leased to its container. The
+ * value is the veth's pod_identity again, so an IPv4 frame is checked with this one lookup. */
+struct source_key {
+	__u32 ifindex;
+	__be32 addr;
+};
+
+/* Why source validation refused a pod's frame; indexes pod_refused's counters. Same names, same
+ * order as sknf/guard.py's REASONS (the kernel datapath's). */
+enum refused_reason {
+	REFUSED_MAC, /* Ethernet source is not the attachment's MAC (or the veth is unknown) */
+	REFUSED_ARP, /* ARP sender MAC or address not the pod's, or not Ethernet/IPv4 ARP */
+	REFUSED_IP, /* IPv4 source not leased to the pod's container */
+	REFUSED_IPV6, /* any IPv6 (no dual-stack yet: RAs, NDP, spoofed sources) */
+	REFUSED_PROTOCOL, /* any other EtherType, VLAN-tagged or truncated frames */
+	REFUSED_REASONS,
+};
+
+/* Frames refused per reason, per CPU, keyed by the host veth's ifindex. */
+struct refused_counters {
+	__u64 packets[REFUSED_REASONS];
+};
+
 /* One direction of an IPv4 flow. Ports are zero for protocols without them. */
 struct flow_key {
 	__be32 saddr;

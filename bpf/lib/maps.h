@@ -25,6 +25,15 @@ BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, endpoints, SKNF_MAX_ENDPO
 BPF_TABLE_PINNED("hash", struct mac_key, __u32, local_macs, SKNF_MAX_ENDPOINTS, SKNF_PIN_DIR "/local_macs");
 BPF_TABLE_PINNED("percpu_hash", __u32, struct pod_counters, pod_counters, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/pod_counters");
+/* Source validation, read by from_pod (tc ingress of each pod's host veth, pod -> node) and written by
+ * the agent (BpfDatapath.attach_pod / sync_endpoints, removed on detach): the attachment's MAC, the
+ * addresses it may send from (its container's leases) and what it was refused, by reason. */
+BPF_TABLE_PINNED("hash", __u32, struct pod_identity, pod_identity, SKNF_MAX_ENDPOINTS,
+		 SKNF_PIN_DIR "/pod_identity");
+BPF_TABLE_PINNED("hash", struct source_key, struct pod_identity, pod_sources, SKNF_MAX_ENDPOINTS * 4,
+		 SKNF_PIN_DIR "/pod_sources");
+BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKNF_MAX_ENDPOINTS,
+		 SKNF_PIN_DIR "/pod_refused");
 /* No LRU and no timers: losing a live flow's entry would fast-path its replies un-NATed and break
  * it. Entries go only when conntrack has forgotten the flow (see sknf/datapath/flows.py). */
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,

@@ -11,8 +11,12 @@ kernel path, saying why once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+# Why source validation refused a pod's frame: bpf/lib/common.h's enum refused_reason, in its order, and
+# sknf.guard's nftables counter sets.
+REFUSED_REASONS = ("spoofed_mac", "spoofed_arp", "spoofed_ip", "ipv6", "protocol")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,14 @@ class Endpoint:
     pod: str = ""
     shaped_to_pod: bool = False  # a qdisc on the host veth shapes what the pod receives (sknf.shaping)
     shaped_from_pod: bool = False  # what the pod sends is redirected to its ifb and shaped there
+    # Addresses of the container's other attachments: Linux may send eth1's address out of eth0, so
+    # source validation allows every address leased to the container on each of its interfaces.
+    siblings: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every IPv4 source this attachment may send from."""
+        return tuple(sorted({self.ip, *self.siblings}))
 
 
 @dataclass
@@ -42,6 +54,8 @@ class PodCounters:
     fast_packets: int | None = None  # None where the datapath cannot tell (kernel mode)
     kernel_packets: int | None = None
     drops: int = 0
+    # Frames the source validation refused, by reason (sknf.guard.REASONS); included in drops.
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 import sknf
-from sknf import netlink
+from sknf import guard, netlink
 from sknf.config import Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, flows, pins, tc
 from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
@@ -46,7 +46,10 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "endpoints": (ctypes.c_uint32, bpfmaps.EndpointInfo),
                "local_macs": (bpfmaps.MacKey, ctypes.c_uint32),
                "pod_counters": (ctypes.c_uint32, bpfmaps.CounterValues),
-               "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState)}
+               "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
+               "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
+               "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
+               "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues)}
 DEFAULT_MAX_FLOWS = 262144
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 
@@ -92,6 +95,7 @@ class BpfDatapath:
                               vxlan_ifindex=node.vxlan_ifindex)
         leaf.gateway_mac[:] = _mac(node.gateway_mac)
         bpfmaps.update(self.maps["config"], ctypes.c_uint32(0), leaf)
+        self._remove_kernel_guard()
         with netlink.route() as ipr:
             for name, hook in OVERLAY_PROGRAMS.items():
                 tc.attach(ipr, node.vxlan_ifindex, hook, self.fds[name], f"sknf_{name}")
@@ -100,8 +104,21 @@ class BpfDatapath:
             self._sweeper = threading.Thread(target=self._sweep_loop, name="sknf-flow-sweep", daemon=True)
             self._sweeper.start()
 
+    @staticmethod
+    def _remove_kernel_guard() -> None:
+        """The kernel datapath's nftables guard goes after a mode switch: here the tc programs validate every
+        pod frame before anything forwards it, fast path included, and count the drops themselves."""
+        if guard.remove():
+            log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
+
     def attach_pod(self, ep: Endpoint) -> None:
-        """Filters first, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted."""
+        """Identity and sources first (the filter drops everything from a veth it has no identity for), then
+        the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted."""
+        ident = bpfmaps.PodIdentity()
+        ident.mac[:] = _mac(ep.mac)
+        bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
+        for ip in ep.sources:
+            bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
         with netlink.route() as ipr:
             for name, hook in POD_PROGRAMS.items():
                 program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
@@ -129,6 +146,15 @@ class BpfDatapath:
             with netlink.route() as ipr:
                 tc.detach(ipr, ifindex)
             bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(ifindex))
+            bpfmaps.delete(self.maps["pod_refused"], ctypes.c_uint32(ifindex))
+            bpfmaps.delete(self.maps["pod_identity"], ctypes.c_uint32(ifindex))
+        # Its sources, and its address wherever a sibling attachment was allowed it; a newer pod that
+        # already holds the address (GC releases before detaching) keeps its own entry.
+        owner = entry.ifindex if entry is not None else 0
+        addr = _be32(ep.ip)
+        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
+            if key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner):
+                bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         for ep in eps:
@@ -142,12 +168,18 @@ class BpfDatapath:
             if bytes(key) not in macs:
                 bpfmaps.delete(self.maps["local_macs"], key)
         live = set(wanted.values())
-        for key, _ in bpfmaps.read_map(self.maps["pod_counters"], ctypes.c_uint32, bpfmaps.CounterValues):
-            if key not in live:
-                bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(key))
+        for name, value_type in (("pod_counters", bpfmaps.CounterValues), ("pod_refused", bpfmaps.RefusedValues),
+                                 ("pod_identity", bpfmaps.PodIdentity)):
+            for key, _ in bpfmaps.read_map(self.maps[name], ctypes.c_uint32, value_type):
+                if key not in live:
+                    bpfmaps.delete(self.maps[name], ctypes.c_uint32(key))
+        sources = {(ep.host_ifindex, _be32(ip)) for ep in eps for ip in ep.sources}
+        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
+            if (key.ifindex, key.addr) not in sources:
+                bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 
     def read_counters(self) -> dict[str, PodCounters]:
-        return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"])
+        return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"], self.maps["pod_refused"])
 
     def cleanup(self) -> None:
         self.close()
@@ -211,14 +243,16 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
 
     Nothing is compiled or loaded (see bpfmaps); FileNotFoundError when the maps are not pinned.
     """
-    with bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters:
-        return _pod_counters(endpoints, counters)
+    with (bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
+          bpfmaps.pinned(pin_dir / "pod_refused") as refused):
+        return _pod_counters(endpoints, counters, refused)
 
 
-def _pod_counters(endpoints_fd: int, counters_fd: int) -> dict[str, PodCounters]:
+def _pod_counters(endpoints_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
     """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth."""
     links = host_veth_stats()
     counted = dict(bpfmaps.read_map(counters_fd, ctypes.c_uint32, bpfmaps.CounterValues))
+    refused = dict(bpfmaps.read_map(refused_fd, ctypes.c_uint32, bpfmaps.RefusedValues))
     out = {}
     for _, entry in bpfmaps.read_map(endpoints_fd, ctypes.c_uint32, bpfmaps.EndpointInfo):
         try:
@@ -230,7 +264,10 @@ def _pod_counters(endpoints_fd: int, counters_fd: int) -> dict[str, PodCounters]
         per_cpu = counted.get(entry.ifindex)
         sums = bpfmaps.sum_cpus(per_cpu) if per_cpu is not None else dict.fromkeys(bpfmaps.COUNTER_FIELDS, 0)
         sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
-        out[name] = PodCounters(**sums)
+        per_cpu = refused.get(entry.ifindex)
+        reasons = (bpfmaps.sum_cpus(per_cpu, bpfmaps.REFUSED_FIELDS) if per_cpu is not None
+                   else dict.fromkeys(bpfmaps.REFUSED_FIELDS, 0))
+        out[name] = PodCounters(**sums, refused=reasons)
     return out
 
 

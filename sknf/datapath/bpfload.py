@@ -31,10 +31,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Dependency order: each file after everything it includes.
-UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h",
+UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h", "lib/guard.h",
          "from_pod.c", "to_pod.c", "overlay.c")
 PROGRAMS = ("from_pod", "from_shaped_pod", "to_pod", "from_overlay", "to_overlay")
-MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows")
+MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows", "pod_identity", "pod_sources",
+        "pod_refused")
 MARKER_PREFIX = "src-"
 FAILED = 3  # exit status: the reason is on stdout
 

@@ -22,7 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sknf.datapath import REFUSED_REASONS
+
 COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "fast_packets", "kernel_packets", "drops")
+REFUSED_FIELDS = REFUSED_REASONS  # enum refused_reason's order
 PERCPU_TYPES = {5, 6, 10}  # BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH
 BATCH = 512  # entries per syscall: few calls, and buffers stay small on many-CPU nodes
 
@@ -61,6 +64,24 @@ class FlowState(ctypes.Structure):
     """struct flow_state: the kernel_flows map's value."""
 
     _fields_ = [("exempt", ctypes.c_uint32)]
+
+
+class PodIdentity(ctypes.Structure):
+    """struct pod_identity: the pod_identity map's value (key: the host veth's ifindex)."""
+
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
+class SourceKey(ctypes.Structure):
+    """struct source_key: the pod_sources map's key (value: struct pod_identity); the address in network order."""
+
+    _fields_ = [("ifindex", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class RefusedValues(ctypes.Structure):
+    """struct refused_counters: one CPU's share of a pod_refused entry (key: the host veth's ifindex)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in REFUSED_FIELDS]
 
 
 class CounterValues(ctypes.Structure):
@@ -187,8 +208,8 @@ def delete(fd: int, key: Any) -> bool:
     return True
 
 
-def sum_cpus(per_cpu: Any) -> dict[str, int]:
-    """A pod_counters value summed over CPUs: {field: total}."""
+def sum_cpus(per_cpu: Any, fields: tuple[str, ...] = COUNTER_FIELDS) -> dict[str, int]:
+    """A per-CPU value of u64 fields (pod_counters, pod_refused) summed over CPUs: {field: total}."""
     words = memoryview(per_cpu).cast("B").cast("Q")  # the per-CPU structs as one run of u64
-    n = len(COUNTER_FIELDS)
-    return {name: sum(words[i::n]) for i, name in enumerate(COUNTER_FIELDS)}
+    n = len(fields)
+    return {name: sum(words[i::n]) for i, name in enumerate(fields)}

@@ -1,8 +1,9 @@
 """The kernel datapath: the bridge forwards every pod, and each host veth's link statistics count it.
 
-Nothing is per pod here: the overlay already bridges each host veth, so attach, detach and sync have
-nothing to do, and counters come from the kernel's own per-link figures (the host veth's rx is what
-the pod sent). The kernel cannot tell a fast path from a kernel path, so those figures stay None.
+The overlay already bridges each host veth; per pod, this datapath keeps only the source validation's
+set elements (sknf.guard: each pod's MAC and addresses), and counters come from the kernel's own
+per-link figures (the host veth's rx is what the pod sent) plus the guard's drops by reason. The
+kernel cannot tell a fast path from a kernel path, so those figures stay None.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sknf import netlink
+from sknf import guard, netlink
 from sknf.config import HOST_VETH_PREFIX, Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, pins, tc
 
@@ -45,25 +46,32 @@ class KernelDatapath:
         self.reason = reason
 
     def setup_node(self, node: NodeNet) -> None:
-        """Nothing beyond the overlay (which also sets the br_netfilter sysctl Service NAT needs)."""
+        """The source-validation table (the overlay sets the br_netfilter sysctl Service NAT needs)."""
+        guard.ensure()
 
     def attach_pod(self, ep: Endpoint) -> None:
-        """Nothing to do: the bridge port the overlay made is the whole datapath."""
+        """The pod's guard elements: the bridge port the overlay made is the rest of the datapath."""
+        guard.add_pod(ep.host_ifname, ep.mac, ep.sources)
 
     def detach_pod(self, ep: Endpoint) -> None:
-        """Nothing to do: the pod's counters go with its link."""
+        """Its guard elements go (and their counters), and its address from its siblings; the link
+        statistics go with the link."""
+        guard.remove_pod(ep.host_ifname, ep.mac, ep.sources, ep.ip if ep.siblings else None)
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
-        """Nothing to do: no per-pod state exists outside the kernel's links."""
+        guard.sync([(ep.host_ifname, ep.mac, ep.sources) for ep in eps])
 
     def read_counters(self) -> dict[str, PodCounters]:
         links = host_veth_stats()
-        return {
-            name: PodCounters(rx_bytes=s.get("tx_bytes", 0), rx_packets=s.get("tx_packets", 0),
-                              tx_bytes=s.get("rx_bytes", 0), tx_packets=s.get("rx_packets", 0),
-                              drops=s.get("rx_dropped", 0) + s.get("tx_dropped", 0))
-            for name, s in links.items()
-        }
+        refused = guard.drops()
+        out = {}
+        for name, s in links.items():
+            by_reason = refused.get(name) or dict.fromkeys(guard.REASONS, 0)
+            out[name] = PodCounters(rx_bytes=s.get("tx_bytes", 0), rx_packets=s.get("tx_packets", 0),
+                                    tx_bytes=s.get("rx_bytes", 0), tx_packets=s.get("rx_packets", 0),
+                                    drops=s.get("rx_dropped", 0) + s.get("tx_dropped", 0) + sum(by_reason.values()),
+                                    refused=by_reason)
+        return out
 
     def close(self) -> None:
         """Nothing runs in the background."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sknf import guard
 from sknf.config import Config
 from sknf.datapath import Datapath
 from sknf.datapath.bpf import BPF_DIR, BpfDatapath, BpfUnavailable
@@ -39,5 +40,7 @@ def _kernel(cfg: Config, reason: str) -> KernelDatapath:
 
 
 def cleanup_all(cfg: Config) -> None:
-    """Uninstall: whichever mode ran last, remove every sknf filter and pin (no BCC needed)."""
+    """Uninstall: whichever mode ran last, remove every sknf filter and pin (no BCC needed) and the kernel
+    datapath's nftables guard."""
     remove_bpf_leftovers(cfg.bpf_pin_dir)
+    guard.remove()

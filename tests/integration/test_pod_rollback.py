@@ -38,7 +38,7 @@ def node(tmp_path: Path) -> Iterator[pod.PodNetwork]:
             ipr.link("set", index=idx, state="up")
         (tmp_path / "peers.yaml").write_text("nodes: []\n")
         cfg = load(env={"NODE_NAME": "n1", "CLUSTER_CIDR": "10.244.0.0/16", "HOST_PHYSICAL_IF": "eth0",
-                        "PEERS_FILE": str(tmp_path / "peers.yaml"), "STATE_DIR": str(tmp_path / "state")})
+                        "SKNF_PEERS_FILE": str(tmp_path / "peers.yaml"), "SKNF_STATE_DIR": str(tmp_path / "state")})
         with nsutil.entered(NODE):
             built = overlay.ensure_node(cfg, POD_CIDR)
         yield pod.PodNetwork(cfg, ipam.Store(cfg.state_dir, POD_CIDR), RefusingDatapath(cfg), lambda: built)

@@ -29,7 +29,9 @@ DOCS = st.one_of(
     st.dictionaries(KEYS, VALUES, max_size=6),
     st.dictionaries(st.sampled_from(sorted(FIELDS)), SCALARS, max_size=4).map(lambda d: {**BASE, **d}),
 )
-ENVS = st.dictionaries(st.sampled_from(sorted(FIELDS)).map(str.upper), TEXT | SCALARS.map(str), max_size=4)
+# Both spellings: SKNF_<NAME> for every setting, and the plain names (only three of which are read).
+ENVS = st.dictionaries(st.sampled_from(sorted(FIELDS)).map(str.upper) | st.sampled_from(sorted(FIELDS)).map(
+    lambda k: "SKNF_" + k.upper()), TEXT | SCALARS.map(str), max_size=4)
 
 
 def assert_sane(cfg: Config) -> None:

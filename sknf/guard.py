@@ -1,0 +1,284 @@
+"""Pod source validation in the kernel datapath: a bridge-family nftables table, `bridge sknf`.
+
+Every pod shares one L2 domain, so a pod that sends with another's MAC, IPv4 address or ARP sender
+would be believed cluster-wide. Each frame a pod sends enters `brsknf` through its host veth, and
+the table's prerouting chain (before the bridge forwards or delivers it, and before br_netfilter
+hands it to iptables) checks it against what the pod was given:
+
+- the Ethernet source is the attachment's MAC (set `macs`: host veth . MAC); a host veth with no
+  element (not attached yet, or detached) sends nothing;
+- IPv4 sources and ARP sender addresses are one of the addresses leased to the same container, any of
+  its attachments (set `ips`: host veth . address); ARP probes (sender 0.0.0.0) pass; the ARP sender
+  MAC is the attachment's MAC too;
+- IPv6 is dropped (pods get no IPv6 until dual-stack: no RA, NDP or spoofed IPv6 source ever leaves
+  a pod), and so is every other EtherType (VLAN tags, raw protocols).
+
+The rules are fixed; pods are set elements (added on ADD, removed on DEL, reconciled with the rest),
+so the ruleset is the same size for any number of pods. Each reason's drop goes through a chain of its
+own that counts it per host veth in a dynamic set (`refused_<reason>`, elements only for pods that
+were refused something, so reading the counters stays cheap) and then drops; the drop is a rule of
+its own, so a full counter set never lets a frame through.
+This kernel has no ebtables-legacy, and the bridge family has no `meta ibrname` or `reject`: rules
+match `iifname` (sknf's host veths) and drop.
+
+Everything goes through libnftables' JSON API (python3-nftables), one atomic transaction per change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from sknf.config import HOST_VETH_PREFIX
+from sknf.datapath import REFUSED_REASONS
+
+log = logging.getLogger(__name__)
+
+FAMILY = "bridge"
+TABLE = "sknf"
+CHAIN = "from_pod"
+REASONS = REFUSED_REASONS  # drop reasons (the BPF program's enum refused_reason)
+PRIORITY = -300  # before br_netfilter (0) and anything else on the bridge's prerouting hook
+POD_SETS = ("macs", "ips")
+COUNTED_MAX = 65535  # pods that can be counted per reason at once (a dynamic set's size)
+
+
+class GuardError(RuntimeError):
+    pass
+
+
+def _nft(commands: list[dict], check: bool = True, terse: bool = False) -> list[dict]:
+    """Run one JSON batch (atomic); the output's objects, GuardError with nft's message on failure.
+    terse: list sets without their elements."""
+    try:
+        import nftables  # python3-nftables (Debian): imported only where nftables is used
+    except ImportError as e:
+        raise GuardError(f"no libnftables Python module ({e}); install python3-nftables") from None
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    nft.set_terse_output(terse)
+    rc, out, err = nft.json_cmd({"nftables": commands})
+    if rc != 0:
+        if check:
+            raise GuardError(f"nftables: {(err or '').strip() or 'failed'}")
+        return []
+    return (out or {}).get("nftables", [])
+
+
+def _iif() -> dict:
+    return {"meta": {"key": "iifname"}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _ether_type(kind: str) -> dict:
+    return _match(_payload("ether", "type"), kind)
+
+
+def _refuse(reason: str, *matches: dict) -> list[dict]:
+    return [*matches, {"jump": {"target": f"refuse_{reason}"}}]
+
+
+def _rules() -> list[list[dict]]:
+    """The expressions of from_pod's rules, in order."""
+    not_own_mac = lambda field: _match({"concat": [_iif(), field]}, "@macs", "!=")  # noqa: E731
+    not_leased = lambda field: _match({"concat": [_iif(), field]}, "@ips", "!=")  # noqa: E731
+    return [  # IPv4 first, as the BPF program does: a frame with a source not leased is spoofed_ip, whatever its MAC
+        _refuse("spoofed_ip", _ether_type("ip"), not_leased(_payload("ip", "saddr"))),
+        _refuse("spoofed_mac", not_own_mac(_payload("ether", "saddr"))),
+        _refuse("spoofed_arp", _ether_type("arp"), not_own_mac(_payload("arp", "saddr ether"))),
+        _refuse("spoofed_arp", _ether_type("arp"), _match(_payload("arp", "saddr ip"), "0.0.0.0", "!="),
+                not_leased(_payload("arp", "saddr ip"))),
+        [_ether_type("arp"), {"accept": None}],
+        [_ether_type("ip"), {"accept": None}],
+        _refuse("ipv6", _ether_type("ip6")),
+        _refuse("protocol"),
+    ]
+
+
+def _counting(reason: str) -> list[list[dict]]:
+    """refuse_<reason>'s rules: count the frame against its host veth, then drop it."""
+    return [[{"set": {"op": "update", "elem": _iif(), "set": f"@refused_{reason}"}}], [{"drop": None}]]
+
+
+def _all_rules() -> list[tuple[str, list[dict]]]:
+    """(chain, expressions) of every rule of the table, in listing order."""
+    out = [("prerouting", [_match(_iif(), f"{HOST_VETH_PREFIX}*"), {"jump": {"target": CHAIN}}])]
+    out += [(CHAIN, r) for r in _rules()]
+    for reason in REASONS:
+        out += [(f"refuse_{reason}", r) for r in _counting(reason)]
+    return out
+
+
+def _comments() -> list[str]:
+    """Each rule's comment: the ruleset's digest and its position (what `ensure` compares)."""
+    rules = _all_rules()
+    digest = hashlib.sha256(json.dumps([PRIORITY, COUNTED_MAX, rules], sort_keys=True).encode()).hexdigest()[:12]
+    return [f"sknf {digest} {i}" for i in range(len(rules))]
+
+
+def _definition() -> list[dict]:
+    """Commands that create the whole table, sets empty."""
+    t = {"family": FAMILY, "table": TABLE}
+    cmds: list[dict] = [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"set": {**t, "name": "macs", "type": ["ifname", "ether_addr"]}}},
+        {"add": {"set": {**t, "name": "ips", "type": ["ifname", "ipv4_addr"]}}},
+        {"add": {"chain": {**t, "name": "prerouting", "type": "filter", "hook": "prerouting", "prio": PRIORITY,
+                           "policy": "accept"}}},
+        {"add": {"chain": {**t, "name": CHAIN}}},
+    ]
+    for reason in REASONS:
+        cmds += [{"add": {"set": {**t, "name": f"refused_{reason}", "type": "ifname",
+                                  "size": COUNTED_MAX, "stmt": [{"counter": None}]}}},
+                 {"add": {"chain": {**t, "name": f"refuse_{reason}"}}}]
+    cmds += [{"add": {"rule": {**t, "chain": chain, "comment": comment, "expr": expr}}}
+             for comment, (chain, expr) in zip(_comments(), _all_rules(), strict=True)]
+    return cmds
+
+
+def _listed(terse: bool) -> list[dict] | None:
+    """The table's objects as nft lists them, None when it does not exist."""
+    return _nft([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], check=False, terse=terse) or None
+
+
+def _elements(listed: list[dict]) -> dict[str, list]:
+    """{set name: element values} of listed objects (values without their counters)."""
+    out: dict[str, list] = {}
+    for obj in listed:
+        if "set" in obj:
+            out[obj["set"]["name"]] = [e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+                                       for e in obj["set"].get("elem", [])]
+    return out
+
+
+def ensure() -> bool:
+    """Create the table, or rebuild it when its rules are not exactly sknf's (changed by hand, older
+    sknf); pods' elements are kept, in the same transaction. True if anything changed."""
+    listed = _listed(terse=True)
+    if listed is not None:
+        if [o["rule"].get("comment") for o in listed if "rule" in o] == _comments():
+            return False
+        log.warning("nftables table %s %s differs from sknf's; rebuilding it", FAMILY, TABLE)
+        listed = _listed(terse=False) or []
+    keep = _elements(listed or [])
+    cmds = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
+            {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *_definition()]
+    cmds += _element_commands("add", {name: keep.get(name, []) for name in POD_SETS})
+    _nft(cmds)
+    return True
+
+
+def remove() -> bool:
+    """Delete the table (mode switch to BPF, uninstall); True if it existed. Without libnftables there is
+    nothing to do: no sknf that could have made the table runs without it."""
+    try:
+        if _listed(terse=True) is None:
+            return False
+    except GuardError:
+        return False
+    _nft([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
+    return True
+
+
+def _pod_elements(host_ifname: str, mac: str, sources: Iterable[str]) -> dict[str, list]:
+    """The elements one attachment puts in the pod sets."""
+    return {"macs": [{"concat": [host_ifname, mac]}],
+            "ips": [{"concat": [host_ifname, ip]} for ip in sorted(set(sources))]}
+
+
+def _element_commands(verb: str, elements: dict[str, list]) -> list[dict]:
+    return [{verb: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elems}}}
+            for name, elems in elements.items() if elems]
+
+
+def _key(value: Any) -> tuple:
+    """A set element as a hashable value, for comparing listed and wanted elements."""
+    if isinstance(value, dict) and "concat" in value:
+        return tuple(str(v).lower() for v in value["concat"])
+    return (str(value),)
+
+
+def add_pod(host_ifname: str, mac: str, sources: Iterable[str]) -> None:
+    """One attachment's elements (ADD): `add` is idempotent, and nothing is listed, so an ADD costs the
+    same with 10 pods or 10,000. Sources that must go are removed by remove_pod (or the next sync)."""
+    _nft(_element_commands("add", _pod_elements(host_ifname, mac, sources)))
+
+
+def remove_pod(host_ifname: str, mac: str, sources: Iterable[str], address: str | None = None) -> None:
+    """One attachment's elements and drop counters (DEL). Each is added, then deleted, in one transaction:
+    nft's delete fails on a missing element, and a DEL must succeed whatever is left. With `address`
+    (the attachment had siblings), that address also stops being allowed on every other host veth."""
+    elements = {**_pod_elements(host_ifname, mac, sources), **{f"refused_{r}": [host_ifname] for r in REASONS}}
+    cmds = _element_commands("add", elements) + _element_commands("delete", elements)
+    if address is not None:
+        listed = _nft([{"list": {"set": {"family": FAMILY, "table": TABLE, "name": "ips"}}}], check=False)
+        shared = [e for e in _elements(listed).get("ips", []) if _key(e)[1:] == (address,)]
+        cmds += _element_commands("delete", {"ips": [e for e in shared if _key(e)[0] != host_ifname]})
+    try:
+        _nft(cmds)
+    except GuardError:
+        if _listed(terse=True) is not None:
+            raise
+        # No table (never set up here, or removed): nothing of the pod is left to remove.
+
+
+def _list_sets(names: Iterable[str]) -> list[dict]:
+    """The named sets with their elements; one command each (libnftables 1.0.6 answers only the first
+    list command of a batch)."""
+    return [obj for n in names for obj in _nft([{"list": {"set": {"family": FAMILY, "table": TABLE, "name": n}}}])]
+
+
+def sync(pods: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+    """Make the sets hold exactly these pods, (host veth, MAC, allowed sources) each (the periodic
+    reconcile); counters of pods that are gone go too."""
+    pods = list(pods)
+    wanted: dict[str, dict[tuple, Any]] = {name: {} for name in POD_SETS}
+    for host_ifname, mac, sources in pods:
+        for name, elems in _pod_elements(host_ifname, mac, sources).items():
+            wanted[name].update((_key(e), e) for e in elems)
+    live = {host_ifname for host_ifname, _, _ in pods}
+    try:
+        have = _elements(_list_sets([*POD_SETS, *(f"refused_{r}" for r in REASONS)]))
+    except GuardError:
+        raise GuardError(f"nftables table {FAMILY} {TABLE} is missing or incomplete (the node's reconcile "
+                         "creates it)") from None
+    cmds = []
+    for name in POD_SETS:
+        current = {_key(e): e for e in have.get(name, [])}
+        cmds += _element_commands("delete", {name: [e for k, e in current.items() if k not in wanted[name]]})
+        cmds += _element_commands("add", {name: [e for k, e in wanted[name].items() if k not in current]})
+    for reason in REASONS:
+        name = f"refused_{reason}"
+        cmds += _element_commands("delete", {name: [e for e in have.get(name, []) if str(e) not in live]})
+    if cmds:
+        _nft(cmds)
+
+
+def drops() -> dict[str, dict[str, int]]:
+    """{host veth: {reason: frames dropped}} for the pods that were refused anything (the others: none)."""
+    try:
+        listed = _list_sets(f"refused_{r}" for r in REASONS)
+    except GuardError:  # no table (yet, or not root): nothing was counted
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for obj in listed:
+        s = obj.get("set")
+        if not s:
+            continue
+        reason = s["name"].removeprefix("refused_")
+        for e in s.get("elem", []):
+            if isinstance(e, dict) and "elem" in e:
+                out.setdefault(str(e["elem"]["val"]), dict.fromkeys(REASONS, 0))[reason] = \
+                    e["elem"].get("counter", {}).get("packets", 0)
+    return out

@@ -1,0 +1,544 @@
+"""No pod or outsider can impersonate anyone, in both datapaths: each attack is made with raw frames from
+inside a pod's namespace (or from the lab's Internet host), must fail and be counted, and legitimate
+traffic right after still works. Negative controls remove the defence (agent stopped, nft table or tc
+filter or iptables chain removed) and show the same attack succeeding, then the agent's reconcile
+restores it.
+
+Cast (a 2-node lab, 2 pods per node): the attacker is n2p1; its victims are n1p1 (another node) and
+n2p2 (same node); n1p2 observes what reaches node n1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from leftovers import assert_lab_gone
+
+from sknf import netlink, nsutil, stats
+from sknf.config import VXLAN
+from sknf.datapath import REFUSED_REASONS, bpfmaps
+from sknf.lab import INTERNET_HOST, Lab, LabNode, LabPod, run_chain, who
+from sknf.pod import pod_mac
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+PREFIX = "sks"
+ETH_P_ALL, ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0003, 0x0800, 0x0806, 0x86DD
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+PORT = 9
+QUIET = 0.7  # seconds a frame gets to arrive before "not delivered" is believed
+
+
+# -- frames ---------------------------------------------------------------------------------------------
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ether(dst: str, src: str, kind: int, payload: bytes) -> bytes:
+    return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", kind) + payload
+
+
+def udp4(src: str, dst: str, payload: bytes, sport: int = 40000, dport: int = PORT) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload  # checksum 0: none (IPv4)
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, socket.inet_aton(src),
+                       socket.inet_aton(dst))
+    return head[:10] + struct.pack("!H", checksum(head)) + head[12:] + udp
+
+
+def arp(op: int, sha: str, sip: str, tha: str, tip: str) -> bytes:
+    return struct.pack("!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, op, mac_bytes(sha), socket.inet_aton(sip),
+                       mac_bytes(tha), socket.inet_aton(tip))
+
+
+def router_advertisement(src_mac: str) -> bytes:
+    """An RA from the link-local address of src_mac to all nodes: default router, lifetime 1800 s, with a prefix."""
+    m = mac_bytes(src_mac)
+    src = b"\xfe\x80" + bytes(6) + bytes([m[0] ^ 2, m[1], m[2], 0xFF, 0xFE, m[3], m[4], m[5]])  # EUI-64
+    dst = socket.inet_pton(socket.AF_INET6, "ff02::1")
+    prefix = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0,
+                         socket.inet_pton(socket.AF_INET6, "2001:db8:bad::"))
+    body = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + prefix
+    pseudo = src + dst + struct.pack("!I3xB", len(body), 58)
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
+    return struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 255, src, dst) + body
+
+
+@contextlib.contextmanager
+def raw_socket(netns: str, ifname: str = "eth0") -> Iterator[socket.socket]:
+    """An AF_PACKET socket on the namespace's interface: sends whole frames, receives every frame."""
+    with nsutil.entered(netns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.bind((ifname, 0))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def send(netns: str, *frames: bytes) -> None:
+    with raw_socket(netns) as s:
+        for f in frames:
+            s.send(f)
+
+
+@contextlib.contextmanager
+def listening(netns: str) -> Iterator[Callable]:
+    """Capture on the namespace's eth0 while the block runs; `seen(marker)` afterwards says whether a frame
+    holding marker arrived (waiting up to QUIET seconds for it)."""
+    with raw_socket(netns) as s:
+        s.setblocking(False)
+        got: list[bytes] = []
+
+        def seen(marker: bytes) -> bool:
+            deadline = time.monotonic() + QUIET
+            while True:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        got.append(s.recv(65535))
+                if any(marker in f for f in got):
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+
+        yield seen
+
+
+# -- the lab --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["kernel", "bpf"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    pids: list[int] = []
+    try:
+        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
+            pids = [n.agent_pid for n in built.state.nodes]
+            yield built
+            pids += [n.agent_pid for n in built.state.nodes]
+    finally:
+        assert_lab_gone(PREFIX, pids)
+
+
+def pod(lab: Lab, name: str) -> LabPod:
+    return next(p for p in lab.state.pods if p.name == name)
+
+
+def node(lab: Lab, name: str) -> LabNode:
+    return next(n for n in lab.state.nodes if n.name == name)
+
+
+def mac_of(p: LabPod) -> str:
+    return pod_mac(p.container_id, "eth0")
+
+
+def refused(lab: Lab, p: LabPod) -> dict[str, int]:
+    """The pod's refused-frame counters as the agent reports them (`sknf stats`' source)."""
+    reply = stats.query_agent(lab.node_dir(p.node) / "run" / "sknf.sock")
+    (row,) = [r for r in reply["pods"] if r["host_ifname"] == p.host_ifname]
+    return row["refused"]
+
+
+def wait_counted(lab: Lab, p: LabPod, reason: str, before: int, at_least: int = 1) -> int:
+    deadline = time.monotonic() + 5
+    while (now := refused(lab, p)[reason]) < before + at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now >= before + at_least, f"{reason} of {p.name}: {before} -> {now}"
+    return now
+
+
+def in_node(n: LabNode, *argv: str, check: bool = True) -> str:
+    return subprocess.run(list(argv), preexec_fn=nsutil.preexec_enter(n.netns), capture_output=True, text=True,
+                          check=check).stdout
+
+
+@contextlib.contextmanager
+def defence_removed(lab: Lab, n: LabNode, remove: Callable[[], None]) -> Iterator[None]:
+    """Stop the node's agent (it would restore the defence within seconds), remove it, run the block; then
+    restart the agent, whose reconcile must bring the defence back."""
+    lab.stop_agent(n)
+    try:
+        remove()
+        yield
+    finally:
+        lab.restart_agent(n)
+
+
+def remove_pod_guard(lab: Lab, attacker: LabPod) -> Callable[[], None]:
+    n = node(lab, attacker.node)
+    if lab.state.datapath == "kernel":
+        return lambda: in_node(n, "nft", "delete", "table", "bridge", "sknf")
+    return lambda: in_node(n, "tc", "filter", "del", "dev", attacker.host_ifname, "ingress")
+
+
+def neighbour_mac(netns: str, ip: str) -> str | None:
+    with netlink.route(nsutil.netns_path(netns)) as ipr:
+        for n in ipr.get_neighbours(family=socket.AF_INET, dst=ip):
+            return n.get("NDA_LLADDR")
+    return None
+
+
+def marker(tag: str) -> bytes:
+    return f"sks-{tag}-".encode() + os.urandom(6).hex().encode()
+
+
+# -- attacks ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["across nodes", "within a node"])
+def test_ip_spoofing_of_a_pod_and_a_node(lab: Lab, where: str) -> None:
+    """The attacker sends as victim n1p1 and as node n1 to a pod on another node (n1p2) or its own (n2p2:
+    in BPF mode that is the same-node fast path)."""
+    attacker, victim = pod(lab, "n2p1"), pod(lab, "n1p1")
+    observer = pod(lab, "n1p2" if where == "across nodes" else "n2p2")
+    before = refused(lab, attacker)["spoofed_ip"]
+    own, as_pod, as_node = marker("own"), marker("pod"), marker("node")
+    with listening(observer.netns) as seen:
+        send(attacker.netns, ether(mac_of(observer), mac_of(attacker), ETH_P_IP, udp4(attacker.ip, observer.ip, own)),
+             ether(mac_of(observer), mac_of(attacker), ETH_P_IP, udp4(victim.ip, observer.ip, as_pod)),
+             ether(mac_of(observer), mac_of(attacker), ETH_P_IP,
+                   udp4(node(lab, "n1").underlay_ip, observer.ip, as_node)))
+        assert seen(own), "the attacker's own, honest frame must arrive (or this test proves nothing)"
+        assert not seen(as_pod), "a frame with another pod's source address was delivered"
+        assert not seen(as_node), "a frame with a node's source address was delivered"
+    wait_counted(lab, attacker, "spoofed_ip", before, 2)
+    if where == "within a node":
+        return  # the negative control, once: the guard sits on the attacker's veth whatever the destination
+
+    with defence_removed(lab, node(lab, attacker.node), remove_pod_guard(lab, attacker)):
+        spoofed = marker("control")
+        with listening(observer.netns) as seen:
+            send(attacker.netns, ether(mac_of(observer), mac_of(attacker), ETH_P_IP,
+                                       udp4(victim.ip, observer.ip, spoofed)))
+            assert seen(spoofed), "negative control: without the guard the spoofed frame arrives"
+    again = marker("again")
+    with listening(observer.netns) as seen:
+        send(attacker.netns, ether(mac_of(observer), mac_of(attacker), ETH_P_IP, udp4(victim.ip, observer.ip, again)))
+        assert not seen(again), "the restarted agent did not restore the guard"
+    assert who(attacker.netns, observer.ip) == (attacker.ip, observer.name)
+
+
+def test_mac_spoofing(lab: Lab) -> None:
+    attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n2p2"), pod(lab, "n1p2")
+    before = refused(lab, attacker)["spoofed_mac"]
+    forged = marker("mac")
+    with listening(observer.netns) as seen:
+        send(attacker.netns, ether(mac_of(observer), mac_of(victim), ETH_P_IP, udp4(attacker.ip, observer.ip, forged)),
+             ether(BROADCAST, "02:00:5e:10:00:01", ETH_P_IP, udp4(attacker.ip, observer.ip, forged)))
+        assert not seen(forged)
+    wait_counted(lab, attacker, "spoofed_mac", before, 2)
+    # The bridge did not learn the victim's MAC behind the attacker's port: the victim still gets its traffic.
+    assert who(observer.netns, victim.ip) == (observer.ip, victim.name)
+
+
+@pytest.mark.parametrize("where", ["across nodes", "within a node"])
+def test_gratuitous_arp_hijack(lab: Lab, where: str) -> None:
+    """The attacker claims the victim's address; the observer (which talks to the victim) must keep the
+    victim's MAC. Across nodes: attacker n2p1, observer n1p2, victim n1p1; within a node: attacker n1p2,
+    observer n1p1, victim n2p2."""
+    names = ("n2p1", "n1p2", "n1p1") if where == "across nodes" else ("n1p2", "n1p1", "n2p2")
+    attacker, observer, victim = (pod(lab, n) for n in names)
+    assert who(observer.netns, victim.ip) == (observer.ip, victim.name)  # the observer has a neighbour entry
+    assert neighbour_mac(observer.netns, victim.ip) == mac_of(victim)
+    before = refused(lab, attacker)["spoofed_arp"]
+    time.sleep(1.1)  # past the neighbour entry's locktime, which would otherwise ignore any update
+    hijack = [ether(BROADCAST, mac_of(attacker), ETH_P_ARP, arp(op, mac_of(attacker), victim.ip, "00:00:00:00:00:00",
+                                                                victim.ip))
+              for op in (1, 2)]
+    hijack.append(ether(mac_of(observer), mac_of(attacker), ETH_P_ARP,  # a reply naming the victim's MAC as ours
+                        arp(2, mac_of(victim), attacker.ip, mac_of(observer), observer.ip)))
+    send(attacker.netns, *hijack)
+    time.sleep(0.3)
+    assert neighbour_mac(observer.netns, victim.ip) == mac_of(victim), "the observer's ARP entry was hijacked"
+    wait_counted(lab, attacker, "spoofed_arp", before, 3)
+    # ARP itself works: a probe (sender 0.0.0.0) and an honest announcement pass.
+    probe = ether(BROADCAST, mac_of(attacker), ETH_P_ARP, arp(1, mac_of(attacker), "0.0.0.0", "00:00:00:00:00:00",
+                                                              attacker.ip))
+    with listening(observer.netns) as seen:
+        send(attacker.netns, probe)
+        assert seen(probe[14:])
+    assert who(observer.netns, victim.ip) == (observer.ip, victim.name)
+    assert who(attacker.netns, observer.ip) == (attacker.ip, observer.name)
+
+    if where == "across nodes":
+        with defence_removed(lab, node(lab, attacker.node), remove_pod_guard(lab, attacker)):
+            send(attacker.netns, *hijack[:2])
+            deadline = time.monotonic() + 3
+            while neighbour_mac(observer.netns, victim.ip) != mac_of(attacker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert neighbour_mac(observer.netns, victim.ip) == mac_of(attacker), \
+                "negative control: without the guard the gratuitous ARP takes over the address"
+        for p in lab.state.pods:  # undo the hijack the control made, wherever the broadcast landed
+            with netlink.route(nsutil.netns_path(p.netns)) as ipr:
+                if neighbour_mac(p.netns, victim.ip) == mac_of(attacker):
+                    ipr.neigh("del", dst=victim.ip, ifindex=netlink.link_index(ipr, "eth0"))
+        assert who(observer.netns, victim.ip) == (observer.ip, victim.name)
+
+
+def test_ipv6_and_rogue_router_advertisement(lab: Lab) -> None:
+    attacker, observer = pod(lab, "n2p1"), pod(lab, "n2p2")
+    n2 = node(lab, "n2")
+    with nsutil.entered(attacker.netns):
+        assert Path("/proc/sys/net/ipv6/conf/eth0/disable_ipv6").read_text().strip() == "1"
+        assert Path("/proc/sys/net/ipv6/conf/lo/disable_ipv6").read_text().strip() == "0"
+    with netlink.route(nsutil.netns_path(attacker.netns)) as ipr:
+        lo = netlink.link_index(ipr, "lo")
+        assert [a.get("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET6, index=lo)] == ["::1"]
+        eth0 = netlink.link_index(ipr, "eth0")
+        assert ipr.get_addr(family=socket.AF_INET6, index=eth0) == ()  # not even a link-local address
+    with nsutil.entered(n2.netns):
+        for dev in ("brsknf", VXLAN):
+            assert Path(f"/proc/sys/net/ipv6/conf/{dev}/accept_ra").read_text().strip() == "0"
+    before = refused(lab, attacker)["ipv6"]
+    ra = ether("33:33:00:00:00:01", mac_of(attacker), ETH_P_IPV6, router_advertisement(mac_of(attacker)))
+    with listening(observer.netns) as seen:
+        send(attacker.netns, ra)
+        assert not seen(ra[14:]), "another pod received the router advertisement"
+    wait_counted(lab, attacker, "ipv6", before)
+    for n in lab.state.nodes:
+        assert in_node(n, "ip", "-6", "route", "show", "default").strip() == "", f"{n.name} took a default route"
+        assert "2001:db8:bad" not in in_node(n, "ip", "-6", "addr")
+
+    with defence_removed(lab, n2, remove_pod_guard(lab, attacker)):
+        with listening(observer.netns) as seen:
+            send(attacker.netns, ra)
+            assert seen(ra[14:]), "negative control: without the guard the RA reaches the other pod"
+        time.sleep(0.3)
+        for n in lab.state.nodes:  # and still no node takes it: brsknf/vxsknf accept no RAs
+            assert in_node(n, "ip", "-6", "route", "show", "default").strip() == ""
+
+
+def vxlan_frame(inner_src_mac: str, victim: LabPod, payload: bytes, vni: int = 1) -> bytes:
+    inner = ether(mac_of(victim), inner_src_mac, ETH_P_IP, udp4("10.244.2.250", victim.ip, payload))
+    return struct.pack("!B3xI", 0x08, vni << 8) + inner
+
+
+def fdb_has(n: LabNode, mac: str) -> bool:
+    return mac in in_node(n, "bridge", "fdb", "show", "dev", VXLAN)
+
+
+def test_forged_vxlan_from_the_internet(lab: Lab) -> None:
+    victim = pod(lab, "n1p2")
+    n1 = node(lab, "n1")
+
+    def forge(inner_mac: str, payload: bytes) -> None:
+        with nsutil.entered(lab.inet):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
+            s.sendto(vxlan_frame(inner_mac, victim, payload), (n1.underlay_ip, 4789))
+
+    def dropped() -> int:
+        out = in_node(n1, "iptables", "-w", "-t", "filter", "-L", "SKNF-INPUT", "-v", "-x", "-n")
+        return sum(int(line.split()[0]) for line in out.splitlines() if "DROP" in line)
+
+    before = dropped()
+    forged = marker("vxlan")
+    with listening(victim.netns) as seen:
+        forge("02:66:00:00:00:01", forged)
+        assert not seen(forged), "a VXLAN frame from a host that is no node reached a pod"
+    assert not fdb_has(n1, "02:66:00:00:00:01"), "the forged frame steered FDB learning"
+    assert dropped() > before
+
+    def remove() -> None:
+        in_node(n1, "iptables", "-w", "-D", "INPUT", "-m", "comment", "--comment", "sknf", "-j", "SKNF-INPUT")
+
+    try:
+        with defence_removed(lab, n1, remove):
+            control = marker("vxlan-control")
+            with listening(victim.netns) as seen:
+                forge("02:66:00:00:00:02", control)
+                assert seen(control), "negative control: without the rule the forged frame is delivered"
+            assert fdb_has(n1, "02:66:00:00:00:02"), "negative control: and its inner source MAC is learned"
+    finally:
+        in_node(n1, "bridge", "fdb", "del", "02:66:00:00:00:02", "dev", VXLAN, "dst", INTERNET_HOST, check=False)
+    again = marker("vxlan-again")
+    with listening(victim.netns) as seen:
+        forge("02:66:00:00:00:03", again)
+        assert not seen(again)
+    assert not fdb_has(n1, "02:66:00:00:00:03")
+    # The real overlay still works both ways.
+    assert who(victim.netns, pod(lab, "n2p1").ip) == (victim.ip, "n2p1")
+
+
+# -- pod lifecycle --------------------------------------------------------------------------------------
+
+def guard_state(lab: Lab, n: LabNode) -> str:
+    """Everything the node's validation holds, as text: the nft table (kernel) or the BPF maps (bpf)."""
+    if lab.state.datapath == "kernel":
+        return in_node(n, "nft", "list", "table", "bridge", "sknf")
+    pins = Path(f"/sys/fs/bpf/{PREFIX}-{n.name}")
+    with bpfmaps.pinned(pins / "pod_identity") as ident, bpfmaps.pinned(pins / "pod_sources") as sources:
+        idents = bpfmaps.read_map(ident, ctypes.c_uint32, bpfmaps.PodIdentity)
+        srcs = bpfmaps.read_map(sources, bpfmaps.SourceKey, bpfmaps.PodIdentity)
+        return "\n".join([*(f"identity {k} {bytes(v.mac).hex(':')}" for k, v in idents),
+                          *(f"source {k.ifindex} {ipaddress.IPv4Address(socket.ntohl(k.addr))}" for k, _ in srcs)])
+
+
+def rule_count(lab: Lab, n: LabNode) -> int:
+    return sum(1 for line in guard_state(lab, n).splitlines() if " comment \"sknf " in line)
+
+
+def allows(state: str, lab: Lab, host_if: str, ifindex: int, addr: str) -> bool:
+    """Whether the guard state lets the attachment send from addr."""
+    if lab.state.datapath == "kernel":
+        return f'"{host_if}" . {addr}' in state
+    return f"source {ifindex} {addr}" in state
+
+
+def knows(state: str, lab: Lab, host_if: str, ifindex: int) -> bool:
+    """Whether the guard state holds anything of the attachment."""
+    if lab.state.datapath == "kernel":
+        return f'"{host_if}"' in state
+    return f"identity {ifindex} " in state or f"source {ifindex} " in state
+
+
+def test_readded_pod_is_validated_against_its_new_address(lab: Lab) -> None:
+    n = node(lab, "n2")
+    observer = pod(lab, "n1p2")
+    ns = f"{PREFIX}-n2x"
+    cid = "f" * 63 + "e"
+    conflist = lab.conflist(n)
+    rules_before = rule_count(lab, n)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        addrs, ifindexes = [], []
+        for _ in range(2):
+            result = run_chain(lab.plugin_dir, "ADD", conflist, container_id=cid, netns=nsutil.netns_path(ns),
+                               args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=readded")
+            addrs.append(result["ips"][0]["address"].split("/")[0])
+            host_if = result["interfaces"][0]["name"]
+            with netlink.route(nsutil.netns_path(n.netns)) as ipr:
+                ifindexes.append(netlink.link_index(ipr, host_if))
+            assert rule_count(lab, n) == rules_before  # pods are set elements, never rules
+            assert allows(guard_state(lab, n), lab, host_if, ifindexes[-1], addrs[-1])
+            if len(addrs) == 1:
+                run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns))
+                gone = guard_state(lab, n)
+                assert f" {addrs[0]}" not in gone, "a deleted pod's address is still allowed somewhere"
+                assert not knows(gone, lab, host_if, ifindexes[0])
+        assert addrs[0] != addrs[1], "the re-added pod got its old address back; this test needs a new one"
+        mac = pod_mac(cid, "eth0")
+        stale, fresh = marker("stale"), marker("fresh")
+        with listening(observer.netns) as seen:
+            send(ns, ether(mac_of(observer), mac, ETH_P_IP, udp4(addrs[0], observer.ip, stale)),
+                 ether(mac_of(observer), mac, ETH_P_IP, udp4(addrs[1], observer.ip, fresh)))
+            assert seen(fresh)
+            assert not seen(stale), "the re-added pod may still send from its old address"
+    finally:
+        run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns))
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    state = guard_state(lab, n)
+    assert not any(knows(state, lab, host_if, i) for i in ifindexes)
+    assert all(f" {a}" not in state for a in addrs)
+
+
+def test_counters_in_metrics_and_agent_log(lab: Lab) -> None:
+    """Run after the attacks: drops by reason are Prometheus series, and the agent logged them (rate-limited)."""
+    attacker, observer = pod(lab, "n2p1"), pod(lab, "n1p2")
+    n2 = node(lab, "n2")
+    send(attacker.netns, ether(mac_of(observer), mac_of(attacker), ETH_P_IP, udp4("10.244.1.250", observer.ip, b"x")),
+         ether("33:33:00:00:00:01", mac_of(attacker), ETH_P_IPV6, router_advertisement(mac_of(attacker))))
+    wait_counted(lab, attacker, "ipv6", refused(lab, attacker)["ipv6"] - 1)
+    with nsutil.entered(n2.netns):
+        sock = socket.create_connection((n2.underlay_ip, 9655), timeout=5)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    series = {line.split("{", 1)[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line.startswith("sknf_pod_refused_packets_total{")}
+    mine = {labels: v for labels, v in series.items() if f'pod="{attacker.name}"' in labels}
+    assert {lab_.rsplit('reason="', 1)[1].rstrip('"') for lab_ in mine} == set(REFUSED_REASONS)
+    counted = refused(lab, attacker)
+    for reason in REFUSED_REASONS:
+        assert mine[next(k for k in mine if f'reason="{reason}"' in k)] == counted[reason]
+    deadline = time.monotonic() + 5  # the agent samples every second; a line may also be from an earlier test
+    while True:
+        log = (lab.node_dir("n2") / "agent.log").read_text()
+        lines = [line for line in log.splitlines() if "refused: pod lab/n2p1" in line]
+        if all(any(f"as {r} " in line for line in lines) for r in ("spoofed_ip", "ipv6")):
+            break
+        assert time.monotonic() < deadline, lines[-5:]
+        time.sleep(0.2)
+
+
+def test_legitimate_traffic_after_the_attacks(lab: Lab) -> None:
+    """The lab's whole matrix: pod<->pod (ARP), node<->pod (the gateway), pod->Internet, Services, MTU, bulk."""
+    results = lab.check(bulk_bytes=1 << 20)
+    assert [f"{r.flow}: {r.src} -> {r.dst}: {r.detail}" for r in results if not r.ok] == []
+    assert who(pod(lab, "n2p1").netns, INTERNET_HOST) == (node(lab, "n2").underlay_ip, "inet")
+
+
+def test_map_mirrors_match_bcc(lab: Lab) -> None:
+    """bpfmaps' hand-written mirrors of the validation maps are what BCC generates from bpf/lib/common.h, and
+    BCC reads the attacker's identity and sources as the agent wrote them."""
+    if lab.state.datapath != "bpf":
+        pytest.skip("BPF maps exist in the bpf datapath only")
+    from sknf.datapath import bpfload
+    from sknf.datapath.bpf import BPF_DIR, _max_flows
+
+    attacker = pod(lab, "n2p1")
+    bpf = bpfload.compile_bpf(BPF_DIR, Path(f"/sys/fs/bpf/{PREFIX}-n2"), _max_flows())
+    try:
+        def layout(struct: type) -> tuple[int, list[int]]:
+            return ctypes.sizeof(struct), [getattr(struct, f[0]).offset for f in struct._fields_]
+
+        assert layout(bpfmaps.PodIdentity) == layout(bpf[b"pod_identity"].Leaf)
+        assert layout(bpfmaps.SourceKey) == layout(bpf[b"pod_sources"].Key)
+        assert layout(bpfmaps.PodIdentity) == layout(bpf[b"pod_sources"].Leaf)
+        assert ctypes.sizeof(bpf[b"pod_refused"].sLeaf) == ctypes.sizeof(bpfmaps.RefusedValues) == 8 * len(
+            REFUSED_REASONS)
+        with netlink.route(nsutil.netns_path(node(lab, "n2").netns)) as ipr:
+            ifindex = netlink.link_index(ipr, attacker.host_ifname)
+        ident = bpf[b"pod_identity"][ctypes.c_uint32(ifindex)]
+        assert bytes(ident.mac).hex(":") == mac_of(attacker)
+        addrs = [socket.inet_ntoa(struct.pack("I", k.addr)) for k in bpf[b"pod_sources"]
+                 if k.ifindex == ifindex]
+        assert addrs == [attacker.ip]
+    finally:
+        bpf.cleanup()
+
+
+def test_a_container_may_send_any_of_its_addresses_on_each_interface(lab: Lab) -> None:
+    """Linux may send eth1's address out of eth0: both are allowed on both, until eth1 is deleted."""
+    n = node(lab, "n2")
+    observer = pod(lab, "n1p2")
+    ns, cid = f"{PREFIX}-n2m", "d" * 64
+    conflist = lab.conflist(n)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        addrs = {}
+        for ifname in ("eth0", "eth1"):
+            result = run_chain(lab.plugin_dir, "ADD", conflist, container_id=cid, netns=nsutil.netns_path(ns),
+                               ifname=ifname, args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=multi")
+            addrs[ifname] = result["ips"][0]["address"].split("/")[0]
+        frames = {m: ether(mac_of(observer), pod_mac(cid, "eth0"), ETH_P_IP, udp4(addrs[ifname], observer.ip, m))
+                  for ifname, m in (("eth0", marker("eth0")), ("eth1", marker("eth1")))}
+        with listening(observer.netns) as seen:
+            send(ns, *frames.values())
+            assert all(seen(m) for m in frames), "eth0 may send from eth1's address too"
+        run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns), ifname="eth1")
+        late = marker("eth1-deleted")
+        with listening(observer.netns) as seen:
+            send(ns, ether(mac_of(observer), pod_mac(cid, "eth0"), ETH_P_IP, udp4(addrs["eth1"], observer.ip, late)))
+            assert not seen(late), "the deleted interface's address is still allowed on eth0"
+    finally:
+        for ifname in ("eth1", "eth0"):
+            run_chain(lab.plugin_dir, "DEL", conflist, container_id=cid, netns=nsutil.netns_path(ns), ifname=ifname)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
