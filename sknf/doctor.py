@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sknf import api
+from sknf import api, guard
 from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, ConfigError, load
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -302,6 +302,8 @@ def _nft_base_chains(ctx: Context, hook: str) -> list[dict]:
             continue
         if chain["family"] == "ip" and chain["table"] in IPTABLES_OWN_TABLES:
             continue  # iptables-nft's own tables: read through iptables, as rules sknf can compare with
+        if (chain["family"], chain["table"]) == (guard.FAMILY, guard.TABLE):
+            continue  # sknf's own pod source validation (kernel datapath): `sknf-rules` checks it is there
         out.append(chain)
     return out
 
@@ -386,7 +388,7 @@ def check_vxlan_port(ctx: Context) -> Finding:
 
 
 def check_sknf_rules(ctx: Context) -> Finding:
-    from sknf.iptables import COMMENT, FORWARD_CHAIN, JUMPS, NAT_CHAIN
+    from sknf.iptables import COMMENT, FORWARD_CHAIN, INPUT_CHAIN, JUMPS, NAT_CHAIN
 
     assert ctx.cfg is not None
     cidr = str(ctx.cfg.cluster_cidr)
@@ -402,15 +404,25 @@ def check_sknf_rules(ctx: Context) -> Finding:
             missing.append(f"{table}/{chain}: accept of {cidr}")
         if chain == NAT_CHAIN and ctx.cfg.masquerade and not any("MASQUERADE" in r for r in rules):
             missing.append(f"{table}/{chain}: masquerade")
+        if chain == INPUT_CHAIN:
+            missing += [f"{table}/{chain}: VXLAN from {p['name']} ({p['underlay_ip']}) is dropped" for p in ctx.others()
+                        if not any(f"-s {p['underlay_ip']}/32" in r and "RETURN" in r for r in rules)]
         check = _run([f"iptables-{ours}", "-w", "-t", table, "-C", parent, *COMMENT, "-j", chain])
         if check is not None and check.returncode != 0:
             missing.append(f"{table}/{parent}: jump to {chain}")
+    mode = ctx.agent["datapath"]["mode"] if ctx.agent else None
+    if mode == "kernel" and ctx.nft is not None and not any(
+            item.get("table", {}).get("family") == guard.FAMILY and item["table"].get("name") == guard.TABLE
+            for item in ctx.nft):
+        missing.append(f"nft table {guard.FAMILY} {guard.TABLE} (pod source validation)")
     if missing:
         return Finding("sknf-rules", FAIL, f"missing in iptables-{ours}: {', '.join(missing)}: pods lose "
-                       "forwarding or Internet access", "the agent restores them within reconcile_interval; if it "
-                       "runs and they stay missing, something removes them (read the agent's log)")
-    return Finding("sknf-rules", OK, f"forward and {'masquerade' if ctx.cfg.masquerade else 'no-masquerade'} rules "
-                   f"in place (iptables-{ours})")
+                       "forwarding, Internet access, overlay peers or source validation",
+                       "the agent restores them within reconcile_interval; if it runs and they stay missing, "
+                       "something removes them (read the agent's log)")
+    return Finding("sknf-rules", OK, f"forward, {'masquerade' if ctx.cfg.masquerade else 'no-masquerade'}, "
+                   f"VXLAN-from-peers{' and source validation' if mode == 'kernel' else ''} rules in place "
+                   f"(iptables-{ours})")
 
 
 def check_sysctls(ctx: Context) -> Finding:
