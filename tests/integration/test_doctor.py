@@ -24,7 +24,7 @@ from leftovers import assert_lab_gone
 
 from sknf import doctor, netlink, nsutil
 from sknf.config import VXLAN
-from sknf.iptables import NAT_CHAIN
+from sknf.iptables import INPUT_CHAIN, NAT_CHAIN
 from sknf.lab import INTERNET_HOST, METRICS_PORT, REPO, SERVER_PORT, Lab, LabNode, who
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -275,6 +275,8 @@ def test_a_peer_without_its_overlay_device_and_a_node_without_its_agent(lab: Lab
             netlink.delete_link(ipr, VXLAN)
         in_node(n2, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.brsknf.rp_filter=1")
         in_node(n2, "iptables", "-w", "-t", "nat", "-F", NAT_CHAIN)
+        in_node(n2, "iptables", "-w", "-D", INPUT_CHAIN, "-s", f"{n1.underlay_ip}/32", "-p", "udp", "-m", "udp",
+                "--dport", "4789", "-m", "comment", "--comment", "sknf", "-j", "RETURN")
         health = run_doctor(n1)[1]["peer-health"]
         assert health.status == doctor.FAIL
         assert "n2: its underlay 198.51.100.12 answers but its overlay gateway 10.244.2.1 does not" in health.message
@@ -284,8 +286,9 @@ def test_a_peer_without_its_overlay_device_and_a_node_without_its_agent(lab: Lab
         assert "skipped: peer-health" in found["agent"].message and "peer-health" not in found
         assert found["overlay"].status == doctor.FAIL and "vxsknf is missing" in found["overlay"].message
         assert found["sysctls"].status == doctor.FAIL and "strict rp_filter on brsknf" in found["sysctls"].message
-        assert found["sknf-rules"].status == doctor.FAIL and "nat/SKNF-POSTROUTING: masquerade" in \
-            found["sknf-rules"].message
+        assert found["sknf-rules"].status == doctor.FAIL
+        assert "nat/SKNF-POSTROUTING: masquerade" in found["sknf-rules"].message
+        assert f"filter/SKNF-INPUT: VXLAN from n1 ({n1.underlay_ip}) is dropped" in found["sknf-rules"].message
         assert found["pod-subnet"].status == doctor.OK  # read from the lease store without the agent
     finally:
         lab.restart_agent(n2)
