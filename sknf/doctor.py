@@ -762,7 +762,8 @@ def diagnose(ctx: Context) -> list[Finding]:
     if ctx.cfg is None:
         findings.append(Finding("config", FAIL, f"cannot load the agent's configuration: {ctx.config_error}; "
                                 f"skipped: {', '.join(skipped['config'])}",
-                                "pass the agent's config file (-c FILE) or its environment (NODE_NAME, CLUSTER_CIDR)"))
+                                "pass the agent's config file (-c FILE) or its environment "
+                                "(SKNF_NODE_NAME, SKNF_CLUSTER_CIDR)"))
     else:
         findings.append(Finding("config", OK, f"node {ctx.cfg.node_name}, cluster {ctx.cfg.cluster_cidr}, peers from "
                                 f"{ctx.cfg.peer_source}"))

@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("sknf sysdump: needs root (it reads iptables, BPF maps and the agent's socket)", file=sys.stderr)
         return 1
-    node = os.environ.get("NODE_NAME") or os.uname().nodename
+    node = os.environ.get("SKNF_NODE_NAME") or os.environ.get("NODE_NAME") or os.uname().nodename
     with contextlib.suppress(ConfigError):
         node = load(args.config).node_name
     root = f"sknf-sysdump-{node}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
