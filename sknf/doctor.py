@@ -83,7 +83,13 @@ class Context:
             return None
 
     def others(self) -> list[dict[str, Any]]:
-        return [p for p in self.peers() or [] if p["name"] != self.setting("node_name")]
+        return [p for p in self.peers() or [] if p["name"] != self.node_name]
+
+    @property
+    def node_name(self) -> str | None:
+        if self.cfg is not None:
+            return self.cfg.node_name
+        return self.agent["node"] if self.agent else None
 
 
 # -- gathering -----------------------------------------------------------------------------------
@@ -622,7 +628,7 @@ def check_peers(ctx: Context) -> Finding:
 
     peers = ctx.peers()
     if peers is None:
-        return Finding("peers", WARN, "peer list unknown: the agent is down and the peer source is not a file",
+        return Finding("peers", WARN, "peer list unknown: the agent is down and no peers file is configured",
                        "start the agent")
     own = ctx.agent.get("underlay_ip") if ctx.agent else None
     problems: list[tuple[str, str]] = []
@@ -660,7 +666,7 @@ def check_peers(ctx: Context) -> Finding:
 
 
 def check_pod_subnet(ctx: Context) -> Finding:
-    name = ctx.setting("node_name")
+    name = ctx.node_name
     used = ctx.agent["pod_cidr"] if ctx.agent else None
     if used is None and ctx.cfg is not None:
         from sknf.ipam import CorruptStore, Store

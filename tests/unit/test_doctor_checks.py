@@ -94,3 +94,15 @@ def test_an_nft_chain_ending_in_a_bare_reject_drops_by_default(monkeypatch: pyte
     assert doctor._nft_drops_by_default(ctx, chain)
     found = doctor.check_forward(ctx)
     assert found.status == "FAIL" and "firewalld filter_FORWARD (hook forward) drops by default" in found.message
+
+
+def test_without_config_or_agent_every_check_that_runs_says_something() -> None:
+    """The config FAIL lists what was skipped; no check crashes for want of a setting (read-only on this host)."""
+    findings = doctor.diagnose(doctor.Context(cfg=None, config_error="node_name: required", nft=[],
+                                              agent_error="no agent socket at /run/sknf/sknf.sock"))
+    by_name = {f.check: f for f in findings}
+    assert by_name["config"].status == "FAIL"
+    assert "skipped: sknf-rules, mtu, routes, overlay" in by_name["config"].message
+    assert by_name["agent"].status == "FAIL" and "skipped: peer-health" in by_name["agent"].message
+    assert not [f for f in findings if "the check itself failed" in f.message]
+    assert {"mtu", "routes", "overlay", "sknf-rules", "peer-health"}.isdisjoint(by_name)
