@@ -106,3 +106,9 @@ def test_without_config_or_agent_every_check_that_runs_says_something() -> None:
     assert by_name["agent"].status == "FAIL" and "skipped: peer-health" in by_name["agent"].message
     assert not [f for f in findings if "the check itself failed" in f.message]
     assert {"mtu", "routes", "overlay", "sknf-rules", "peer-health"}.isdisjoint(by_name)
+
+
+@pytest.mark.parametrize(("used", "status"), [(0, "OK"), (79, "OK"), (80, "WARN"), (94, "WARN"), (95, "FAIL"),
+                                              (100, "FAIL")])
+def test_fill_levels_warn_from_80_and_fail_from_95_percent(used: int, status: str) -> None:
+    assert doctor._fill("IPAM", used, 100) == (status, f"IPAM {used}/100 ({used}%)")
