@@ -25,7 +25,7 @@ from leftovers import assert_lab_gone
 from sknf import doctor, netlink, nsutil
 from sknf.config import VXLAN
 from sknf.iptables import INPUT_CHAIN, NAT_CHAIN
-from sknf.lab import INTERNET_HOST, METRICS_PORT, REPO, SERVER_PORT, Lab, LabNode, who
+from sknf.lab import INTERNET_HOST, METRICS_PORT, REPO, SERVER_PORT, UNDERLAY, Lab, LabNode, who
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -197,6 +197,27 @@ def test_vxlan_port_blocked_by_an_nft_rule(lab: Lab) -> None:
         nft(n2, "delete table inet skxblock")
     assert run_doctor(n2)[1]["vxlan-port"].status == doctor.OK
     assert run_doctor(n1)[1]["peer-health"].status == doctor.OK
+
+
+def test_peer_health_tells_the_underlay_from_the_overlay(lab: Lab) -> None:
+    """Pings to n2's node address filtered (its overlay works): fine, noted. n2's underlay link down: both fail."""
+    n1, n2 = lab.state.nodes
+    nft(n2, "add table inet skxicmp", "add chain inet skxicmp in { type filter hook input priority 0; }",
+        f"add rule inet skxicmp in iifname eth0 ip saddr {n1.underlay_ip} icmp type echo-request drop")
+    try:
+        health = run_doctor(n1)[1]["peer-health"]
+        assert health.status == doctor.OK and "1 ignore pings on the underlay but their overlay works" in health.message
+    finally:
+        nft(n2, "delete table inet skxicmp")
+    in_node(n2, "ip", "link", "set", "eth0", "down")
+    try:
+        health = run_doctor(n1)[1]["peer-health"]
+        assert health.status == doctor.FAIL
+        assert "n2 (198.51.100.12) answers on neither path" in health.message
+    finally:
+        in_node(n2, "ip", "link", "set", "eth0", "up")
+        in_node(n2, "ip", "route", "replace", "default", "via", str(UNDERLAY.network_address + 1))  # gone with the link
+    eventually(lambda: run_doctor(n1)[1]["peer-health"].status == doctor.OK, what="n2 reachable again")
 
 
 def test_a_peer_publishing_another_mtu(lab: Lab) -> None:
