@@ -49,6 +49,7 @@ CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")  # one ClusterIP per node, backed by its first pod
 KUBERNETES_IP = "10.96.0.1"  # the `kubernetes` Service: the API server on node 1's own address (hostNetwork)
 HOSTNET_IP = "10.96.0.2"  # a Service backed by a hostNetwork pod on the last node
+MANAGED_IP = "10.96.0.4"  # a managed control plane: the API server on an address outside the cluster
 CLOSED_IP = "10.96.0.3"  # a UDP Service whose backend (node 1's first pod) has no listener on its port
 SERVER_PORT = 8080
 CLOSED_PORT = 9  # nothing listens here
@@ -214,7 +215,7 @@ class Lab:
             for j in range(1, self.n_pods + 1):
                 self._pod(node, f"{node.name}p{j}", self.state.pods)
         # a pod with kubernetes.io/{in,e}gress-bandwidth annotations, as the runtime passes them on
-        self._pod(self.state.nodes[0], f"{self.state.nodes[0].name}bw", self.state.shaped,
+        self._pod(self.state.nodes[0], f"{self.state.nodes[0].name}shaped", self.state.shaped,
                   {"bandwidth": bandwidth(SHAPED_RATE, SHAPED_RATE, SHAPED_BURST)})
         self.use_kube_proxy(self.state.kube_proxy)
         self._start_servers()
@@ -348,6 +349,7 @@ class Lab:
         api, host = (nodes[0].underlay_ip, SERVER_PORT, nodes[0].name), (nodes[-1].underlay_ip, SERVER_PORT,
                                                                          nodes[-1].name)
         svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), KUBERNETES_IP),
+                 Service("managed", "tcp", KUBERNETES_PORT, ((INTERNET_HOST, SERVER_PORT, ""),), MANAGED_IP),
                  Service("hostnet", "tcp", SVC_TCP_PORT, (host,), HOSTNET_IP),
                  Service("hostnet", "udp", SVC_UDP_PORT, (host,), HOSTNET_IP),
                  Service("closed", "udp", SVC_UDP_PORT, ((firsts[0].ip, CLOSED_PORT, firsts[0].node),), CLOSED_IP),
@@ -547,7 +549,7 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
     st = lab.state
     node_of = {n.name: n for n in st.nodes}
     pods_by_node = {n.name: [p for p in st.pods if p.node == n.name] for n in st.nodes}
-    answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes}
+    answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes} | {INTERNET_HOST: "inet"}
     jobs = []
 
     def expect(flow: str, src: str, dst: str, fn, want) -> None:
@@ -575,6 +577,10 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
             if svc.name == "closed":
                 expect(f"pod->UDP Service, no listener: ECONNREFUSED {where(a, node)}", a.name, dst,
                        lambda a=a, s=svc: udp_refused(a.netns, s.cluster_ip, s.port), "ECONNREFUSED")
+                continue
+            if svc.name == "managed":  # not a peer: outside the cluster, masqueraded like the Internet
+                expect("pod->kubernetes API (managed, outside the cluster): SNAT to the node", a.name, dst,
+                       lambda a=a, s=svc: who(a.netns, s.cluster_ip, s.port), (node_of[a.node].underlay_ip, "inet"))
                 continue
             kind = {"kubernetes": "pod->kubernetes API (node IP)", "hostnet": f"pod->hostNetwork Service "
                     f"{svc.proto.upper()}"}.get(svc.name, f"pod->ClusterIP {svc.proto.upper()}")

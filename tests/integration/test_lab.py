@@ -36,6 +36,7 @@ EXPECTED_FLOWS = {
     "pod->ClusterIP TCP same node": 2, "pod->ClusterIP UDP same node": 2,
     "pod->ClusterIP TCP across nodes": 4, "pod->ClusterIP UDP across nodes": 4,
     "pod->kubernetes API (node IP) same node": 2, "pod->kubernetes API (node IP) across nodes": 2,
+    "pod->kubernetes API (managed, outside the cluster): SNAT to the node": 4,
     "pod->hostNetwork Service TCP same node": 2, "pod->hostNetwork Service TCP across nodes": 2,
     "pod->hostNetwork Service UDP same node": 2, "pod->hostNetwork Service UDP across nodes": 2,
     "pod->UDP Service, no listener: ECONNREFUSED same node": 1,
