@@ -59,7 +59,6 @@ class Context:
     nft: list[dict] | None = None  # the ruleset as libnftables JSON items
     nft_error: str | None = None
     links: dict[str, Any] = field(default_factory=dict)
-    skipped: dict[str, list[str]] = field(default_factory=dict)  # "config"/"agent" -> checks left out
 
     def setting(self, name: str) -> Any:
         return getattr(self.cfg, name) if self.cfg is not None else DEFAULTS[name]
