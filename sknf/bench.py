@@ -16,6 +16,7 @@ BENCHES = {
     "scale": ("sknf.bench_scale", "agent memory, start-up and peer programming with many pods and nodes"),
     "datapath": ("sknf.bench_datapath", "pod TCP throughput and RTT: limits, bridge, counting, eBPF fast path"),
     "bandwidth": ("sknf.bench_bandwidth", "a bandwidth-annotated pod's achieved/requested rate, per direction"),
+    "sweep": ("sknf.bench_sweep", "learned-flow sweep: agent CPU and CNI ADD with a large conntrack table"),
 }
 
 

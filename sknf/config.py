@@ -30,6 +30,7 @@ HOST_VETH_PREFIX = "sknf"  # host ends of pod veths: sknf + 11 hex digits
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 DATAPATHS = ("auto", "bpf", "kernel")
 PEER_SOURCES = ("static", "kubernetes")
+MAX_FLOW_MAP_CAPACITY = 1 << 26  # entries allocate as flows arrive (no prealloc); this bounds a typo
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -58,6 +59,7 @@ class Config:
     bpf_pin_dir: Path = Path("/sys/fs/bpf/sknf")
     metrics_bind: str = "0.0.0.0:9655"
     reconcile_interval: float = 10.0
+    flow_map_capacity: int | None = None  # learned-flow map entries; None: nf_conntrack_max
     install_cni: bool = False
     cni_bin_dir: Path = Path("/opt/cni/bin")
     cni_conf_dir: Path = Path("/etc/cni/net.d")
@@ -102,7 +104,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             if not isinstance(net, ipaddress.IPv4Network):
                 raise ConfigError(f"{where}: {raw!r} is not an IPv4 network (IPv6 is not supported)")
             return net
-        if name in ("node_subnet_prefix", "vxlan_vni", "vxlan_port", "mtu"):
+        if name in ("node_subnet_prefix", "vxlan_vni", "vxlan_port", "mtu", "flow_map_capacity"):
             if isinstance(raw, bool):
                 raise ValueError
             return int(raw)
@@ -161,6 +163,8 @@ def _validate(cfg: Config) -> None:
         raise bad("peer_source", f"must be one of {', '.join(PEER_SOURCES)}")
     if cfg.peer_source == "static" and cfg.peers_file is None:
         raise bad("peers_file", "is required when peer_source is static")
+    if cfg.flow_map_capacity is not None and not 1 <= cfg.flow_map_capacity <= MAX_FLOW_MAP_CAPACITY:
+        raise bad("flow_map_capacity", f"must be between 1 and {MAX_FLOW_MAP_CAPACITY}")
     if not 0 < cfg.reconcile_interval < math.inf:  # also refuses .nan, which compares false to everything
         raise bad("reconcile_interval", "must be a positive number of seconds")
     try:

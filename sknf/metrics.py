@@ -39,6 +39,7 @@ from sknf.datapath import REFUSED_REASONS, PodCounters
 
 if TYPE_CHECKING:
     from sknf.datapath import Datapath
+    from sknf.datapath.flows import FlowTable
     from sknf.ipam import Store
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Snapshot:
     ipam_allocated: int
     ipam_capacity: int | None  # None: unknown (read without the agent and its configuration)
     peers: int | None  # other nodes in the overlay; None: unknown (read without the agent)
+    flows: FlowTable | None = None  # the BPF datapath's learned-flow map; None: kernel datapath
     taken: float = field(default_factory=time.time)
 
 
@@ -111,9 +113,10 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
     (a pod added in between shows zeros, one deleted in between is not shown)."""
     counters = datapath.read_counters()
     leases = store.leases()
+    flow_table = getattr(datapath, "flow_table", None)  # only the BPF datapath learns flows
     return Snapshot(node=node, datapath_mode=datapath.mode, datapath_reason=datapath.reason,
                     pods=join(leases, counters), ipam_allocated=len(leases), ipam_capacity=store.capacity,
-                    peers=peers)
+                    peers=peers, flows=flow_table() if flow_table is not None else None)
 
 
 def pod_label(ident: PodIdentity) -> tuple[str, str]:
@@ -188,6 +191,17 @@ def render_snapshot(snap: Snapshot, openmetrics: bool = False) -> str:
     for name, doc, v in gauges:
         if v is not None:
             _family(out, name, "gauge", doc, [(node, v)], openmetrics)
+    if (ft := snap.flows) is not None:
+        for name, kind, doc, v in (
+                ("sknf_flow_map_entries", "gauge", "Flows in the BPF learned-flow map (kept on the kernel path).",
+                 ft.entries),
+                ("sknf_flow_map_capacity_entries", "gauge", "Entries the learned-flow map can hold.", ft.capacity),
+                ("sknf_flow_map_full", "gauge", "1 while a refused learn holds all pod traffic on the kernel path.",
+                 int(ft.full)),
+                ("sknf_flow_map_syncing", "gauge", "1 while the agent seeds the learned-flow map (pod traffic on "
+                 "the kernel path).", int(ft.syncing)),
+                ("sknf_flow_map_failed_learns", "counter", "Flow learns the full map refused.", ft.failed_learns)):
+            _family(out, name, kind, doc, [(node, v)], openmetrics)
     build = ",".join(f'{k}="{_escape(v)}"' for k, v in BUILD_LABELS.items())
     _family(out, "sknf_build_info", "gauge", "Always 1; labels say what is running.", [(f"{node},{build}", 1)],
             openmetrics)

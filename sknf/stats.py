@@ -28,6 +28,7 @@ rx is what the pod received, tx what it sent (the pod's view, as in PodCounters)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fnmatch
 import json
@@ -98,6 +99,7 @@ def make_reply(snap: Snapshot, rows: list[dict[str, Any]], rate_interval: float 
         "time": snap.taken, "rate_interval": rate_interval,
         "ipam": {"allocated": snap.ipam_allocated, "capacity": snap.ipam_capacity},
         "overlay_peers": snap.peers, "pods": rows,
+        "flows": dataclasses.asdict(snap.flows) if snap.flows is not None else None,
     }
 
 
@@ -404,8 +406,12 @@ def summary(reply: dict[str, Any]) -> str:
     span = reply.get("rate_interval")
     rates = f"rates over {span:.1f} s" if span else "no rates yet (one sample)"
     peers = f"  peers {reply['overlay_peers']}" if reply["source"] == "agent" else ""
+    flows = ""
+    if ft := reply.get("flows"):
+        held = " FULL: all pod traffic on the kernel path" if ft["full"] else " (seeding)" if ft["syncing"] else ""
+        flows = f"  flows {ft['entries']}/{ft['capacity']}{held}"
     return (f"node {reply['node']}  datapath {mode}  pods {len(reply['pods'])}"
-            f"  ipam {ipam['allocated']}/{ipam['capacity']}{peers}  source {reply['source']}  {rates}")
+            f"  ipam {ipam['allocated']}/{ipam['capacity']}{peers}{flows}  source {reply['source']}  {rates}")
 
 
 def render_table(reply: dict[str, Any], wide: bool, headers: bool = True) -> str:

@@ -4,15 +4,46 @@
  * would skip the reverse NAT and arrive from the backend's address. Every pod-sourced frame that
  * reaches a host veth's or vxsknf's egress hook without the fast-path mark came through the bridge
  * or the routing stack, i.e. possibly through NAT: its reply's tuple (the reversed tuple) is learned
- * here, and the fast path looks each frame's own tuple up before taking it.
+ * here, and the fast path looks each frame's own tuple up before taking it. A learn the map refuses
+ * (full) cannot say which flow it lost: it sets flow_guard's FULL slot, and while that (or the
+ * agent's SYNCING) is set no frame takes the fast path at all.
  */
 #ifndef SKNF_FLOWS_H
 #define SKNF_FLOWS_H
 
 #include "maps.h"
 
+static __always_inline int flows_guarded(void)
+{
+	__u32 slot = FLOW_GUARD_FULL;
+	__u64 *full = flow_guard.lookup(&slot);
+	__u64 *syncing;
+
+	slot = FLOW_GUARD_SYNCING;
+	syncing = flow_guard.lookup(&slot);
+	return (full && *full) || (syncing && *syncing);
+}
+
+/* A learn failed (the map is full): from now on the node cannot tell which flow it lost, so every
+ * frame takes the kernel path until the agent has made room and re-seeded from conntrack. */
+static __always_inline void flows_overflowed(void)
+{
+	__u32 slot = FLOW_GUARD_FULL;
+	__u64 *v = flow_guard.lookup(&slot);
+
+	if (v)
+		*v = 1;
+	slot = FLOW_GUARD_FAILED_LEARNS;
+	v = flow_guard.lookup(&slot);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+/* Must this frame take the kernel path? Its own tuple is a learned flow, or the map cannot be trusted. */
 static __always_inline int is_kernel_flow(struct flow_key *tuple)
 {
+	if (flows_guarded())
+		return 1;
 	return kernel_flows.lookup(tuple) != NULL;
 }
 
@@ -35,7 +66,8 @@ static __always_inline void learn_reply_flow(struct __sk_buff *skb, struct sknf_
 	known = kernel_flows.lookup(&reply);
 	if (known && !known->exempt)
 		return;
-	kernel_flows.update(&reply, &live);
+	if (kernel_flows.update(&reply, &live) < 0)
+		flows_overflowed();
 }
 
 #endif

@@ -39,4 +39,18 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKN
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,
 		 SKNF_PIN_DIR "/kernel_flows", BPF_F_NO_PREALLOC);
 
+/* Slots of the flow_guard array (__u64 each). While FULL or SYNCING is non-zero every pod frame the
+ * fast path would take goes to the kernel path instead: a learn that failed (FULL, set by the
+ * programs) or flows not learned yet (SYNCING, set by the agent while it seeds the map from
+ * conntrack) may belong to a NATed flow nobody can name. The agent clears both. */
+#define FLOW_GUARD_FULL 0
+#define FLOW_GUARD_SYNCING 1
+#define FLOW_GUARD_FAILED_LEARNS 2 /* learns the map refused, ever (atomic counter) */
+#define FLOW_GUARD_SLOTS 3
+
+/* Hooks: read by from_pod (tc ingress, pod -> node) and from_overlay (tc ingress of vxsknf, other
+ * node -> this node) before any fast-path decision; written by learn_reply_flow (to_pod, to_overlay:
+ * tc egress) when a learn fails, and by the agent. Slots: FLOW_GUARD_* above. */
+BPF_TABLE_PINNED("array", __u32, __u64, flow_guard, FLOW_GUARD_SLOTS, SKNF_PIN_DIR "/flow_guard");
+
 #endif

@@ -9,7 +9,13 @@ Why it works this way:
   programs without compiling; changed sources are compiled again (over the same pinned maps) and
   every filter is replaced in place by the new program.
 - Runtime settings (CIDRs, gateway MAC, vxsknf's ifindex) go into the `config` map; the only -D
-  flags are the pin directory and the learned-flow map's size (nf_conntrack_max).
+  flags are the pin directory and the learned-flow map's size (`flow_map_capacity`, else
+  nf_conntrack_max). A pinned map of another size is recreated at the new size (see bpfload) and its
+  entries copied over.
+- Learned flows are never silently lost. While the flow_guard map says so, every pod frame takes the
+  kernel path: SYNCING from the start until every filter runs these programs and the map holds the
+  flows that existed before (the retired map's entries, conntrack's NATed flows); FULL from a learn
+  the map refused until the sweep has made room and seeded conntrack's NATed flows again.
 - The agent keeps no state of its own: endpoints, counters and learned flows live in the pinned
   maps, and interface names come from the kernel when counters are read.
 """
@@ -17,6 +23,7 @@ Why it works this way:
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -24,7 +31,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -49,8 +58,11 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
                "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
                "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
-               "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues)}
+               "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues),
+               "flow_guard": (ctypes.c_uint32, ctypes.c_uint64)}
 DEFAULT_MAX_FLOWS = 262144
+GUARD_FULL, GUARD_SYNCING, GUARD_FAILED_LEARNS = 0, 1, 2  # flow_guard's slots (FLOW_GUARD_* in bpf/lib/maps.h)
+ROOM = 0.9  # FULL clears only once the map, re-seeded, is at most this full: no flapping at the brim
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 
 
@@ -66,7 +78,8 @@ class BpfDatapath:
         self.pin_dir = cfg.bpf_pin_dir
         self.sweep_interval = cfg.reconcile_interval
         ensure_bpffs(self.pin_dir)
-        max_flows = _max_flows()
+        max_flows = _max_flows(cfg.flow_map_capacity)
+        fresh = not (self.pin_dir / "kernel_flows").exists()  # the first BPF start here, or after the kernel path
         try:
             if not bpfload.pins_current(bpf_dir, self.pin_dir, max_flows):
                 _run_loader(bpf_dir, self.pin_dir, max_flows)
@@ -81,15 +94,22 @@ class BpfDatapath:
                 self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
                 bpfmaps.check_layout(self.maps[name], key_type, value_type)
             _probe_tc(self.fds["from_pod"])
+            self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
+            self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
+            if self._syncing:  # before any filter runs these programs
+                self._set_guard(GUARD_SYNCING, 1)
         except (OSError, bpfmaps.LayoutMismatch, BpfUnavailable) as e:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
+        self._cluster: ipaddress.IPv4Network | None = None
+        self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
         cluster, pods = ipaddress.IPv4Network(node.cluster_cidr), ipaddress.IPv4Network(node.pod_cidr)
+        self._cluster = cluster
         leaf = bpfmaps.Config(cluster_net=_be32(cluster.network_address), cluster_mask=_be32(cluster.netmask),
                               pod_net=_be32(pods.network_address), pod_mask=_be32(pods.netmask),
                               vxlan_ifindex=node.vxlan_ifindex)
@@ -177,6 +197,8 @@ class BpfDatapath:
         for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if (key.ifindex, key.addr) not in sources:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
+        if self._syncing and self._cluster is not None:
+            self._finish_sync()
 
     def read_counters(self) -> dict[str, PodCounters]:
         return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"], self.maps["pod_refused"])
@@ -199,12 +221,89 @@ class BpfDatapath:
             os.close(fd)
         self.fds, self.maps = {}, {}
 
+    def _finish_sync(self) -> None:
+        """Every filter runs these programs now, and they learn every new flow: take over the retired
+        map's entries and conntrack's NATed flows (those that began before), then let the fast path go."""
+        refused = 0
+        retired = self.pin_dir / bpfload.RETIRED_FLOWS
+        if retired.exists():
+            with bpfmaps.pinned(retired) as old:
+                entries = bpfmaps.read_map(old, bpfmaps.FlowKey, bpfmaps.FlowState)
+            refused += self._learn(entries)
+            retired.unlink()
+            log.info("learned-flow map resized to %d entries: %d entries copied", self.capacity, len(entries))
+        seeds = flows.nat_reply_tuples(self._cluster) or set()
+        refused += self._learn((_flow_key(t), bpfmaps.FlowState(0)) for t in seeds)
+        if refused:
+            self._set_guard(GUARD_FULL, 1)
+        self._set_guard(GUARD_SYNCING, 0)
+        self._syncing = False
+        log.info("learned flows seeded from conntrack: %d NATed flows%s", len(seeds),
+                 f", {refused} did not fit" if refused else "")
+        self._note_full()
+
+    def _learn(self, entries: Iterable[tuple[bpfmaps.FlowKey, bpfmaps.FlowState]]) -> int:
+        """Write entries into the learned-flow map; returns how many the full map refused."""
+        refused = 0
+        for key, state in entries:
+            try:
+                bpfmaps.update(self.maps["kernel_flows"], key, state)
+            except OSError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                refused += 1
+        return refused
+
+    def _guard(self, slot: int) -> int:
+        value = bpfmaps.lookup(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64)
+        return value.value if value is not None else 0
+
+    def _set_guard(self, slot: int, value: int) -> None:
+        bpfmaps.update(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64(value))
+
+    def _relieve(self) -> None:
+        """Clear FULL once there is room again. The flows whose learn failed are unknown, but all that
+        matter are NATed and in conntrack: seed those first, and clear only if the map then has room
+        and no learn failed in the meantime (else its flow might have missed the seeding)."""
+        if not self._guard(GUARD_FULL) or self._cluster is None:
+            return
+        failed = self._guard(GUARD_FAILED_LEARNS)
+        fd, limit = self.maps["kernel_flows"], ROOM * self.capacity
+        if bpfmaps.count(fd) > limit:
+            return
+        seeds = flows.nat_reply_tuples(self._cluster)
+        if seeds is None or self._learn((_flow_key(t), bpfmaps.FlowState(0)) for t in seeds):
+            return
+        if bpfmaps.count(fd) > limit:
+            return
+        self._set_guard(GUARD_FULL, 0)
+        if self._guard(GUARD_FAILED_LEARNS) != failed:
+            self._set_guard(GUARD_FULL, 1)
+
+    def _note_full(self) -> None:
+        """One log line each time the map fills up or has room again."""
+        full = bool(self._guard(GUARD_FULL))
+        if full and not self._full_seen:
+            log.warning("learned-flow map full (%d entries, %d learns refused): pod traffic takes the kernel path "
+                        "until there is room", self.capacity, self._guard(GUARD_FAILED_LEARNS))
+        elif self._full_seen and not full:
+            log.warning("learned-flow map has room again (%d of %d entries): fast path back on",
+                        bpfmaps.count(self.maps["kernel_flows"]), self.capacity)
+        self._full_seen = full
+
+    def flow_table(self) -> flows.FlowTable:
+        """The learned-flow map's occupancy and guard, for metrics and `sknf stats`."""
+        return flows.FlowTable(entries=bpfmaps.count(self.maps["kernel_flows"]), capacity=self.capacity,
+                               full=bool(self._guard(GUARD_FULL)), syncing=bool(self._guard(GUARD_SYNCING)),
+                               failed_learns=self._guard(GUARD_FAILED_LEARNS))
+
     def learned_flows(self) -> dict[flows.FlowTuple, bool]:
         """{tuple: exempt} of the kernel_flows map."""
         return {_flow_tuple(k): bool(v.exempt) for k, v in self._flow_entries()}
 
     def sweep_flows(self) -> tuple[int, int]:
-        """One sweep of the learned-flow map against conntrack; returns (marked exempt, deleted).
+        """One sweep of the learned-flow map against conntrack, then FULL cleared if there is room;
+        returns (marked exempt, deleted).
 
         The map is read before conntrack: an entry is learned only after its conntrack entry
         exists, so a fresh flow can never look dead.
@@ -213,7 +312,7 @@ class BpfDatapath:
         snapshot = self._flow_entries()
         keys = {_flow_tuple(k): k for k, _ in snapshot}
         learned = {_flow_tuple(k): bool(v.exempt) for k, v in snapshot}
-        alive = flows.read_conntrack()
+        alive = flows.alive(learned)
         if alive is None:
             return 0, 0
         plan = flows.plan_sweep(learned, alive)
@@ -225,6 +324,8 @@ class BpfDatapath:
                 bpfmaps.delete(fd, keys[t])
         if plan.mark or plan.delete:
             log.debug("learned flows: %d marked exempt, %d deleted", len(plan.mark), len(plan.delete))
+        self._relieve()
+        self._note_full()
         return len(plan.mark), len(plan.delete)
 
     def _flow_entries(self) -> list[tuple[bpfmaps.FlowKey, bpfmaps.FlowState]]:
@@ -310,8 +411,11 @@ def ensure_bpffs(pin_dir: Path) -> None:
     pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _max_flows() -> int:
-    """One learned flow per conntrack entry at most (the module may be absent: then the default)."""
+def _max_flows(configured: int | None = None) -> int:
+    """The configured capacity, else one learned flow per conntrack entry at most (the module may be
+    absent: then the default)."""
+    if configured is not None:
+        return configured
     try:
         return int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())
     except (OSError, ValueError):
@@ -341,5 +445,11 @@ def _mac_key(text: str) -> bpfmaps.MacKey:
     return key
 
 
-def _flow_tuple(key) -> flows.FlowTuple:
+def _flow_tuple(key: Any) -> flows.FlowTuple:
     return _ip(key.saddr), _ip(key.daddr), _port(key.sport), _port(key.dport), key.proto
+
+
+def _flow_key(t: flows.FlowTuple) -> bpfmaps.FlowKey:
+    saddr, daddr, sport, dport, proto = t
+    return bpfmaps.FlowKey(saddr=_be32(saddr), daddr=_be32(daddr), sport=_port(sport), dport=_port(dport),
+                           proto=proto)

@@ -12,6 +12,9 @@ alone (bpfmaps for map entries, tc attach by program fd) and never imports bcc.
   the real file and line; each file still compiles on its own.
 - A marker directory `src-<digest>` (bpffs holds no regular files) records which sources and flags
   the pinned programs were built from: a restart with unchanged sources needs no compile at all.
+- The learned-flow map's size is fixed when it is created, and BCC reuses a pin of any size: a pinned
+  kernel_flows of another size is moved aside to RETIRED_FLOWS first, so the new programs get a map
+  of the wanted size; the agent copies the old entries over once every filter runs the new programs.
 - On failure the process prints the reason (clang's first error or the verifier's complaint) as its
   stdout and exits with FAILED; the agent reports it as its fallback reason.
 """
@@ -28,14 +31,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from sknf.datapath import bpfmaps
+
 log = logging.getLogger(__name__)
 
 # Dependency order: each file after everything it includes.
 UNITS = ("lib/common.h", "lib/maps.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h", "lib/guard.h",
          "from_pod.c", "to_pod.c", "overlay.c")
 PROGRAMS = ("from_pod", "from_shaped_pod", "to_pod", "from_overlay", "to_overlay")
-MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows", "pod_identity", "pod_sources",
-        "pod_refused")
+MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows", "flow_guard", "pod_identity",
+        "pod_sources", "pod_refused")
+RETIRED_FLOWS = "kernel_flows_retired"  # a map of another size, until the agent copied it (bpffs: no dots)
 MARKER_PREFIX = "src-"
 FAILED = 3  # exit status: the reason is on stdout
 
@@ -82,6 +88,7 @@ def load(bpf_dir: Path, pin_dir: Path, max_flows: int) -> None:
     except ImportError as e:
         raise LoadFailed(f"no BCC Python module ({e}); install python3-bpfcc") from None
     tag = marker(bpf_dir, pin_dir, max_flows)
+    retire_resized_flows(pin_dir, max_flows)
     failure = None
     with _stderr_captured() as output:
         try:
@@ -101,6 +108,22 @@ def load(bpf_dir: Path, pin_dir: Path, max_flows: int) -> None:
             err = ctypes.get_errno()
             raise LoadFailed(f"cannot pin {path}: {os.strerror(err) if err else 'failed'}")
     (pin_dir / tag).mkdir()
+
+
+def retire_resized_flows(pin_dir: Path, max_flows: int) -> None:
+    """Move a pinned kernel_flows of another size than max_flows aside (see the module docstring)."""
+    path = pin_dir / "kernel_flows"
+    if not path.exists():
+        return
+    with bpfmaps.pinned(path) as fd:
+        if bpfmaps.map_info(fd).max_entries == max_flows:
+            return
+    if (pin_dir / RETIRED_FLOWS).exists():
+        # An earlier resize whose copy has not happened yet: that map still holds the older entries,
+        # this one only flows learned since, which conntrack re-seeds (NATed flows are all that matter).
+        path.unlink()
+    else:
+        path.rename(pin_dir / RETIRED_FLOWS)
 
 
 @contextlib.contextmanager

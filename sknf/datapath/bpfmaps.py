@@ -170,11 +170,38 @@ def possible_cpus() -> int:
     return _libbpf().libbpf_num_possible_cpus()
 
 
-def check_layout(fd: int, key_type: Any, value_type: Any) -> _MapInfo:
-    """The map's info; LayoutMismatch unless its keys and values are the size of these types."""
+def map_info(fd: int) -> _MapInfo:
+    """The map's type, id, key and value sizes and max_entries."""
     info, size = _MapInfo(), ctypes.c_uint32(ctypes.sizeof(_MapInfo))
     if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
         raise _oserror("cannot read map info")
+    return info
+
+
+def count(fd: int) -> int:
+    """How many entries a hash map (not per-CPU) holds: batch reads into scratch buffers, no Python
+    object per entry."""
+    lib = _libbpf()
+    info = map_info(fd)
+    keys, values = ctypes.create_string_buffer(info.key_size * BATCH), ctypes.create_string_buffer(
+        info.value_size * BATCH)
+    token, next_token, got = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+    start, total = None, 0
+    while True:
+        got.value = BATCH
+        rc = lib.bpf_map_lookup_batch(fd, start, ctypes.byref(next_token), keys, values, ctypes.byref(got), None)
+        if rc < 0 and ctypes.get_errno() != errno.ENOENT:
+            raise _oserror(f"cannot read BPF map {info.id}")
+        total += got.value
+        if rc < 0:
+            return total
+        token.value = next_token.value
+        start = ctypes.byref(token)
+
+
+def check_layout(fd: int, key_type: Any, value_type: Any) -> _MapInfo:
+    """The map's info; LayoutMismatch unless its keys and values are the size of these types."""
+    info = map_info(fd)
     if (info.key_size, info.value_size) != (ctypes.sizeof(key_type), ctypes.sizeof(value_type)):
         raise LayoutMismatch(f"BPF map {info.id} holds {info.key_size}-byte keys and {info.value_size}-byte "
                              f"values, sknf reads {ctypes.sizeof(key_type)} and {ctypes.sizeof(value_type)}")

@@ -11,41 +11,41 @@ has no LRU and no timer; entries go only when conntrack no longer knows the flow
    in between re-learns the entry, which clears the mark (the tuple was reused: keep it).
 
 Deleting at first sight would race a flow being re-established over the same tuple between the
-conntrack dump and the delete.
+conntrack lookup and the delete. The sweep asks conntrack about each learned tuple (sknf.conntrack),
+so its cost follows the learned flows, not the size of the conntrack table.
+
+Flows that exist before the programs can learn them (the first BPF start on a node with live Service
+connections, a map recreated at a new size, a map that was full) are seeded from conntrack's NATed
+entries instead (`nat_reply_tuples`), while every pod frame takes the kernel path (see BpfDatapath).
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
-import socket
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
-from pyroute2.netlink.exceptions import NetlinkError
+from sknf import conntrack
+from sknf.conntrack import PORT_PROTOS, FlowTuple
 
 log = logging.getLogger(__name__)
 
-# (saddr, daddr, sport, dport, proto): one direction of a flow, ports 0 where the protocol has none.
-FlowTuple = tuple[str, str, int, int, int]
-PORT_PROTOS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_SCTP)
+@dataclass(frozen=True)
+class FlowTable:
+    """The learned-flow map as metrics and `sknf stats` show it."""
 
+    entries: int
+    capacity: int
+    full: bool  # a learn was refused: pod traffic on the kernel path until the agent made room
+    syncing: bool  # the agent is seeding the map (mode transition): pod traffic on the kernel path
+    failed_learns: int  # learns the full map refused, ever (since the map was created)
 
-def flow_tuple(saddr: str, daddr: str, sport: int | None, dport: int | None, proto: int) -> FlowTuple:
-    """The tuple as the BPF programs key it: without ports for protocols that have none."""
-    if proto in PORT_PROTOS:
-        return saddr, daddr, sport or 0, dport or 0, proto
-    return saddr, daddr, 0, 0, proto
-
-
-def conntrack_tuples(entries: Iterable) -> set[FlowTuple]:
-    """Both directions of every IPv4 conntrack entry (pyroute2 ConntrackEntry objects)."""
-    alive = set()
-    for entry in entries:
-        for t in (entry.tuple_orig, entry.tuple_reply):
-            if t.family == socket.AF_INET and t.saddr and t.daddr:
-                alive.add(flow_tuple(t.saddr, t.daddr, t.sport, t.dport, t.proto))
-    return alive
+    @property
+    def kernel_only(self) -> bool:
+        return self.full or self.syncing
 
 
 class SweepPlan(NamedTuple):
@@ -55,7 +55,7 @@ class SweepPlan(NamedTuple):
 
 
 def plan_sweep(learned: Mapping[FlowTuple, bool], alive: set[FlowTuple]) -> SweepPlan:
-    """What to do with learned entries {tuple: exempt}, given conntrack's live tuples."""
+    """What to do with learned entries {tuple: exempt}, given which of them conntrack knows."""
     plan = SweepPlan([], [], [])
     for key, exempt in learned.items():
         if key in alive:
@@ -66,18 +66,43 @@ def plan_sweep(learned: Mapping[FlowTuple, bool], alive: set[FlowTuple]) -> Swee
     return plan
 
 
-def read_conntrack() -> set[FlowTuple] | None:
-    """Live IPv4 tuples of this namespace's conntrack, or None when it cannot be read.
+def alive(learned: Iterable[FlowTuple]) -> set[FlowTuple] | None:
+    """The learned tuples this namespace's conntrack still knows (in either direction), or None when
+    it cannot be read.
 
-    Without the nf_conntrack module nothing is NATed, yet nothing can be proven either: None makes
-    the caller keep every entry (flows then stay on the always-correct kernel path).
+    Tuples with ports are looked up one by one (cost per learned flow, not per conntrack entry).
+    Without ports (ICMP) the learned key lacks the ICMP id a lookup needs: those are matched against
+    one kernel-filtered dump per protocol. Without the nf_conntrack module nothing is NATed, yet
+    nothing can be proven either: None makes the caller keep every entry (flows then stay on the
+    always-correct kernel path).
     """
-    from pyroute2 import Conntrack
-
+    learned = list(learned)
+    portless = {t for t in learned if t[4] not in PORT_PROTOS}
     try:
-        with Conntrack() as ct:
-            return conntrack_tuples(ct.dump_entries())
-    except (NetlinkError, OSError) as e:
-        code = getattr(e, "code", None) or getattr(e, "errno", None)
-        log.warning("cannot read conntrack (%s): learned flows kept", errno.errorcode.get(code, e))
+        with conntrack.Conntrack() as ct:
+            found = ct.lookup(t for t in learned if t[4] in PORT_PROTOS)
+            for proto in {t[4] for t in portless}:
+                for entry in ct.dump(proto=proto):
+                    found.update({entry.orig, entry.reply} & portless)
+        return found
+    except OSError as e:
+        log.warning("cannot read conntrack (%s): learned flows kept", errno.errorcode.get(e.errno, e))
+        return None
+
+
+def nat_reply_tuples(cluster: ipaddress.IPv4Network) -> set[FlowTuple] | None:
+    """What the programs would have learned from conntrack's NATed flows: each one's reply tuple whose
+    destination is a pod (the post-NAT pod-sourced frame's reverse), or None when conntrack cannot be
+    read. One kernel-filtered dump per NAT kind: the Python side only sees NATed entries.
+    """
+    seeds = set()
+    try:
+        with conntrack.Conntrack() as ct:
+            for status in (conntrack.IPS_DST_NAT, conntrack.IPS_SRC_NAT):
+                for entry in ct.dump(status=status):
+                    if ipaddress.IPv4Address(entry.reply[1]) in cluster:
+                        seeds.add(entry.reply)
+        return seeds
+    except OSError as e:
+        log.warning("cannot read conntrack (%s): no learned flows seeded", errno.errorcode.get(e.errno, e))
         return None

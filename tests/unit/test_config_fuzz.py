@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sknf.config import FIELDS, Config, ConfigError, load
+from sknf.config import FIELDS, MAX_FLOW_MAP_CAPACITY, Config, ConfigError, load
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
 SCALARS = st.one_of(
@@ -41,6 +41,7 @@ def assert_sane(cfg: Config) -> None:
     assert cfg.mtu is None or 576 <= cfg.mtu <= 9000
     assert 1 <= cfg.vxlan_port <= 65535 and 1 <= cfg.vxlan_vni <= 0xFFFFFF
     assert cfg.pod_cidr is None or cfg.pod_cidr.subnet_of(cfg.cluster_cidr)
+    assert cfg.flow_map_capacity is None or 1 <= cfg.flow_map_capacity <= MAX_FLOW_MAP_CAPACITY
 
 
 def assert_names_culprit(err: ConfigError, keys: list[str]) -> None:
@@ -78,3 +79,16 @@ def test_random_yaml_text(text: str, env: dict[str, str]) -> None:
     except yaml.YAMLError:
         doc = None
     try_load(text, env, [str(k) for k in doc] if isinstance(doc, dict) else [])
+
+
+def test_flow_map_capacity() -> None:
+    env = {"NODE_NAME": "n1", "CLUSTER_CIDR": "10.244.0.0/16", "PEERS_FILE": "/tmp/peers.yaml"}
+    assert load(None, env).flow_map_capacity is None  # follows nf_conntrack_max
+    assert load(None, {**env, "FLOW_MAP_CAPACITY": "64"}).flow_map_capacity == 64
+    for bad in ("0", "-5", "many", str(MAX_FLOW_MAP_CAPACITY + 1)):
+        try:
+            load(None, {**env, "FLOW_MAP_CAPACITY": bad})
+        except ConfigError as e:
+            assert str(e).startswith("flow_map_capacity"), e
+        else:
+            raise AssertionError(f"flow_map_capacity {bad!r} accepted")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
+import struct
 import sys
-from types import SimpleNamespace
 
+from sknf import conntrack
 from sknf.datapath import flows
 from sknf.datapath.bpf import _be32, _ip, _port
 from sknf.datapath.bpfload import _diagnostic
@@ -24,19 +25,21 @@ def test_a_forgotten_flow_is_marked_then_deleted_one_sweep_later() -> None:
     assert flows.plan_sweep({REPLY: True}, set()) == flows.SweepPlan([], [], [REPLY])
 
 
-def test_conntrack_tuples_cover_both_directions_and_drop_icmp_ids() -> None:
-    def tup(saddr, daddr, proto, sport=None, dport=None, family=socket.AF_INET):
-        return SimpleNamespace(family=family, saddr=saddr, daddr=daddr, proto=proto, sport=sport, dport=dport)
+def _entry_message(orig: tuple, reply: tuple, status: int) -> bytes:
+    """A ctnetlink NEW message as the kernel sends it (netlink and nfgen headers, then attributes)."""
+    body = (conntrack._NFGEN.pack(socket.AF_INET, 0, 0) + conntrack._tuple_attr(conntrack.CTA_TUPLE_ORIG, orig)
+            + conntrack._tuple_attr(conntrack.CTA_TUPLE_REPLY, reply)
+            + conntrack._attr(conntrack.CTA_STATUS, struct.pack("!I", status)))
+    return conntrack._NLMSG.pack(conntrack._NLMSG.size + len(body), 0x100, 0, 1, 0) + body
 
-    dnat = SimpleNamespace(tuple_orig=tup("10.244.1.11", "10.96.0.10", UDP, 40000, 53),
-                           tuple_reply=tup("10.244.1.12", "10.244.1.11", UDP, 8080, 40000))
-    ping = SimpleNamespace(tuple_orig=tup("10.244.1.11", "10.244.2.11", ICMP),
-                           tuple_reply=tup("10.244.2.11", "10.244.1.11", ICMP))
-    v6 = SimpleNamespace(tuple_orig=tup("fd00::1", "fd00::2", TCP, 1, 2, socket.AF_INET6),
-                         tuple_reply=tup("fd00::2", "fd00::1", TCP, 2, 1, socket.AF_INET6))
-    assert flows.conntrack_tuples([dnat, ping, v6]) == {
-        ("10.244.1.11", "10.96.0.10", 40000, 53, UDP), REPLY,
-        ("10.244.1.11", "10.244.2.11", 0, 0, ICMP), ("10.244.2.11", "10.244.1.11", 0, 0, ICMP)}
+
+def test_ctnetlink_entries_decode_to_flow_tuples() -> None:
+    dnat = ("10.244.1.11", "10.96.0.10", 40000, 53, UDP)
+    msg = _entry_message(dnat, REPLY, conntrack.IPS_DST_NAT | 0x8)
+    assert conntrack._parse_entry(memoryview(msg)) == conntrack.Entry(dnat, REPLY, conntrack.IPS_DST_NAT | 0x8)
+    ping = ("10.244.1.11", "10.244.2.11", 0, 0, ICMP)  # sent without ICMP ids: keyed without ports
+    back = ("10.244.2.11", "10.244.1.11", 0, 0, ICMP)
+    assert conntrack._parse_entry(memoryview(_entry_message(ping, back, 0))) == conntrack.Entry(ping, back, 0)
 
 
 def test_network_order_round_trips() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from ipaddress import IPv4Address, IPv4Network
@@ -13,8 +14,9 @@ import yaml
 
 from sknf import api, stats
 from sknf.datapath import PodCounters
+from sknf.datapath.flows import FlowTable
 from sknf.ipam import Lease, Store
-from sknf.metrics import Snapshot
+from sknf.metrics import Snapshot, render_snapshot
 
 
 def lease(ns: str, pod: str, i: int) -> Lease:
@@ -125,6 +127,17 @@ def test_table_and_wide() -> None:
     assert "sknf00000002" in wide[2]
     bare = stats.render(reply_of(rows()), "table", headers=False).splitlines()
     assert len(bare) == 4 and bare[0].split()[0] == "default"
+
+
+def test_summary_shows_the_learned_flow_map() -> None:
+    snap = dataclasses.replace(snapshot([], 100.0), flows=FlowTable(entries=64, capacity=64, full=True, syncing=False,
+                                                                    failed_learns=3))
+    reply = stats.make_reply(snap, [], None, "agent")
+    assert reply["flows"] == {"entries": 64, "capacity": 64, "full": True, "syncing": False, "failed_learns": 3}
+    assert "flows 64/64 FULL: all pod traffic on the kernel path" in stats.summary(reply)
+    assert " flows " not in stats.summary(reply_of([], "kernel"))  # no learned-flow map in kernel mode
+    text = render_snapshot(snap)
+    assert 'sknf_flow_map_full{node="n1"} 1' in text and 'sknf_flow_map_failed_learns_total{node="n1"} 3' in text
 
 
 def test_json_and_yaml_round_trip() -> None:
