@@ -14,6 +14,7 @@ network as it is: running pods keep forwarding, and the next agent picks everyth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -144,6 +145,7 @@ class Agent:
     def health_report(self, req: dict) -> dict:
         """{"op": "health"}: what `sknf doctor` needs from the running agent (probe=true: peers probed now)."""
         node = self.node
+        flow_table = getattr(self.datapath, "flow_table", None)  # only the BPF datapath learns flows
         return {"node": self.cfg.node_name, "datapath": {"mode": self.datapath.mode, "reason": self.datapath.reason},
                 "pod_cidr": str(self.pod_cidr), "mtu": node.mtu if node else None,
                 "underlay_ip": node.underlay_ip if node else None,
@@ -151,6 +153,7 @@ class Agent:
                           for p in self.peers],
                 "unaddressed": getattr(self.source, "unaddressed", list)(),  # Nodes that cannot be peers
                 "ipam": {"allocated": self.store.allocated, "capacity": self.store.capacity},
+                "flows": dataclasses.asdict(flow_table()) if flow_table is not None else None,
                 "probes": self.health.report(fresh=bool(req.get("probe")))}
 
     def ready(self) -> bool:

@@ -606,6 +606,11 @@ def check_capacity(ctx: Context) -> Finding:
             ipam = None
     if ipam is not None:
         parts.append(_fill("IPAM", ipam["allocated"], ipam["capacity"]))
+    if (ft := ctx.agent.get("flows") if ctx.agent else None) is not None:
+        parts.append(_fill("flow map", ft["entries"], ft["capacity"]))
+        if ft["full"]:
+            parts.append((WARN, f"the learned-flow map is full ({ft['failed_learns']} learns refused): pod traffic "
+                                "takes the kernel path until the agent's sweep makes room"))
     count, limit = _sysctl("net.netfilter.nf_conntrack_count"), _sysctl("net.netfilter.nf_conntrack_max")
     if count is not None and limit is not None:
         parts.append(_fill("conntrack", int(count), int(limit)))
@@ -618,8 +623,9 @@ def check_capacity(ctx: Context) -> Finding:
         parts.append((OK, f"neighbours {neighbours} (limit machine-wide, not visible in this namespace)"))
     status = _worst(parts)
     return Finding("capacity", status, ", ".join(m for _, m in parts),
-                   "" if status == OK else "IPAM: a larger node_subnet_prefix range or fewer pods; conntrack: raise "
-                   "net.netfilter.nf_conntrack_max; neighbours: raise net.ipv4.neigh.default.gc_thresh1/2/3")
+                   "" if status == OK else "IPAM: a larger node subnet or fewer pods; conntrack: raise "
+                   "net.netfilter.nf_conntrack_max; neighbours: raise net.ipv4.neigh.default.gc_thresh1/2/3; "
+                   "flow map: raise flow_map_capacity (or nf_conntrack_max, its default)")
 
 
 def check_peers(ctx: Context) -> Finding:

@@ -117,6 +117,7 @@ def test_a_healthy_lab_is_all_ok_and_peer_health_is_exported(lab: Lab) -> None:
     _, found = run_doctor(n1)
     assert found["agent"].message == "running, datapath bpf"
     assert "pins under" in found["bpffs"].message
+    assert "flow map " in found["capacity"].message  # the learned-flow map's fill level, from the agent
     assert found["peer-health"].message.startswith("1/1 peers reachable (probed now)")
 
     def scrape() -> str:
