@@ -390,7 +390,8 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
 
     Links no lease accounts for are deleted, or returned as lost leases when their record says the
     store lost them (see _delete_orphans); every leased link is an up port of the bridge; the
-    datapath gets exactly the leased pods with a live link. A bridge deleted and recreated (by
+    datapath gets exactly the leased pods with a live link, counting those whose lease the store lost
+    (they run on, and the rebuild that follows restores their leases). A bridge deleted and recreated (by
     hand, by another tool) comes back without ports, and its pods stay cut off until their host
     ends rejoin it. An ADD in flight may be enslaved here a moment early, which changes nothing:
     its own step 4 does the same.
@@ -402,9 +403,9 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
         links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
         leases = net.store.leases()  # after the dump, see _delete_orphans
         lost = _delete_orphans(ipr, links, leases)
-        live = [lease for lease in leases if lease.host_ifname in links]
+        live = [lease for lease in (*leases, *lost) if lease.host_ifname in links]  # lost: still live pods
         _sync_shaping(net, ipr, node, shaped, {lease.host_ifname: links[lease.host_ifname]["index"] for lease in live},
-                      {lease.host_ifname for lease in leases})
+                      {lease.host_ifname for lease in (*leases, *lost)})
         for lease in live:
             link = links[lease.host_ifname]
             if link.get("IFLA_MTU") != node.mtu:

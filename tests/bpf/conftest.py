@@ -26,14 +26,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.down()
 
 
+def install_services(cluster: Cluster) -> None:
+    """kube-proxy's iptables-mode ClusterIP rules for SERVICES on every node."""
+    services = [kubeproxy.Service(vip, proto, port, ((cluster.pod(*where).ip, 8080, ""),), vip)
+                for vip, where in SERVICES.items() for proto, port in (("tcp", SVC_TCP), ("udp", SVC_UDP))]
+    for node in cluster.nodes:
+        kubeproxy.install(node.netns, "iptables", services, node.cfg.node_name)
+
+
 @pytest.fixture
 def serving(cluster: Cluster) -> Iterator[Cluster]:
     """Test servers in every pod and node, and kube-proxy-style ClusterIP rules on every node."""
     targets = {p.name: p.netns for n in cluster.nodes for p in n.pods}
     targets.update({n.cfg.node_name: n.netns for n in cluster.nodes})
-    services = [kubeproxy.Service(vip, proto, port, ((cluster.pod(*where).ip, 8080, ""),), vip)
-                for vip, where in SERVICES.items() for proto, port in (("tcp", SVC_TCP), ("udp", SVC_UDP))]
-    for node in cluster.nodes:
-        kubeproxy.install(node.netns, "iptables", services, node.cfg.node_name)
+    install_services(cluster)
     with servers(targets):
         yield cluster

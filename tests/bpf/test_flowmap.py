@@ -8,18 +8,16 @@ import dataclasses
 import functools
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SERVICES, SVC_UDP
+from conftest import SERVICES, SVC_UDP, install_services
 from topo import Cluster, Snapshot, servers, tcp_bulk, tcp_who, udp_exchange
 
-from sknf import conntrack, nsutil
+from sknf import conntrack
 from sknf.datapath import bpfmaps, flows
 from sknf.datapath.bpf import BPF_DIR, BpfDatapath, _flow_key
-from sknf.lab import kube_proxy_rules
 from sknf.metrics import render_snapshot, take_snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
@@ -34,10 +32,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("flowmap"), prefix="skqm")
     try:
         c.up()
-        rules = kube_proxy_rules([{"ip": vip, "backend": c.pod(*where).ip} for vip, where in SERVICES.items()])
-        for node in c.nodes:
-            subprocess.run(["iptables-restore", "-w", "--noflush"], input=rules, text=True, check=True,
-                           capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
+        install_services(c)
         targets = {p.name: p.netns for n in c.nodes for p in n.pods}
         with servers(targets):
             yield c

@@ -3,11 +3,13 @@ learned Service flows are forgotten only once conntrack has forgotten them."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from topo import Cluster, Node, Pod, Snapshot, Stream, counters, tcp_bulk, udp_e
 from sknf import netlink, nsutil
 from sknf.datapath import Endpoint, bpfmaps
 from sknf.datapath import tc as tcmod
-from sknf.datapath.bpf import BPF_DIR, PROGRAMS, BpfDatapath, _be32, read_pinned_counters
+from sknf.datapath.bpf import BPF_DIR, PROGRAMS, BpfDatapath, _be32
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.slow]
 
@@ -103,27 +105,34 @@ def test_sync_removes_stale_entries(bpf: Cluster) -> None:
 
 
 def test_restart_keeps_forwarding_and_counters(bpf: Cluster) -> None:
+    """Each node's datapath runs in a real process; both are SIGKILLed under two streams and started again."""
     a, b, r = bpf.pod(1, 1), bpf.pod(1, 2), bpf.pod(2, 1)
-    snap = Snapshot(bpf, a, b, r)
-    cross, local = Stream(a, r), Stream(b, a)
-    cross.wait_sent(4 * MiB)
-    local.wait_sent(4 * MiB)
-    before = counters(bpf, a)
     for node in bpf.nodes:
-        node.stop()  # the agent exits: programs stay attached, maps stay pinned
-    cross.wait_sent(cross.sent + 4 * MiB)  # forwarding with no agent at all
-    node1 = bpf.nodes[0]
-    unattended = node1.call(read_pinned_counters, node1.cfg.bpf_pin_dir)[a.host_ifname]  # `sknf stats`, no agent
-    assert unattended.tx_bytes > before.tx_bytes
-    for node in bpf.nodes:
-        node.start(BpfDatapath)  # a new agent: compiles again, reopens the pins, replaces filters
-    after = counters(bpf, a)
-    assert after.tx_bytes >= unattended.tx_bytes and after.fast_packets >= unattended.fast_packets
-    cross.wait_sent(cross.sent + 8 * MiB)
-    local.wait_sent(local.sent + 4 * MiB)
-    assert cross.finish()[1] == cross.sent and local.finish()[1] == local.sent
-    assert counters(bpf, a).fast_packets > after.fast_packets  # the new programs fast-path too
-    snap.assert_exact()  # nothing lost or counted twice across the restart
+        node.stop()  # the fixture's in-process datapaths make way for processes (programs stay attached)
+    with contextlib.ExitStack() as first:
+        killed = [first.enter_context(node.datapath_process()) for node in bpf.nodes]
+        snap = Snapshot(bpf, a, b, r)  # counters from the pins from here on
+        cross, local = Stream(a, r), Stream(b, a)
+        cross.wait_sent(4 * MiB)
+        local.wait_sent(4 * MiB)
+        before = counters(bpf, a)
+        for proc in killed:
+            proc.send_signal(signal.SIGKILL)  # a crash: no clean-up of any kind
+            proc.wait()
+        cross.wait_sent(cross.sent + 4 * MiB)  # forwarding with no agent at all
+        local.wait_sent(local.sent + 2 * MiB)
+        unattended = counters(bpf, a)  # what `sknf stats` reads with no agent
+        assert unattended.tx_bytes > before.tx_bytes and unattended.fast_packets > before.fast_packets
+    with contextlib.ExitStack() as second:
+        for node in bpf.nodes:
+            second.enter_context(node.datapath_process())  # new agents: reopen the pins, replace the filters
+        after = counters(bpf, a)
+        assert after.tx_bytes >= unattended.tx_bytes and after.fast_packets >= unattended.fast_packets
+        cross.wait_sent(cross.sent + 8 * MiB)
+        local.wait_sent(local.sent + 4 * MiB)
+        assert cross.finish()[1] == cross.sent and local.finish()[1] == local.sent
+        assert counters(bpf, a).fast_packets > after.fast_packets  # the new programs fast-path too
+        snap.assert_exact()  # nothing lost or counted twice across the crash
 
 
 def attached_programs(node: Node, ifname: str) -> dict[str, int]:
@@ -174,12 +183,14 @@ def test_restart_reuses_pins_or_replaces_changed_programs(bpf: Cluster, tmp_path
     snap.assert_exact()  # nothing lost or counted twice across the swap
 
 
-def _ct_flush(pod_ip: str) -> int:
-    """Make conntrack forget every flow involving pod_ip (as its timeouts eventually would)."""
+def _ct_flush(pod_ip: str, sport: int | None = None) -> int:
+    """Make conntrack forget every flow involving pod_ip (only those from client port sport, if given), as
+    its timeouts eventually would."""
     n = 0
     with Conntrack() as ct:
         for entry in list(ct.dump_entries()):
-            if pod_ip in (entry.tuple_orig.saddr, entry.tuple_orig.daddr, entry.tuple_reply.saddr):
+            if pod_ip in (entry.tuple_orig.saddr, entry.tuple_orig.daddr, entry.tuple_reply.saddr) and \
+                    sport in (None, entry.tuple_orig.sport):
                 ct.delete(entry)
                 n += 1
     return n
@@ -217,16 +228,23 @@ def test_learned_flows_go_only_after_conntrack_forgets(bpf: Cluster) -> None:
 
 
 def test_sweeper_thread_runs_in_the_node(bpf: Cluster) -> None:
-    """The agent's own sweeper (reconcile_interval apart) forgets a dead flow with no help."""
+    """The agent's own sweeper (reconcile_interval apart) forgets a dead flow with no help, and keeps a live
+    one learned and not exempt through many sweeps: it reads its own node's conntrack, not another's."""
     node = bpf.nodes[0]
     vip = next(iter(SERVICES))
     client, backend = bpf.pod(1, 1), bpf.pod(*SERVICES[vip])
     node.stop()
     node.cfg = dataclasses.replace(node.cfg, reconcile_interval=0.2)
     node.start(BpfDatapath)
-    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40002) == 3
-    node.call(_ct_flush, backend.ip)
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40002) == 3  # to be forgotten
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40003) == 3  # stays in conntrack
+    assert node.call(_ct_flush, backend.ip, 40002) > 0
     deadline = time.monotonic() + 30
-    while _learned(node, backend, client, 40002) and time.monotonic() < deadline:
+    while _learned(node, backend, client, 40002) and time.monotonic() < deadline:  # two sweeps: mark, delete
+        assert list(_learned(node, backend, client, 40003).values()) == [False]
         time.sleep(0.1)
     assert _learned(node, backend, client, 40002) == {}
+    for _ in range(15):  # 1.5 s more: about seven more sweeps
+        assert list(_learned(node, backend, client, 40003).values()) == [False]
+        time.sleep(0.1)
+    assert udp_exchange(client, vip, 3, 100, port=SVC_UDP, sport=40003) == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class State:
     leases: frozenset[tuple[str, str, str]]  # (container id, ifname, ip)
     host_links: frozenset[str]  # sknf* veths in the node namespace
     pod_links: frozenset[str]  # interfaces in the test pod namespace
+    pod_default_routes: frozenset[tuple[str, str]]  # (interface, gateway) of its IPv4 default routes
 
 
 @dataclass
@@ -75,9 +77,11 @@ class Rig:
         with netlink.route(nsutil.netns_path(self.node.netns)) as ipr:
             host = frozenset(netlink.host_veths(ipr, "sknf"))
         with netlink.route(self.pod_path) as ipr:
-            pod = frozenset(link.get("IFLA_IFNAME") for link in ipr.get_links())
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+            routes = frozenset((names.get(r.get("RTA_OIF")), r.get("RTA_GATEWAY"))
+                               for r in ipr.get_default_routes(family=socket.AF_INET))
         return State(frozenset((lease.container_id, lease.ifname, str(lease.ip)) for lease in store.leases()),
-                     host, pod)
+                     host, frozenset(names.values()), routes)
 
 
 def assert_spec_error(out: Outcome, code: int | None = None) -> dict:
@@ -96,13 +100,14 @@ def assert_spec_error(out: Outcome, code: int | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = True) -> Iterator[Rig]:
-    """A 1-node lab (kernel datapath); optionally a smaller pod subnet (agent restarted with it) and
-    without the lab's own pod, so the store starts empty."""
+def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = True,
+                 datapath: str = "kernel") -> Iterator[Rig]:
+    """A 1-node lab (kernel datapath unless asked); optionally a smaller pod subnet (agent restarted with
+    it) and without the lab's own pod, so the store starts empty."""
     pids: list[int] = []
     pod_netns = f"{prefix}-t"
     try:
-        with Lab(prefix=prefix, nodes=1, pods_per_node=1, datapath="kernel") as lab:
+        with Lab(prefix=prefix, nodes=1, pods_per_node=1, datapath=datapath) as lab:
             node = lab.state.nodes[0]
             pids.append(node.agent_pid)
             if not keep_lab_pod:

@@ -85,9 +85,11 @@ def test_second_interface_in_one_namespace_keeps_the_first_default_route(rig: Ri
     assert first.rc == 0, first
     try:
         with_first = rig.state()
+        assert with_first.pod_default_routes == {("eth0", rig.node.gateway_ip)}
         second = rig.run(rig.netconf(), rig.env("ADD", CID, ifname="eth1"))
         assert second.rc == 0, second
         assert json.loads(second.stdout)["ips"][0]["address"] != json.loads(first.stdout)["ips"][0]["address"]
+        assert rig.state().pod_default_routes == with_first.pod_default_routes  # eth1 took no default route
         assert rig.run(rig.netconf(), rig.env("DEL", CID, ifname="eth1")).rc == 0
         assert rig.state() == with_first
     finally:

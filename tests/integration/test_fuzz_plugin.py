@@ -2,7 +2,9 @@
 
 Every run must end in exit 0 with nothing or one JSON object on stdout, or exit 1 with a spec error
 object; never a traceback. A failed ADD leaves the node exactly as it was (no lease, no host veth,
-nothing in the pod namespace); a successful ADD is undone by DEL, after which the same holds.
+nothing in the pod namespace); a successful ADD is undone by DEL, after which the same holds. The
+near-valid run counts its outcomes and must have reached both: ADDs that succeeded, and ADDs the agent
+rolled back (a lease taken, then the veth refused because the pod already holds that interface).
 
 agentSocket and stateDir are confined to the lab's socket or paths in a temp dir: the plugin falls back
 to /run/sknf/sknf.sock and /var/lib/sknf when they are missing, and a DEL it cannot deliver is parked
@@ -15,14 +17,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cnirig import Outcome, Rig, assert_spec_error, one_node_rig
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+
+from sknf.cni import ALREADY_EXISTS
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -151,7 +156,18 @@ def assert_well_formed(out: Outcome, command: str) -> Any:
     return doc
 
 
-def check_one(fuzz: Fuzz, stdin: bytes, env: dict[str, str]) -> None:
+def outcome(command: str, out: Outcome, doc: Any) -> str:
+    """What an ADD came to: "added", "rolled back" (failed at the veth, after its lease was taken), or other."""
+    if command != "ADD":
+        return "other"
+    if out.rc == 0:
+        return "added"
+    if doc["code"] == ALREADY_EXISTS and doc["msg"].startswith("interface "):
+        return "rolled back"
+    return "other"
+
+
+def check_one(fuzz: Fuzz, stdin: bytes, env: dict[str, str]) -> str:
     rig = fuzz.rig
     out = rig.run(stdin, env)
     command = env.get("CNI_COMMAND", "")
@@ -166,6 +182,7 @@ def check_one(fuzz: Fuzz, stdin: bytes, env: dict[str, str]) -> None:
     assert rig.state() == fuzz.baseline
     for parked in fuzz.parked():  # only DELs that could not reach the agent may be parked
         assert command == "DEL" and parked["env"]["CNI_COMMAND"] == "DEL", parked
+    return outcome(command, out, doc)
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -177,15 +194,36 @@ def test_random_stdin_and_environment(fuzz: Fuzz, data: st.DataObject) -> None:
     check_one(fuzz, data.draw(stdin_strategy(fuzz), "stdin"), data.draw(env_strategy(fuzz), "env"))
 
 
-@FUZZ
-@given(data=st.data())
-def test_near_valid_requests(fuzz: Fuzz, data: st.DataObject) -> None:
-    """Mostly well-formed requests, so the agent's deeper paths (netns, veth, IPAM, rollback) are reached."""
-    command = data.draw(st.sampled_from(["ADD", "ADD", "DEL", "CHECK", "GC", "STATUS"]), "command")
-    cid = data.draw(st.sampled_from(["ske-fz-1", "ske-fz-2"]) | CONTAINER_IDS, "cid")
-    ifname = data.draw(st.sampled_from(["eth0", "net-a"]) | IFNAMES, "ifname")
-    env = {**fuzz.rig.env(command, cid, ifname), "CNI_ARGS": data.draw(st.just("K8S_POD_NAME=p") | ARGS, "args")}
-    netconf = {**data.draw(netconf_strategy(fuzz), "netconf")}
-    if "cniVersion" in netconf and netconf["cniVersion"] == "1.0.0":
-        netconf["cniVersion"] = data.draw(st.sampled_from(["0.3.1", "0.4.0", "1.0.0", "1.1.0"]), "version")
-    check_one(fuzz, json.dumps(fuzz.confine(netconf)).encode(), env)
+def test_near_valid_requests(fuzz: Fuzz) -> None:
+    """Mostly well-formed requests, so the agent's deeper paths (netns, veth, IPAM, rollback) are reached.
+
+    Half use the installed netconf as it is. "lo" is an interface every pod namespace holds: an ADD naming it
+    is refused at the veth, after its lease was taken. The two explicit examples make sure each run has both
+    outcomes to count, however the random draws fall.
+    """
+    outcomes: Counter[str] = Counter()
+
+    @st.composite
+    def requests(draw: st.DrawFn) -> tuple[dict, dict[str, str]]:
+        command = draw(st.sampled_from(["ADD", "ADD", "ADD", "DEL", "CHECK", "GC", "STATUS"]), "command")
+        cid = draw(st.sampled_from(["ske-fz-1", "ske-fz-2"]) | CONTAINER_IDS, "cid")
+        ifname = draw(st.sampled_from(["eth0", "net-a", "lo"]) | IFNAMES, "ifname")
+        env = {**fuzz.rig.env(command, cid, ifname), "CNI_ARGS": draw(st.just("K8S_POD_NAME=p") | ARGS, "args")}
+        netconf = fuzz.rig.netconf() if draw(st.booleans(), "pristine") else {**draw(netconf_strategy(fuzz))}
+        if "cniVersion" in netconf and netconf["cniVersion"] == "1.0.0":
+            netconf["cniVersion"] = draw(st.sampled_from(["0.3.1", "0.4.0", "1.0.0", "1.1.0"]), "version")
+        return netconf, env
+
+    def add(ifname: str) -> tuple[dict, dict[str, str]]:
+        return fuzz.rig.netconf(), {**fuzz.rig.env("ADD", "ske-fz-1", ifname), "CNI_ARGS": "K8S_POD_NAME=p"}
+
+    @FUZZ
+    @given(request=requests())
+    @example(request=add("eth0"))
+    @example(request=add("lo"))
+    def run(request: tuple[dict, dict[str, str]]) -> None:
+        netconf, env = request
+        outcomes[check_one(fuzz, json.dumps(fuzz.confine(dict(netconf))).encode(), env)] += 1
+
+    run()
+    assert outcomes["added"] and outcomes["rolled back"], outcomes

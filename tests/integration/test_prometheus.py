@@ -6,8 +6,11 @@ nodes bind it on their underlay IP), and listens on that namespace's loopback. C
   lab's pods (with the variables set to "All" and to one node/namespace/pod);
 - Prometheus's counters equal what `sknf stats` reports, and the bytes a pod sent over TCP;
 - a deleted pod's series go stale in Prometheus (no leftover series);
+- a frame the kernel really drops (too big for the pod's eth0) is counted, in `sknf stats` and /metrics;
 - with an agent stopped, `sknf stats` on that node still reads the kernel's figures (pinned BPF maps
   or link statistics), including traffic sent while no agent ran.
+
+Both datapaths are asked for explicitly: `datapath: bpf` makes the agents fail rather than fall back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +30,7 @@ from leftovers import assert_lab_gone
 from promserver import Prometheus
 from pyroute2 import netns as pnetns
 
-from sknf import nsutil
+from sknf import netlink, nsutil
 from sknf.lab import METRICS_PORT, Lab, LabNode, bulk, cni_exec, run_chain, who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -37,9 +41,9 @@ RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1 s scrape interval is 
 EXTRA = "skd-extra"  # a pod added and deleted while Prometheus watches
 
 
-@pytest.fixture(scope="module", params=["auto", "kernel"])
+@pytest.fixture(scope="module", params=["bpf", "kernel"])
 def lab(request: pytest.FixtureRequest):
-    """auto: the BPF datapath where this machine runs it; kernel: the fallback (no fast-path share)."""
+    """bpf: the fast path (an agent that cannot load it exits: no quiet fallback); kernel: no fast-path share."""
     with Lab(prefix="skd", nodes=2, pods_per_node=2, datapath=request.param) as lab:
         yield lab
         agents = [n.agent_pid for n in lab.state.nodes]
@@ -52,6 +56,7 @@ def prom(lab: Lab):
     try:
         p.start()
         p.wait_scraped(time.time())
+        assert datapath_mode(p) == lab.state.datapath  # what was asked for, on every node
         yield p
     finally:
         p.stop()
@@ -165,7 +170,7 @@ def test_every_dashboard_query_returns_data(lab: Lab, prom: Prometheus) -> None:
     end = time.time()
 
     dash = json.loads(DASHBOARD.read_text())
-    kernel_mode = datapath_mode(prom) == "kernel"
+    kernel_mode = lab.state.datapath == "kernel"
     pod = lab.state.pods[0]
     checked = 0
     for values in (grafana_variables(".*", ".*", ".*"), grafana_variables(pod.node, "lab", pod.name)):
@@ -199,13 +204,50 @@ def parse_label_values(definition: str) -> tuple[str, str]:
     return m.group(2), m.group(1)
 
 
+def set_mtu(netns: str, mtu: int) -> int:
+    """Set eth0's MTU in netns (a pod may); returns the one it had."""
+    with netlink.route(nsutil.netns_path(netns)) as ipr:
+        link = netlink.link_info(ipr, "eth0")
+        ipr.link("set", index=link["index"], mtu=mtu)
+    return link.get("IFLA_MTU")
+
+
+def eth0_rx_dropped(netns: str) -> int:
+    with netlink.route(nsutil.netns_path(netns)) as ipr:
+        return netlink.link_info(ipr, "eth0").get("IFLA_STATS64")["rx_dropped"]
+
+
+def test_a_real_drop_is_counted_in_stats_and_metrics(lab: Lab, prom: Prometheus) -> None:
+    """The pod shrinks its eth0's MTU; frames from the node bigger than that are dropped by the veth (on the
+    kernel path in both datapaths). Each one must show up as a drop of that pod, in `sknf stats` and /metrics."""
+    node = lab.state.nodes[0]
+    pod = next(p for p in lab.state.pods if p.node == node.name)
+    count = 20
+    before, pod_before = pods_of(node)[pod.name]["drops"], eth0_rx_dropped(pod.netns)
+    mtu = set_mtu(pod.netns, 1000)
+    try:
+        with nsutil.entered(node.netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            for _ in range(count):
+                sock.sendto(b"d" * 1200, (pod.ip, 9))  # fits the bridge (and the host veth), not the pod
+                time.sleep(0.01)
+    finally:
+        set_mtu(pod.netns, mtu)
+    assert eth0_rx_dropped(pod.netns) - pod_before == count  # the pod's own view: all of them were dropped
+    drops = pods_of(node)[pod.name]["drops"]
+    assert drops - before == count
+    prom.wait_scraped(time.time())
+    assert prom_value(prom, "sknf_pod_drops_total", pod.name) == drops
+
+
 def test_stats_with_the_agent_stopped(lab: Lab, prom: Prometheus) -> None:
     """Last test of the module: it stops node 2's agent (a process the lab started for this test).
 
     The kernel keeps counting: BPF programs into their pinned maps, the kernel path into link statistics.
     """
     n2 = lab.state.nodes[1]
-    source = {"bpf": "bpf-pins", "kernel": "kernel-links"}[datapath_mode(prom)]
+    source = {"bpf": "bpf-pins", "kernel": "kernel-links"}[lab.state.datapath]
     sender = next(p for p in lab.state.pods if p.node == n2.name)
     peer = next(p for p in lab.state.pods if p.node != n2.name)
     with_agent = pods_of(n2)
@@ -215,7 +257,7 @@ def test_stats_with_the_agent_stopped(lab: Lab, prom: Prometheus) -> None:
     assert ok, detail
     out = sknf_stats(n2, "-o", "json")
     doc = json.loads(out.stdout)
-    assert doc["source"] == source and doc["datapath"]["mode"] == datapath_mode(prom)
+    assert doc["source"] == source and doc["datapath"]["mode"] == lab.state.datapath
     rows = {p["pod"]: p for p in doc["pods"]}
     assert set(rows) == set(with_agent)
     for name, row in rows.items():

@@ -1,5 +1,5 @@
 """`sknf cleanup` without root: files, the plugin and the Node annotations for real (temp dirs, the API
-emulator); the kernel steps are recorded here and run for real in tests/integration/test_cleanup.py."""
+emulator); the kernel steps are recorded here and run for real in tests/integration/test_node_cleanup.py."""
 
 from __future__ import annotations
 
