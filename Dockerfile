@@ -5,8 +5,19 @@
 #   docker build -t registry.example.com/sknf:0.1.0 . && docker push registry.example.com/sknf:0.1.0
 #
 # Reproducible builds: pin the base by digest as well as tag, e.g.
-#   FROM debian:bookworm-slim@sha256:<digest>   (docker buildx imagetools inspect debian:bookworm-slim)
-FROM debian:bookworm-slim
+#   --build-arg BASE=debian:bookworm-slim@sha256:<digest>   (docker buildx imagetools inspect debian:bookworm-slim)
+ARG BASE=debian:bookworm-slim
+
+# The CNI plugin: a static binary (cni/sknf.c, musl), built in its own stage so that no compiler
+# reaches the image; the agent installs it on the host, which then needs no libc or Python for it.
+FROM ${BASE} AS plugin
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools make \
+ && rm -rf /var/lib/apt/lists/*
+COPY cni/ /src/cni/
+RUN make -C /src/cni OUT=/src/cni_plugin
+
+FROM ${BASE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -28,15 +39,23 @@ RUN apt-get update \
  && cd / && rm -rf /tmp/headers /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
 # Source layout kept as in the repository: the datapath compiles bpf/*.c at start, and the package
-# reaches the plugin through the sknf/cni_plugin symlink to cni/sknf.
+# holds the plugin binary as sknf/cni_plugin (where a checkout's `make -C cni` puts it).
+# PIP_CERT: a CA bundle for pip alone, for a build behind a TLS-intercepting proxy; mount it for the build
+# (podman build -v HOSTFILE:/run/build-ca.crt:ro --build-arg PIP_CERT=/run/build-ca.crt), never copy it in.
+ARG PIP_CERT
 WORKDIR /opt/sknf/src
 COPY pyproject.toml README.md ./
 COPY sknf/ sknf/
 COPY bpf/ bpf/
-COPY cni/ cni/
+COPY --from=plugin /src/cni_plugin sknf/cni_plugin
+# Not needed at run time, so not kept: the Kubernetes client's asyncio twin (kubernetes/aio, 68 MB of the
+# package's 126; sknf uses the synchronous client) and pip itself.
 RUN python3 -m venv --system-site-packages /opt/sknf/venv \
  && /opt/sknf/venv/bin/pip install --editable . \
- && /opt/sknf/venv/bin/python -c "import bcc, sknf.kube, sknf.install; sknf.install.plugin_source()"
+ && site=$(/opt/sknf/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+ && rm -rf "$site/kubernetes/aio" \
+ && /opt/sknf/venv/bin/python -m pip uninstall -y -q pip \
+ && /opt/sknf/venv/bin/python -c "import bcc, kubernetes, sknf.kube, sknf.install; sknf.install.plugin_source()"
 
 COPY scripts/container-entrypoint /usr/local/bin/sknf-entrypoint
 ENTRYPOINT ["/usr/local/bin/sknf-entrypoint"]

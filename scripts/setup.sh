@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine (as root) to build, run and test sknf. Idempotent: rerun at will.
 #  - Debian packages: BCC (the PyPI "bcc" is another project), kernel headers for BCC, iproute2,
-#    iptables, and the tools the lab, tests and benchmarks drive (podman, reference CNI plugins,
-#    iperf3, sockperf, prometheus, busybox).
+#    iptables, and the tools the lab, tests and benchmarks drive (podman, containerd, debootstrap for
+#    the image's base, reference CNI plugins, iperf3, sockperf, prometheus, busybox), and musl-tools,
+#    gcc and make for the static CNI plugin (gcc's sanitizers for its tests).
 #  - /lib/modules/$(uname -r)/{build,source} links to Debian's headers when the running kernel has none.
 #  - .venv made from Debian's python3 with --system-site-packages (so it sees BCC), sknf installed into it.
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables kmod
       iperf3 sockperf podman runc containernetworking-plugins busybox-static prometheus bpftool
-      nftables python3-nftables conntrack)
+      nftables python3-nftables conntrack musl-tools gcc make containerd debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,4 +41,5 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+make -s -C cni  # the static CNI plugin, into the package as sknf/cni_plugin
 echo "setup.sh: ready (.venv/bin/sknf)"

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from sknf import api, cni, ipam, overlay, pod
+from sknf import api, cni, ipam, iptables, overlay, pod
 from sknf.config import Config, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
@@ -69,6 +69,7 @@ class Agent:
         self.pod_cidr = node_pod_cidr(cfg, self.source, self.peers)
         self.store = ipam.Store(cfg.state_dir, self.pod_cidr)
         self.datapath = choose(cfg)
+        self.iptables = iptables.detect()  # once, as kube-proxy's wrapper does: a restart decides alike
         self.node: overlay.NodeOverlay | None = None
         self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
         self.metrics = Metrics(cfg.node_name, self.snapshot)
@@ -90,7 +91,7 @@ class Agent:
             log.info("%s", skipped)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)
         overlay.sync_peer_routes(self.cfg, node, self.peers, self.cfg.node_name)
-        overlay.ensure_rules(self.cfg, node, self.peers)
+        overlay.ensure_rules(self.cfg, node, self.peers, self.iptables)
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
                                          cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
@@ -147,6 +148,7 @@ class Agent:
         node = self.node
         flow_table = getattr(self.datapath, "flow_table", None)  # only the BPF datapath learns flows
         return {"node": self.cfg.node_name, "datapath": {"mode": self.datapath.mode, "reason": self.datapath.reason},
+                "iptables": self.iptables.mode,
                 "pod_cidr": str(self.pod_cidr), "mtu": node.mtu if node else None,
                 "underlay_ip": node.underlay_ip if node else None,
                 "peers": [{"name": p.name, "underlay_ip": p.underlay_ip, "pod_cidr": p.pod_cidr, "mtu": p.mtu}
@@ -170,10 +172,11 @@ class Agent:
         log.info("sknf agent on %s: cluster %s, pod subnet %s, datapath %s%s", self.cfg.node_name,
                  self.cfg.cluster_cidr, self.pod_cidr, self.datapath.mode,
                  f" ({self.datapath.reason})" if self.datapath.reason else "")
+        log.info("iptables backend %s (%s)", self.iptables.mode, self.iptables.reason)
         self.reconcile()  # the first one must succeed: a node without its network must not serve
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
-            "stats": lambda _req: handle_query(self.sampler, self.snapshot()),
+            "stats": lambda _req: {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode},
             "health": self.health_report,
             "logs": lambda _req: {"lines": self.log_buffer.tail()},
         }))

@@ -2,16 +2,18 @@
 
 What runs, all in namespaces this command makes (nothing touches the host's network):
 - sknf: a 1-node lab (`sknf.lab`) whose real agent serves the real plugin; the plugin is exec'd in the
-  node's namespace with a bare environment, as a runtime does;
-- reference: Debian's `bridge` plugin (isGateway, ipMasq; it execs `host-local` with a 0.0.0.0/0 route,
-  its store in a temp dir) in a second node namespace;
+  node's namespace with a bare environment, as a runtime does; one lab per datapath asked for (kernel, bpf);
+- reference: Debian's `bridge` plugin (isGateway; it execs `host-local` with a 0.0.0.0/0 route, its store
+  in a temp dir) in a second node namespace, without ipMasq: the configuration Flannel delegates to, and
+  the fair one, since sknf masquerades with one node-wide rule instead of two rules per pod;
 - N pod namespaces, shared by both (each phase removes every attachment it made).
 Only the first plugin of each network is timed (sknf; bridge with host-local), not sknf's portmap and
 bandwidth chain entries. Rounds interleave both sides (order alternating), each round doing a
 sequential phase (ADD all pods, then DEL all) and a parallel one (the same with W workers). Each
 operation is timed from exec to exit. Reported: p50/p90 per side and the ratios sknf/reference, plus
-where sknf's time goes: the plugin's own start-up (a VERSION exec, which never reaches the agent) and
-the agent's handler time (the mean from its sknf_cni_request_duration_seconds histogram).
+where sknf's time goes: the plugin's own start-up (a VERSION exec, which never reaches the agent, next to
+an exec of /bin/true timed the same way, interleaved) and the agent's handler time (the mean from its
+sknf_cni_request_duration_seconds histogram).
 """
 
 from __future__ import annotations
@@ -127,16 +129,18 @@ def agent_handler_seconds(lab: Lab) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def plugin_start(side: Side, n: int = 30) -> float:
-    """p50 of a VERSION exec: interpreter start, plugin import and JSON, without the agent."""
+def plugin_start(side: Side, n: int = 200) -> tuple[float, float]:
+    """p50 of a VERSION exec (the plugin's own start to exit, without the agent) and of /bin/true exec'd
+    the same way, interleaved so both see the same load."""
     netconf = json.dumps({"cniVersion": "1.0.0"}).encode()
-    times = []
+    times: dict[str, list[float]] = {str(side.plugin): [], "/bin/true": []}
     for _ in range(n):
-        started = time.perf_counter()
-        subprocess.run([str(side.plugin)], input=netconf, env={"CNI_COMMAND": "VERSION", "PATH": BARE_PATH},
-                       capture_output=True, check=True)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for binary, samples in times.items():
+            started = time.perf_counter()
+            subprocess.run([binary], input=netconf, env={"CNI_COMMAND": "VERSION", "PATH": BARE_PATH},
+                           capture_output=True, check=True)
+            samples.append(time.perf_counter() - started)
+    return statistics.median(times[str(side.plugin)]), statistics.median(times["/bin/true"])
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def namespaces(names: list[str]) -> Iterator[None]:
 
 def reference_netconf(data_dir: Path) -> dict:
     return {"cniVersion": "1.0.0", "name": "skbench-ref", "type": "bridge", "bridge": "refbr0",
-            "isGateway": True, "ipMasq": True,
+            "isGateway": True, "ipMasq": False,
             "ipam": {"type": "host-local", "ranges": [[{"subnet": REFERENCE_SUBNET}]],
                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(data_dir)}}
 
@@ -167,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=8, help="runtime workers in the parallel phase")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (order alternates)")
     parser.add_argument("--prefix", default="sknf-bench", help="name prefix of every namespace this makes")
+    parser.add_argument("--datapath", default="kernel,bpf", help="comma-separated datapaths, one lab each")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,11 +181,23 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.pods <= 250 or args.parallel < 1 or args.rounds < 1:
         print("sknf bench cni: --pods 1-250, --parallel and --rounds at least 1", file=sys.stderr)
         return 2
+    datapaths = args.datapath.split(",")
+    if not set(datapaths) <= {"kernel", "bpf"}:
+        print("sknf bench cni: --datapath takes kernel, bpf or both", file=sys.stderr)
+        return 2
+    for datapath in datapaths:
+        code = run_one(args, datapath)
+        if code:
+            return code
+    return 0
+
+
+def run_one(args: argparse.Namespace, datapath: str) -> int:
     pods = [f"{args.prefix}-p{i}" for i in range(args.pods)]
     ref_node = f"{args.prefix}-ref"
     work = Path(tempfile.mkdtemp(prefix=f"{args.prefix}-"))
     try:
-        with Lab(prefix=args.prefix, nodes=1, pods_per_node=1, datapath="kernel") as lab, \
+        with Lab(prefix=args.prefix, nodes=1, pods_per_node=1, datapath=datapath) as lab, \
                 namespaces([ref_node, *pods]):
             node = lab.state.nodes[0]
             conflist = lab.conflist(node)
@@ -200,20 +217,28 @@ def run(args: argparse.Namespace) -> int:
                             acc = agent.setdefault((phase, verb), [0.0, 0.0])
                             acc[0], acc[1] = acc[0] + total - was[0], acc[1] + count - was[1]
             start = plugin_start(sknf)
+            mode = lab_datapath(lab)
     except (BenchError, LabError) as e:
         print(f"sknf bench cni: {e}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(sknf, reference, args, start, agent)
+    report(sknf, reference, args, start, agent, mode)
     return 0
 
 
-def report(sknf: Side, ref: Side, args: argparse.Namespace, start: float,
-           agent: dict[tuple[str, str], list[float]]) -> None:
+def lab_datapath(lab: Lab) -> str:
+    """The datapath the agent actually runs (bpf falls back to kernel when BCC cannot compile)."""
+    text = (lab.node_dir(lab.state.nodes[0].name) / "agent.log").read_text(errors="replace")
+    found = re.search(r"sknf agent on .* datapath (\w+)", text)
+    return found.group(1) if found else "?"
+
+
+def report(sknf: Side, ref: Side, args: argparse.Namespace, start: tuple[float, float],
+           agent: dict[tuple[str, str], list[float]], datapath: str) -> None:
     ms = 1000
-    print(f"sknf bench cni: {args.pods} pods x {args.rounds} rounds, parallel phase with {args.parallel} workers; "
-          "per-operation latency from exec to exit, ms")
+    print(f"sknf bench cni, {datapath} datapath: {args.pods} pods x {args.rounds} rounds, parallel phase with "
+          f"{args.parallel} workers; per-operation latency from exec to exit, ms")
     print(f"{'phase':<11} {'verb':<4} {'sknf p50':>9} {'p90':>7} {'ref p50':>8} {'p90':>7} {'ratio p50':>10} "
           f"{'ratio p90':>10} {'sknf agent mean':>16}")
     for phase in ("sequential", "parallel"):
@@ -228,5 +253,6 @@ def report(sknf: Side, ref: Side, args: argparse.Namespace, start: float,
         s, r = statistics.median(sknf.walls[phase]), statistics.median(ref.walls[phase])
         print(f"{phase} ADD+DEL of all pods (median of rounds): sknf {s:.2f} s, reference {r:.2f} s, "
               f"ratio {s / r:.2f}; sknf {2 * args.pods / s:.0f} ops/s")
-    print(f"sknf plugin start-up alone (VERSION exec, no agent): p50 {start * ms:.1f} ms; the agent column is the "
-          "handler's own time (sknf_cni_request_duration_seconds); the rest is socket, JSON and scheduling")
+    print(f"sknf plugin start-up alone (VERSION exec, no agent): p50 {start[0] * ms:.2f} ms, /bin/true exec'd the same "
+          f"way {start[1] * ms:.2f} ms ({(start[0] - start[1]) * ms:+.2f} ms); the agent column is the handler's own "
+          "time (sknf_cni_request_duration_seconds); the rest is socket, JSON and scheduling")

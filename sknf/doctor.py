@@ -192,10 +192,14 @@ def check_bpffs(ctx: Context) -> Finding:
     return Finding("bpffs", OK, f"mounted, {len(wanted)} pins under {pin_dir}")
 
 
-def iptables_backend() -> str:
-    """The backend `iptables` (what sknf runs) uses: "nft" or "legacy"."""
-    proc = _run(["iptables", "-V"])
-    return "legacy" if proc is not None and "legacy" in proc.stdout else "nft"
+def iptables_backend(ctx: Context) -> str:
+    """The backend sknf's rules are in ("nft" or "legacy"): the running agent's choice, else what an agent
+    starting now would detect."""
+    if ctx.agent is not None and ctx.agent.get("iptables"):
+        return ctx.agent["iptables"]
+    from sknf import iptables
+
+    return iptables.detect().mode
 
 
 def _backend_has_tables(backend: str, ctx: Context) -> bool:
@@ -263,7 +267,7 @@ def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
 def check_forward(ctx: Context) -> Finding:
     from sknf.iptables import FORWARD_CHAIN
 
-    ours = iptables_backend()
+    ours = iptables_backend(ctx)
     cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
     problems: list[tuple[str, str]] = []
     for backend in ("nft", "legacy"):
@@ -397,7 +401,7 @@ def check_sknf_rules(ctx: Context) -> Finding:
 
     assert ctx.cfg is not None
     cidr = str(ctx.cfg.cluster_cidr)
-    ours = iptables_backend()
+    ours = iptables_backend(ctx)
     missing = []
     for table, parent, chain in JUMPS:
         got = chain_rules(ours, table, chain)

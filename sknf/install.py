@@ -4,10 +4,11 @@ The conflist says cniVersion 1.0.0 although the plugin speaks 1.1.0: runtimes pi
 version a conflist names, and podman 4.3 cannot parse 1.1.0 results while Debian's portmap
 (plugins 1.1.1) refuses 1.1.0 conflists. Runtimes that speak 1.1 still get STATUS/GC answered.
 
-The plugin has one source, `cni/sknf`; the package reaches it through the `sknf/cni_plugin`
-symlink, which setuptools turns into a regular file in wheels, so a checkout and an installed
-package find it the same way. Both files are replaced atomically: a runtime exec'ing the plugin
-or reading the directory mid-install sees the old file or the new one.
+The plugin is a static binary built from `cni/sknf.c` into the package as `sknf/cni_plugin`
+(`make -C cni`: scripts/setup.sh and the image build run it), so a checkout and an installed
+package find it the same way and the host needs nothing to run it. Both files are replaced
+atomically: a runtime exec'ing the plugin or reading the directory mid-install sees the old file
+or the new one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,16 @@ NETWORK_NAME = "sknf"
 PLUGIN_NAME = "sknf"  # the conflist's "type" and the executable's file name
 
 
+class PluginMissing(RuntimeError):
+    """The package holds no plugin binary: a checkout whose `make -C cni` never ran."""
+
+
 def plugin_source() -> bytes:
-    return resources.files("sknf").joinpath("cni_plugin").read_bytes()
+    try:
+        return resources.files("sknf").joinpath("cni_plugin").read_bytes()
+    except FileNotFoundError:
+        raise PluginMissing("the CNI plugin binary sknf/cni_plugin is missing: build it with `make -C cni` "
+                            "(needs musl-gcc, Debian's musl-tools; scripts/setup.sh does both)") from None
 
 
 def render_conflist(cfg: Config) -> dict[str, Any]:
@@ -79,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     cfg = dataclasses.replace(cfg, cni_bin_dir=args.bin_dir or cfg.cni_bin_dir,
                               cni_conf_dir=args.conf_dir or cfg.cni_conf_dir)
-    paths = uninstall(cfg) if args.uninstall else install(cfg)
+    try:
+        paths = uninstall(cfg) if args.uninstall else install(cfg)
+    except PluginMissing as e:
+        print(f"sknf install-cni: {e}", file=sys.stderr)
+        return 1
     for path in paths:
         print(f"{'removed' if args.uninstall else 'wrote'} {path}")
     return 0

@@ -16,12 +16,21 @@ RETURNed to INPUT, whose own policy still applies to them.
 Each chain is rewritten whole and atomically with `iptables-restore --noflush` (declaring a chain
 flushes it) only when its rules differ; the jumps are checked with -C and inserted once. Commands
 are argv lists, never shell strings; -w waits for the xtables lock other agents (kube-proxy) hold.
+
+The backend: a host's firewall lives in iptables-legacy (x_tables) or in nf_tables (iptables-nft);
+both hook FORWARD, and a DROP policy in one is not undone by an ACCEPT in the other, so sknf's rules
+must go where the host's are. `detect()` follows kube-proxy's iptables-wrapper: the backend holding
+kubelet's/kube-proxy's chains (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY, any KUBE-*; nft checked
+first); when neither does, the one with more rules plus non-ACCEPT built-in policies (sknf's own
+chains not counted, so a restart decides as the first start did); a tie (an empty host) is nft.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 FORWARD_CHAIN = "SKNF-FORWARD"
 NAT_CHAIN = "SKNF-POSTROUTING"
@@ -32,6 +41,59 @@ COMMENT = ["-m", "comment", "--comment", "sknf"]
 
 class IptablesError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One iptables binary family: `legacy` (x_tables) or `nft` (nf_tables), and why it was chosen."""
+
+    mode: str
+    reason: str = ""
+
+    @property
+    def iptables(self) -> str:
+        return f"iptables-{self.mode}"
+
+    @property
+    def restore(self) -> str:
+        return f"iptables-{self.mode}-restore"
+
+    @property
+    def save(self) -> str:
+        return f"iptables-{self.mode}-save"
+
+
+MODES = ("nft", "legacy")  # kube-proxy's wrapper looks at nft first
+KUBE_HINTS = (":KUBE-IPTABLES-HINT", ":KUBE-KUBELET-CANARY", ":KUBE-")
+
+
+def _weight(save_output: str) -> tuple[bool, int]:
+    """(holds kube chains, rules + non-ACCEPT built-in policies) of one backend's iptables-save, sknf's excluded."""
+    lines = save_output.splitlines()
+    kube = any(line.startswith(KUBE_HINTS) for line in lines)
+    rules = sum(1 for line in lines if line.startswith("-A ") and not line.startswith("-A SKNF-")
+                and "--comment sknf" not in line)
+    policies = sum(1 for line in lines if line.startswith(":") and line.split()[1] not in ("ACCEPT", "-"))
+    return kube, rules + policies
+
+
+def detect() -> Backend:
+    """The backend the host's firewall lives in (see the module docstring for the rule)."""
+    seen: dict[str, tuple[bool, int]] = {}
+    for mode in MODES:
+        binary = Backend(mode).save
+        if shutil.which(binary) is None:
+            continue
+        proc = subprocess.run([binary], capture_output=True, text=True, timeout=10, check=False)
+        seen[mode] = _weight(proc.stdout) if proc.returncode == 0 else (False, 0)
+    if not seen:
+        raise IptablesError("neither iptables-nft-save nor iptables-legacy-save is installed")
+    counts = ", ".join(f"{m} {n} rules/policies{' + KUBE chains' * k}" for m, (k, n) in seen.items())
+    for mode, (kube, _) in seen.items():
+        if kube:
+            return Backend(mode, f"kube-proxy's chains are there; {counts}")
+    mode = max(seen, key=lambda m: (seen[m][1], m == "nft"))
+    return Backend(mode, f"no KUBE-* chains; {counts}" + ("; empty host: nft" if not seen[mode][1] else ""))
 
 
 def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -60,9 +122,9 @@ def desired_rules(cluster_cidr: str, node_ips: Iterable[str], masquerade: bool, 
     return {FORWARD_CHAIN: forward, NAT_CHAIN: nat, INPUT_CHAIN: overlay}
 
 
-def _current(table: str, chain: str) -> list[str] | None:
+def _current(backend: Backend, table: str, chain: str) -> list[str] | None:
     """The chain's rules as `iptables -S` prints them, or None if the chain does not exist."""
-    proc = _run(["iptables", "-w", "-t", table, "-S", chain], check=False)
+    proc = _run([backend.iptables, "-w", "-t", table, "-S", chain], check=False)
     if proc.returncode != 0:
         return None
     return [line for line in proc.stdout.splitlines() if line.startswith("-A ")]
@@ -73,28 +135,32 @@ def _as_printed(chain: str, rules: list[list[str]]) -> list[str]:
     return [" ".join(["-A", chain, *r]) for r in rules]
 
 
-def ensure(cluster_cidr: str, node_ips: Iterable[str], masquerade: bool = True, peer_ips: Iterable[str] = (),
-           vxlan_port: int = 4789) -> bool:
-    """Reconcile every chain and its jump; True if anything was changed."""
+def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquerade: bool = True,
+           peer_ips: Iterable[str] = (), vxlan_port: int = 4789) -> bool:
+    """Reconcile every chain and its jump in the host's backend; True if anything was changed."""
     changed = False
     wanted = desired_rules(cluster_cidr, node_ips, masquerade, peer_ips, vxlan_port)
     for table, parent, chain in JUMPS:
         rules = wanted[chain]
-        if _current(table, chain) != _as_printed(chain, rules):
+        if _current(backend, table, chain) != _as_printed(chain, rules):
             body = "\n".join([f"*{table}", f":{chain} - [0:0]", *_as_printed(chain, rules), "COMMIT", ""])
-            _run(["iptables-restore", "-w", "--noflush"], stdin=body)
+            _run([backend.restore, "-w", "--noflush"], stdin=body)
             changed = True
         jump = [parent, *COMMENT, "-j", chain]
-        if _run(["iptables", "-w", "-t", table, "-C", *jump], check=False).returncode != 0:
-            _run(["iptables", "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
+        if _run([backend.iptables, "-w", "-t", table, "-C", *jump], check=False).returncode != 0:
+            _run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
             changed = True
     return changed
 
 
-def teardown() -> None:
-    """Remove the jumps and the chains; missing ones are fine (uninstall, tests, mode switches)."""
-    for table, parent, chain in JUMPS:
-        while _run(["iptables", "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain], check=False).returncode == 0:
-            pass
-        _run(["iptables", "-w", "-t", table, "-F", chain], check=False)
-        _run(["iptables", "-w", "-t", table, "-X", chain], check=False)
+def teardown(backend: Backend | None = None) -> None:
+    """Remove the jumps and the chains from one backend, or from every installed one (uninstall: the
+    backend the agent chose is not recorded, and sknf's chains are its own in either); missing ones are
+    fine (uninstall, tests, mode switches)."""
+    for b in [backend] if backend else [Backend(m) for m in MODES if shutil.which(Backend(m).iptables)]:
+        for table, parent, chain in JUMPS:
+            while _run([b.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain],
+                       check=False).returncode == 0:
+                pass
+            _run([b.iptables, "-w", "-t", table, "-F", chain], check=False)
+            _run([b.iptables, "-w", "-t", table, "-X", chain], check=False)

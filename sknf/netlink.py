@@ -20,6 +20,7 @@ from sknf import nsutil
 ZERO_MAC = "00:00:00:00:00:00"
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+LOOPBACK_IFINDEX = 1  # the kernel's: every namespace's loopback is registered first, as index 1
 IFALIAS_MAX = 255  # IFALIASZ (256) less the terminating NUL
 
 
@@ -63,9 +64,9 @@ def link_kind(link) -> str | None:
     return info.get("IFLA_INFO_KIND") if info else None
 
 
-def delete_link(ipr: IPRoute, ifname: str) -> bool:
-    """Delete ifname if present; True if something was deleted."""
-    idx = link_index(ipr, ifname)
+def delete_link(ipr: IPRoute, ifname: str, index: int | None = None) -> bool:
+    """Delete ifname if present; True if something was deleted. `index`: the caller already looked it up."""
+    idx = index or link_index(ipr, ifname)
     if idx is None:
         return False
     try:
@@ -245,14 +246,20 @@ def sync_host_routes(ipr: IPRoute, table: int, oif: int, wanted: dict[str, str])
 
 
 def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: str, mtu: int,
-                peer_mac: str | None = None) -> int:
-    """A veth pair with one end already inside the pod's namespace; returns the host end's index."""
+                peer_mac: str | None = None, master: int | None = None, host_mac: str | None = None) -> int:
+    """A veth pair with one end already inside the pod's namespace; returns the host end's index.
+
+    With `master`, the host end is created already a port of that bridge and up, in the same request
+    (each pyroute2 request costs about a millisecond of Python; a pod ADD is mostly requests)."""
     peer = {"ifname": peer_ifname, "net_ns_fd": os.open(peer_netns, os.O_RDONLY), "mtu": mtu}
     if peer_mac:
         peer["address"] = peer_mac
+    host: dict = {"master": master, "state": "up"} if master else {}
+    if host_mac:
+        host["address"] = host_mac
     fd = peer["net_ns_fd"]
     try:
-        ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer)
+        ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer, **host)
     finally:
         os.close(fd)
     return link_index(ipr, host_ifname)
@@ -261,9 +268,7 @@ def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: st
 def configure_pod_interface(pod: IPRoute, ifname: str, ip: str, prefixlen: int, gateway: str) -> None:
     """Address, link up, loopback up, and the default route unless the pod has one (a second
     interface from a chained or meta plugin keeps the first one's default route)."""
-    lo = link_index(pod, "lo")
-    if lo is not None:
-        pod.link("set", index=lo, state="up")
+    pod.link("set", index=LOOPBACK_IFINDEX, state="up")
     idx = link_index(pod, ifname)
     pod.addr("add", index=idx, address=ip, prefixlen=prefixlen)
     pod.link("set", index=idx, state="up")

@@ -196,11 +196,12 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
         netlink.sync_host_routes(ipr, PEER_ROUTE_TABLE, node.bridge_ifindex, wanted)
 
 
-def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node]) -> bool:
-    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers."""
+def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node], backend: iptables.Backend | None = None) -> bool:
+    """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers; in
+    the host's iptables backend (the agent detects it once at start; detected here when not given)."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
-    return iptables.ensure(str(cfg.cluster_cidr), node_ips, cfg.masquerade, node_ips - {node.underlay_ip},
-                           cfg.vxlan_port)
+    return iptables.ensure(backend or iptables.detect(), str(cfg.cluster_cidr), node_ips, cfg.masquerade,
+                           node_ips - {node.underlay_ip}, cfg.vxlan_port)
 
 
 def teardown() -> None:

@@ -42,6 +42,11 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return HOST_VETH_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
+def host_veth_mac(container_id: str, ifname: str) -> str:
+    """The host end's MAC, chosen up front as the pod's is (so the result needs no lookup)."""
+    return pod_mac(f"host/{container_id}", ifname)
+
+
 def pod_mac(container_id: str, ifname: str) -> str:
     """The pod interface's MAC, chosen up front so the lease is written once, complete.
 
@@ -164,9 +169,13 @@ def add(net: PodNetwork, req: Request) -> dict:
                                    req.netns)
         undo.callback(net.store.release, req.container_id, req.ifname)
 
-        # 2. The veth pair, pod end created directly inside the pod's namespace.
+        # 2. The veth pair, pod end created directly inside the pod's namespace, host end created on the
+        #    bridge and up, in one request (the pod's end stays down until step 3; the kernel datapath's
+        #    source validation lets nothing through from a host veth it has not attached in step 5).
+        host_mac = host_veth_mac(req.container_id, req.ifname)
         try:
-            host_index = netlink.create_veth(ipr, host_ifname, req.ifname, req.netns, node.mtu, peer_mac=mac)
+            host_index = netlink.create_veth(ipr, host_ifname, req.ifname, req.netns, node.mtu, peer_mac=mac,
+                                             master=node.bridge_ifindex, host_mac=host_mac)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 raise CniError(ALREADY_EXISTS, f"interface {req.ifname} or {host_ifname} already exists") from None
@@ -183,10 +192,7 @@ def add(net: PodNetwork, req: Request) -> dict:
         with netlink.route(req.netns) as pod:
             netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
 
-        # 4. The host end joins the bridge.
-        netlink.set_port(ipr, host_index, node.bridge_ifindex)
-
-        # 5. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
+        # 4. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
         # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
         if req.bandwidth is not None:
             with net.datapath_lock:
@@ -194,7 +200,7 @@ def add(net: PodNetwork, req: Request) -> dict:
                 undo.callback(shaping.forget, ipr, net.cfg.state_dir, host_ifname)
                 shaping.ensure(ipr, host_ifname, host_index, req.bandwidth, node.mtu)
 
-        # 6. Source validation, fast path and counters; the container's other attachments are allowed
+        # 5. Source validation, fast path and counters; the container's other attachments are allowed
         #    this address too.
         siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
         endpoint = endpoint_of(lease, host_index, siblings, req.bandwidth)
@@ -207,7 +213,7 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         result = build_result(
             req.cni_version,
-            interfaces=[{"name": host_ifname, "mac": ipr.link("get", index=host_index)[0].get("IFLA_ADDRESS")},
+            interfaces=[{"name": host_ifname, "mac": host_mac},
                         {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
             ips=[{"address": f"{lease.ip}/{prefixlen}", "gateway": node.gateway_ip, "interface": 1}],
             routes=[{"dst": "0.0.0.0/0", "gw": node.gateway_ip}],
@@ -228,8 +234,9 @@ def delete(net: PodNetwork, req: Request) -> None:
                 with net.datapath_lock:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
-            netlink.delete_link(ipr, host_ifname)
-            shaping.forget(ipr, net.cfg.state_dir, host_ifname)
+            netlink.delete_link(ipr, host_ifname, host_index)
+            if shaping.recorded(net.cfg.state_dir, host_ifname):  # else no ifb: two lookups saved per DEL
+                shaping.forget(ipr, net.cfg.state_dir, host_ifname)
             net.store.release(req.container_id, req.ifname)
             if lease is not None:
                 with net.datapath_lock:  # its other attachments may no longer send from this address

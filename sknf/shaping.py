@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,8 +175,10 @@ def _redirect_target(ipr: IPRoute, host_index: int) -> int | None:
 
 
 def _delete_redirect(ipr: IPRoute, host_index: int) -> None:
+    """By the filter's whole tcm_info (priority, protocol): given the priority alone pyroute2 sends 0, and
+    the kernel then flushes the hook, sknf's BPF program (source validation, counters) included."""
     try:
-        ipr.tc("del-filter", index=host_index, parent=tc.INGRESS, prio=FILTER_PRIO)
+        ipr.tc("del-filter", index=host_index, parent=tc.INGRESS, info=FILTER_PRIO << 16 | socket.htons(ETH_P_ALL))
     except NetlinkError as e:
         if e.code not in _GONE:
             raise
@@ -189,6 +192,11 @@ def _record_path(state_dir: Path, host_ifname: str) -> Path:
 
 def save_record(state_dir: Path, host_ifname: str, bw: Bandwidth) -> None:
     atomic_write(_record_path(state_dir, host_ifname), json.dumps(bw.to_json()).encode(), mode=0o600)
+
+
+def recorded(state_dir: Path, host_ifname: str) -> bool:
+    """Whether the attachment was shaped: ADD writes the record before it makes an ifb or qdisc."""
+    return _record_path(state_dir, host_ifname).exists()
 
 
 def remove_record(state_dir: Path, host_ifname: str) -> None:

@@ -406,12 +406,13 @@ def summary(reply: dict[str, Any]) -> str:
     span = reply.get("rate_interval")
     rates = f"rates over {span:.1f} s" if span else "no rates yet (one sample)"
     peers = f"  peers {reply['overlay_peers']}" if reply["source"] == "agent" else ""
+    firewall = f"  iptables {reply['iptables']}" if reply.get("iptables") else ""
     flows = ""
     if ft := reply.get("flows"):
         held = " FULL: all pod traffic on the kernel path" if ft["full"] else " (seeding)" if ft["syncing"] else ""
         flows = f"  flows {ft['entries']}/{ft['capacity']}{held}"
     return (f"node {reply['node']}  datapath {mode}  pods {len(reply['pods'])}"
-            f"  ipam {ipam['allocated']}/{ipam['capacity']}{peers}{flows}  source {reply['source']}  {rates}")
+            f"  ipam {ipam['allocated']}/{ipam['capacity']}{peers}{firewall}{flows}  source {reply['source']}  {rates}")
 
 
 def render_table(reply: dict[str, Any], wide: bool, headers: bool = True) -> str:

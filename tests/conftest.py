@@ -10,6 +10,7 @@ no skip markers are added, and any skip a test raises itself (pytest.skip, impor
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CNI plugin binary if its source changed (`make` is a no-op otherwise): the tests and the
+    lab's agents install sknf/cni_plugin, and a stale one would test old code. A failed build shows here;
+    the tests that need the binary then fail with install.PluginMissing."""
+    proc = subprocess.run(["make", "-s", "-C", str(REPO / "cni")], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        print(f"conftest: building the CNI plugin failed:\n{proc.stdout}{proc.stderr}", file=sys.stderr)
 
 
 def _has_bcc() -> bool:

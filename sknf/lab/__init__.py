@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class LabState:
     extra_services: int = 0  # ClusterIPs beyond the lab's own, for a realistic rule count
     kube_proxy: str = "iptables"
     server_pid: int = 0
+    agent_image: str = ""  # run each agent from this image (podman) instead of the checkout
 
 
 # -- the underlay ---------------------------------------------------------------------------------
@@ -133,7 +135,10 @@ class Lab:
     """Build, check and tear down the simulated cluster; usable as a context manager in tests."""
 
     def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
-                 extra_services: int = 0, kube_proxy: str = "iptables") -> None:
+                 extra_services: int = 0, kube_proxy: str = "iptables", agent_image: str = "",
+                 node_setup: Sequence[Sequence[str]] = ()) -> None:
+        """node_setup: commands run in every node's namespace before its agent starts (a host's own
+        firewall, say); agent_image: an sknf image whose agent (and plugin) the nodes run, via podman."""
         if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
             raise LabError("nodes must be 1-50 and pods per node 1-60")
         self.prefix = prefix
@@ -141,7 +146,9 @@ class Lab:
             raise LabError(f"kube-proxy mode must be one of {', '.join(kubeproxy.MODES)}")
         self.n_nodes, self.n_pods = nodes, pods_per_node
         self.root = ROOT / prefix
-        self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy)
+        self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy,
+                              agent_image=agent_image)
+        self.node_setup = [list(argv) for argv in node_setup]
 
     # paths and names
     @property
@@ -182,6 +189,7 @@ class Lab:
         lab = cls(prefix=prefix, datapath=raw["datapath"])
         lab.state = LabState(prefix=prefix, datapath=raw["datapath"], extra_services=raw["extra_services"],
                              kube_proxy=raw["kube_proxy"], server_pid=raw["server_pid"],
+                             agent_image=raw.get("agent_image", ""),
                              nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]],
                              shaped=[LabPod(**p) for p in raw["shaped"]])
         return lab
@@ -208,6 +216,9 @@ class Lab:
             self._node(i)
         self._write_peers()
         for node in self.state.nodes:
+            for argv in self.node_setup:
+                subprocess.run(argv, preexec_fn=nsutil.preexec_enter(node.netns), check=True, capture_output=True,
+                               timeout=60)
             self._start_agent(node)
         for node in self.state.nodes:
             self._wait_ready(node)
@@ -283,12 +294,32 @@ class Lab:
         tmp.write_text(yaml.safe_dump(doc))
         tmp.replace(self.root / "peers.yaml")
 
+    def _agent_container(self, node: LabNode) -> str:
+        return f"{self.prefix}-{node.name}-agent"
+
+    def _agent_argv(self, node: LabNode) -> list[str]:
+        """The checkout's agent; or the image's, run in the foreground by podman (which forwards SIGTERM),
+        so the lab stops either by its PID. The pin directory is the lab's own and fresh: BCC compiles
+        inside the image, against the host's headers (mounted under /host, linked by the entrypoint)."""
+        if not self.state.agent_image:
+            return [sys.executable, "-m", "sknf", "agent", "-c", node.config]
+        volumes = ["/sys/fs/bpf:/sys/fs/bpf", "/lib/modules:/host/lib/modules:ro", "/usr/src:/host/usr/src:ro",
+                   "/run/netns:/run/netns:rslave", f"{self.root}:{self.root}"]
+        return ["podman", "run", "--rm", "--name", self._agent_container(node), "--runtime", "runc",
+                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--privileged",
+                "--network", f"ns:{nsutil.netns_path(node.netns)}", *(f"--volume={v}" for v in volumes),
+                self.state.agent_image, "agent", "--config", node.config]
+
+    def _remove_agent_container(self, node: LabNode) -> None:
+        if self.state.agent_image:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", self._agent_container(node)], capture_output=True,
+                           timeout=120, check=False)
+
     def _start_agent(self, node: LabNode) -> None:
         log = open(self.node_dir(node.name) / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen([sys.executable, "-m", "sknf", "agent", "-c", node.config], stdin=subprocess.DEVNULL,
-                                stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=nsutil.preexec_enter(node.netns),
-                                start_new_session=True, cwd=str(REPO))
+        enter = None if self.state.agent_image else nsutil.preexec_enter(node.netns)  # podman joins it itself
+        proc = subprocess.Popen(self._agent_argv(node), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=enter, start_new_session=True, cwd=str(REPO))
         log.close()
         node.agent_pid = proc.pid
         self.save()
@@ -296,6 +327,7 @@ class Lab:
     def stop_agent(self, node: LabNode, sig: int = signal.SIGTERM) -> None:
         """Stop the node's agent by its PID: SIGTERM as kubelet does, SIGKILL for a crash (both are reaped)."""
         _stop(node.agent_pid, sig)
+        self._remove_agent_container(node)
 
     def restart_agent(self, node: LabNode, sig: int = signal.SIGTERM) -> None:
         """Stop the node's agent (if it still runs) and start a new one as `up` does; wait until it serves."""
@@ -400,6 +432,8 @@ class Lab:
             _remove_netns(pod.netns)
         for pid in [self.state.server_pid] + [n.agent_pid for n in self.state.nodes]:
             _stop(pid)
+        for node in self.state.nodes:
+            self._remove_agent_container(node)
         for node in self.state.nodes:
             with contextlib.suppress(OSError):
                 subprocess.run([sys.executable, "-m", "sknf", "cleanup", "-c", node.config],
@@ -677,6 +711,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--services", type=int, default=0, help="extra ClusterIP services (rule count realism)")
     parser.add_argument("--kube-proxy", choices=kubeproxy.MODES, default="iptables",
                         help="the Service NAT kube-proxy would program: its iptables or its nftables mode")
+    parser.add_argument("--agent-image", default="", metavar="IMAGE",
+                        help="run the nodes' agents (and so their plugin) from this sknf image, with podman")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -691,7 +727,8 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "check":
             lab = Lab.load(args.prefix)
             return 0 if print_matrix(lab.check()) else 1
-        lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy)
+        lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy,
+                  args.agent_image)
         if args.action == "up":
             try:
                 lab.up()

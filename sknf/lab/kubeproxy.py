@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import nftables
 
-from sknf import nsutil
+from sknf import iptables, nsutil
 
 MODES = ("iptables", "nftables")
 MASQ_MARK = 0x4000
@@ -149,24 +149,27 @@ def install(netns: str, mode: str, services: list[Service], node: str) -> None:
         raise ValueError(f"kube-proxy mode must be one of {', '.join(MODES)}, not {mode!r}")
     remove(netns)
     if mode == "iptables":
-        _iptables(netns, ["iptables-restore", "-w", "--noflush"], iptables_rules(services, node))
+        with nsutil.entered(netns):
+            backend = iptables.detect()  # the host's backend, as kube-proxy's iptables-wrapper picks it
+        _iptables(netns, [backend.restore, "-w", "--noflush"], iptables_rules(services, node))
         for parent, chain in IPT_JUMPS:
-            _iptables(netns, ["iptables", "-w", "-t", "nat", "-A", parent, "-j", chain])
+            _iptables(netns, [backend.iptables, "-w", "-t", "nat", "-A", parent, "-j", chain])
     else:
         run_nft(netns, nftables_ruleset(services, node))
 
 
 def remove(netns: str) -> None:
-    """Both modes' rules gone from the node (missing ones are fine)."""
-    for parent, chain in IPT_JUMPS:
-        while _iptables(netns, ["iptables", "-w", "-t", "nat", "-D", parent, "-j", chain], check=False) == 0:
-            pass
-    listed = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=False,
-                            preexec_fn=nsutil.preexec_enter(netns)).stdout.splitlines()
-    ours = [line.split()[1] for line in listed if line.startswith("-N KUBE-")]
-    for flag in ("-F", "-X"):
-        for chain in ours:
-            _iptables(netns, ["iptables", "-w", "-t", "nat", flag, chain], check=False)
+    """Both modes' rules gone from the node, from either iptables backend (missing ones are fine)."""
+    for binary in (iptables.Backend(mode).iptables for mode in iptables.MODES):
+        for parent, chain in IPT_JUMPS:
+            while _iptables(netns, [binary, "-w", "-t", "nat", "-D", parent, "-j", chain], check=False) == 0:
+                pass
+        listed = subprocess.run([binary, "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=False,
+                                preexec_fn=nsutil.preexec_enter(netns)).stdout.splitlines()
+        ours = [line.split()[1] for line in listed if line.startswith("-N KUBE-")]
+        for flag in ("-F", "-X"):
+            for chain in ours:
+                _iptables(netns, [binary, "-w", "-t", "nat", flag, chain], check=False)
     tables = run_nft(netns, {"nftables": [{"list": {"tables": {"family": "ip"}}}]})
     if any(t.get("table", {}).get("name") == NFT_TABLE for t in tables):
         run_nft(netns, {"nftables": [{"delete": {"table": {"family": "ip", "name": NFT_TABLE}}}]})

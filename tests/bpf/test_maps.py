@@ -54,6 +54,12 @@ def test_structs_mirror_what_bcc_generates(node: Node, bcc) -> None:
     assert layout(bpfmaps.Config) == layout(bcc[b"config"].Leaf)
     assert layout(bpfmaps.FlowKey) == layout(bcc[b"kernel_flows"].Key)
     assert layout(bpfmaps.FlowState) == layout(bcc[b"kernel_flows"].Leaf)
+    assert layout(bpfmaps.MacKey) == layout(bcc[b"local_macs"].Key)
+    assert layout(bpfmaps.PodIdentity) == layout(bcc[b"pod_identity"].Leaf)
+    assert layout(bpfmaps.SourceKey) == layout(bcc[b"pod_sources"].Key)
+    assert layout(bpfmaps.PodIdentity) == layout(bcc[b"pod_sources"].Leaf)
+    assert ctypes.sizeof(bpfmaps.RefusedValues) == ctypes.sizeof(bcc[b"pod_refused"].sLeaf)  # packets[reason]
+    assert ctypes.sizeof(bcc[b"flow_guard"].Leaf) == ctypes.sizeof(ctypes.c_uint64)
     with pytest.raises(bpfmaps.LayoutMismatch):  # a map read as the wrong struct fails, never misreads
         bpfmaps.read_map(bcc[b"pod_counters"].map_fd, ctypes.c_uint32, bpfmaps.EndpointInfo)
 
@@ -87,7 +93,8 @@ def test_agent_and_pins_read_bccs_per_cpu_values(node: Node, bcc) -> None:
         assert set(read) == {a.host_ifname, b.host_ifname}
         got = read[a.host_ifname]
         assert {f: getattr(got, f) for f in bpfmaps.COUNTER_FIELDS} == want  # host veth drops: none here
-        assert read[b.host_ifname] == PodCounters(fast_packets=0, kernel_packets=0)
+        assert read[b.host_ifname] == PodCounters(fast_packets=0, kernel_packets=0,
+                                                  refused=dict.fromkeys(bpfmaps.REFUSED_FIELDS, 0))
 
 
 def test_nothing_pinned(tmp_path: Path) -> None:

@@ -287,7 +287,7 @@ class Snapshot:
     def delta(self, pod: Pod) -> tuple[dict, dict]:
         self._quiet()
         (c0, e0), c1, e1 = self.before[pod.name], counters(self.cluster, pod), pod.eth0_stats()
-        return ({k: (v - getattr(c0, k) if v is not None else None) for k, v in vars(c1).items()},
+        return ({k: (v - getattr(c0, k) if isinstance(v, int) else v) for k, v in vars(c1).items()},
                 {k: e1[k] - e0[k] for k in ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")})
 
     def assert_exact(self, payload: dict[str, tuple[int, int]] | None = None) -> None:

@@ -111,7 +111,7 @@ def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = 
             node = lab.state.nodes[0]
             pids.append(node.agent_pid)
             if not keep_lab_pod:
-                for pod in lab.state.pods:
+                for pod in lab.state.pods + lab.state.shaped:  # the lab's bandwidth-annotated pod too
                     run_chain(lab.plugin_dir, "DEL", lab.conflist(node), container_id=pod.container_id,
                               netns=nsutil.netns_path(pod.netns))
                     pod.ip = ""  # nothing left for `down` to delete

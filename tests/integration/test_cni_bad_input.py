@@ -140,4 +140,5 @@ def test_add_on_an_exhausted_pool(rig: Rig) -> None:
             rig.run(rig.netconf(), rig.env("DEL", cid, netns=f"/run/netns/{ns}"))
             with contextlib.suppress(OSError):
                 pnetns.remove(ns)
-    assert {lease[0] for lease in rig.state().leases} == {p.container_id for p in rig.lab.state.pods}
+    lab_pods = rig.lab.state.pods + rig.lab.state.shaped
+    assert {lease[0] for lease in rig.state().leases} == {p.container_id for p in lab_pods}

@@ -48,6 +48,7 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> agent_mod.Agent:
     a.cfg = Config(node_name="n1", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), state_dir=tmp_path)
     a.source, a.peers, a.pod_cidr, a.datapath, a.node = Source(), [], POD_CIDR, Datapath(), None
     a.underlay = built
+    a.iptables = None  # the backend the agent detects at start; ensure_rules is replaced below
     monkeypatch.setattr(a, "recover_store", lambda: None)
     monkeypatch.setattr(a, "replay_pending_dels", lambda: None)
     monkeypatch.setattr(overlay, "ensure_node", lambda cfg, cidr: a.underlay)

@@ -82,12 +82,12 @@ def test_random_yaml_text(text: str, env: dict[str, str]) -> None:
 
 
 def test_flow_map_capacity() -> None:
-    env = {"NODE_NAME": "n1", "CLUSTER_CIDR": "10.244.0.0/16", "PEERS_FILE": "/tmp/peers.yaml"}
+    env = {"NODE_NAME": "n1", "CLUSTER_CIDR": "10.244.0.0/16", "SKNF_PEERS_FILE": "/tmp/peers.yaml"}
     assert load(None, env).flow_map_capacity is None  # follows nf_conntrack_max
-    assert load(None, {**env, "FLOW_MAP_CAPACITY": "64"}).flow_map_capacity == 64
+    assert load(None, {**env, "SKNF_FLOW_MAP_CAPACITY": "64"}).flow_map_capacity == 64
     for bad in ("0", "-5", "many", str(MAX_FLOW_MAP_CAPACITY + 1)):
         try:
-            load(None, {**env, "FLOW_MAP_CAPACITY": bad})
+            load(None, {**env, "SKNF_FLOW_MAP_CAPACITY": bad})
         except ConfigError as e:
             assert str(e).startswith("flow_map_capacity"), e
         else:

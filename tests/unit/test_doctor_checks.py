@@ -89,8 +89,9 @@ def test_an_nft_chain_ending_in_a_bare_reject_drops_by_default(monkeypatch: pyte
     chain = {"family": "inet", "table": "firewalld", "name": "filter_FORWARD", "hook": "forward", "policy": "accept"}
     rule = {"family": "inet", "table": "firewalld", "chain": "filter_FORWARD"}
     established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}}
-    ctx = doctor.Context(cfg=cfg(), nft=[{"chain": chain}, {"rule": {**rule, "expr": [established, {"accept": None}]}},
-                                         {"rule": {**rule, "expr": [{"reject": {"type": "icmpx"}}]}}])
+    ruleset = [{"chain": chain}, {"rule": {**rule, "expr": [established, {"accept": None}]}},
+               {"rule": {**rule, "expr": [{"reject": {"type": "icmpx"}}]}}]
+    ctx = doctor.Context(cfg=cfg(), agent={"iptables": "nft"}, nft=ruleset)
     assert doctor._nft_drops_by_default(ctx, chain)
     found = doctor.check_forward(ctx)
     assert found.status == "FAIL" and "firewalld filter_FORWARD (hook forward) drops by default" in found.message

@@ -39,15 +39,28 @@ def test_conflist(cfg: Config) -> None:
     assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
 
 
-def test_plugin_source_is_the_one_in_cni_dir() -> None:
-    assert install.plugin_source() == (REPO / "cni" / "sknf").read_bytes()
+def test_plugin_source_is_the_binary_built_into_the_package() -> None:
+    assert install.plugin_source() == (REPO / "sknf" / "cni_plugin").read_bytes()
+    assert install.plugin_source()[:4] == b"\x7fELF"
+
+
+def test_a_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, cfg: Config,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    class Empty:
+        def joinpath(self, name: str) -> Path:
+            return cfg.state_dir / name
+
+    monkeypatch.setattr(install.resources, "files", lambda _package: Empty())
+    with pytest.raises(install.PluginMissing, match="make -C cni"):
+        install.install(cfg)
+    assert not cfg.cni_conf_dir.exists()  # nothing half-installed
 
 
 def test_install_and_uninstall(cfg: Config) -> None:
     written = install.install(cfg)
     binary, conflist = cfg.cni_bin_dir / "sknf", cfg.cni_conf_dir / "10-sknf.conflist"
     assert written == [binary, conflist]
-    assert binary.read_bytes() == (REPO / "cni" / "sknf").read_bytes()
+    assert binary.read_bytes() == (REPO / "sknf" / "cni_plugin").read_bytes()
     assert binary.stat().st_mode & 0o777 == 0o755
     assert json.loads(conflist.read_text()) == install.render_conflist(cfg)
     # The installed copy works on its own.

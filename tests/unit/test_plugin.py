@@ -1,4 +1,6 @@
-"""The real `cni/sknf` executable, run as a runtime runs it: copied alone, bare environment, stdin.
+"""The real plugin binary (`sknf/cni_plugin`, built from cni/sknf.c), run as a runtime runs it: copied
+alone, bare environment, stdin. Every test runs twice: the static binary the agent installs, and the
+same source built with ASan + UBSan (a dynamic glibc build; any report fails the run).
 
 The agent is faked with sknf.api serving a recording handler in a temp dir.
 """
@@ -8,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakeagent import agent_replying
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sknf import api, cni
 
@@ -40,13 +45,14 @@ class Agent:
 
 
 class Plugin:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, binary: Path) -> None:
         self.bin = tmp / "opt-cni-bin" / "sknf"
         self.bin.parent.mkdir()
-        shutil.copy2(REPO / "cni" / "sknf", self.bin)  # alone: no sknf package next to it
+        shutil.copy2(binary, self.bin)  # alone: nothing of sknf next to it
         self.socket = tmp / "run" / "sknf.sock"
         self.state = tmp / "state"
         self.cwd = tmp
+        self.sanitized = binary != STATIC
 
     def conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
         return {"cniVersion": version, "name": "sknf", "type": "sknf", "agentSocket": str(self.socket),
@@ -59,15 +65,43 @@ class Plugin:
         if command is not None:
             full["CNI_COMMAND"] = command
         data = stdin if isinstance(stdin, bytes) else json.dumps(self.conf() if stdin is None else stdin).encode()
-        proc = subprocess.run([str(self.bin)], input=data, env=full, capture_output=True, cwd=self.cwd,
-                              timeout=120, check=False)
+        proc = self.exec(data, full)
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
         return proc.returncode, out, proc.stderr.decode()
 
+    def exec(self, stdin: bytes, env: Mapping[str | bytes, str | bytes]) -> subprocess.CompletedProcess[bytes]:
+        """One exec; under the sanitizers a report fails the test whatever the plugin printed."""
+        if self.sanitized:
+            env = {**env, **SANITIZER_ENV}
+        proc = subprocess.run([str(self.bin)], input=stdin, env=env, capture_output=True, cwd=self.cwd,
+                              timeout=120, check=False)
+        assert proc.returncode != SANITIZER_EXIT and b"Sanitizer" not in proc.stderr \
+            and b"runtime error" not in proc.stderr, proc.stderr.decode(errors="replace")
+        return proc
+
+
+STATIC = REPO / "sknf" / "cni_plugin"
+SANITIZER_EXIT = 99
+# Leak checking is off: the plugin is a one-shot process whose buffers the exit frees.
+SANITIZER_ENV = {"ASAN_OPTIONS": f"exitcode={SANITIZER_EXIT}:detect_leaks=0:abort_on_error=0",
+                 "UBSAN_OPTIONS": f"halt_on_error=1:print_stacktrace=1:exitcode={SANITIZER_EXIT}"}
+
+
+@pytest.fixture(scope="session")
+def sanitized_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("asan") / "sknf"
+    subprocess.run(["make", "-s", "-C", str(REPO / "cni"), "asan", f"OUT={out}"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(params=["static", "sanitized"])
+def binary(request: pytest.FixtureRequest) -> Path:
+    return STATIC if request.param == "static" else request.getfixturevalue("sanitized_build")
+
 
 @pytest.fixture
-def plugin(tmp_path: Path) -> Plugin:
-    return Plugin(tmp_path)
+def plugin(tmp_path: Path, binary: Path) -> Plugin:
+    return Plugin(tmp_path, binary)
 
 
 @pytest.fixture
@@ -80,26 +114,21 @@ def agent(plugin: Plugin) -> Iterator[Agent]:
         server.shutdown()
 
 
-def test_plugin_is_executable_and_stdlib_only() -> None:
-    source = (REPO / "cni" / "sknf").read_text()
-    assert source.startswith("#!/usr/bin/python3 -S\n")
-    assert os.access(REPO / "cni" / "sknf", os.X_OK)
-    assert "sknf." not in "".join(line for line in source.splitlines() if line.startswith(("import", "from")))
+def test_plugin_is_a_static_executable() -> None:
+    """No program interpreter and no dynamic section: it runs on a host with no libc, no Python."""
+    elf = STATIC.read_bytes()
+    assert elf[:4] == b"\x7fELF" and elf[4] == 2  # ELF64
+    assert os.access(STATIC, os.X_OK)
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    types = {struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)}
+    assert not types & {2, 3}  # PT_DYNAMIC, PT_INTERP
+    assert len(elf) < 200_000
 
 
-def imported(argv: list[str], **run: Any) -> set[str]:
-    proc = subprocess.run(["/usr/bin/python3", "-S", "-X", "importtime", *argv], capture_output=True, check=False,
-                          **run)
-    return {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines() if line.startswith("import")}
-
-
-def test_plugin_imports_only_c_modules_beyond_start_up(plugin: Plugin, agent: Agent) -> None:
-    """Start-up is on every pod's path: `import json, socket` alone would cost more than the interpreter."""
-    env = {"PATH": BARE_PATH, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/pod",
-           "CNI_IFNAME": "eth0"}
-    extra = imported([str(plugin.bin)], input=json.dumps(plugin.conf()).encode(), env=env) - imported(["-c", "pass"])
-    assert extra == {"_json", "_socket"}
-    assert [r.command for r in agent.requests] == ["ADD"]  # the whole path ran, up to the agent's reply
+def test_plugin_runs_with_an_empty_environment(plugin: Plugin) -> None:
+    proc = plugin.exec(b"", {})
+    assert (proc.returncode, json.loads(proc.stdout)["code"]) == (1, cni.INVALID_ENVIRONMENT)
 
 
 @pytest.mark.parametrize("version", cni.SUPPORTED_VERSIONS)
@@ -245,3 +274,125 @@ def test_agent_that_hangs_up_or_answers_garbage(plugin: Plugin, reply: bytes) ->
     with agent_replying(plugin.socket, reply):
         code, out, _ = plugin.run("ADD")
     assert (code, out["code"]) == (1, cni.TRY_AGAIN_LATER)
+
+
+# -- property tests: the plugin's JSON checks against Python's json, and the sanitizers on random input ----
+
+FRAGMENTS = [b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\n", b'"a"', b'"cniVersion"', b'"agentSocket"',
+             b'"stateDir"', b'"1.0.0"', b'"0.4.0"', b'"9"', b'""', b'"\\u0031.1.0"', b"1", b"-", b"0", b".5", b"e",
+             b"E+", b"01", b"-0.0e-0", b"true", b"false", b"null", b"nul", b"NaN", b"Infinity", b'"\\u00e9"',
+             b'"\\ud800"', b'"\\ud83d\\ude00"', b'"\\x"', b'"\\u12"', b'"\xc3\xa9"', b'"\xed\xa0\x80"',
+             b'"\xf4\x90\x80\x80"', b'"\xe0\x80\xaf"', b'"\x01"', b'"\x7f"', b"\xef\xbb\xbf", b'"\\"', b'"\\/"']
+ALMOST_JSON = st.lists(st.sampled_from(FRAGMENTS), max_size=14).map(b"".join)
+LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.sampled_from(["cniVersion", "agentSocket", "stateDir", "x"]) | st.text(
+                          max_size=4), inner, max_size=4), max_leaves=10)
+SERIALIZED = st.tuples(VALUES, st.booleans(), st.sampled_from([None, 0, 2])).map(
+    lambda t: json.dumps(t[0], ensure_ascii=t[1], indent=t[2]).encode())
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """Valid JSON with one byte dropped, doubled or replaced, or a fragment inserted: the validator's edges."""
+    text = draw(SERIALIZED)
+    i = draw(st.integers(0, len(text)))
+    return draw(st.sampled_from([text[:i] + text[i + 1:], text[:i + 1] + text[i:],
+                                 text[:i] + bytes([draw(st.integers(0, 255))]) + text[i + 1:],
+                                 text[:i] + draw(st.sampled_from(FRAGMENTS)) + text[i:]]))
+
+
+# Near-JSON built from lexemes, valid and not, in a valid structure: where a strict validator's bugs hide.
+LEXEMES = [b"0", b"-0", b"01", b"-", b"1.", b".5", b"1e", b"1e+", b"1E-2", b"2.5e3", b"-01.0", b"1.0e+1000", b"NaN",
+           b"-Infinity", b"true", b"tru", b"null", b"nulll", b"false", b'"ok"', b'"\\u00e9"', b'"\\ud800"',
+           b'"\\uDFFF"', b'"\\u12g4"', b'"\\x"', b'"\xc3\xa9"', b'"\xc3"', b'"\xed\xa0\x80"', b'"\xf4\x90\x80\x80"',
+           b'"\xe0\x80\xaf"', b'"\xc0\xaf"', b'"\x01"', b'"\x7f"', b'"\t"', b'"', b'"\\"', b'"1.0.0"', b'"0.4.0"',
+           b'""', b"[]", b"{}", b"[,]", b"{,}"]
+KEYS = [b'"cniVersion"', b'"agentSocket"', b'"stateDir"', b'"a"', b'"\\u0063niVersion"', b"a", b"1", b'"\xff"']
+COMMA = st.sampled_from([b","] * 6 + [b", ", b" ,\n", b"", b",,"])
+COLON = st.sampled_from([b":"] * 6 + [b" : ", b"", b"::"])
+TREE = st.recursive(
+    st.sampled_from(LEXEMES),
+    lambda inner: st.tuples(st.lists(inner, max_size=3), COMMA).map(lambda t: b"[" + t[1].join(t[0]) + b"]")
+    | st.tuples(st.lists(st.tuples(st.sampled_from(KEYS), COLON, inner).map(b"".join), max_size=4), COMMA).map(
+        lambda t: b"{" + t[1].join(t[0]) + b"}"),
+    max_leaves=8)
+STDIN = TREE | ALMOST_JSON | SERIALIZED | mutated() | st.binary(max_size=64)
+
+
+def python_reading(raw: bytes) -> tuple[bool, Any]:
+    """(well-formed, value) as json.loads sees it with NaN/Infinity refused: the plugin's rule."""
+    try:
+        return True, json.loads(raw.decode(), parse_constant=lambda name: not_json(name))
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.fixture(scope="module")
+def static_plugin(tmp_path_factory: pytest.TempPathFactory) -> Plugin:
+    return Plugin(tmp_path_factory.mktemp("static"), STATIC)
+
+
+@settings(max_examples=600, deadline=None)
+@given(raw=STDIN)
+def test_json_checks_agree_with_python(static_plugin: Plugin, raw: bytes) -> None:
+    """VERSION echoes the netconf's cniVersion exactly when Python reads an object with a string there;
+    ADD refuses with code 6 exactly what Python cannot read or what is not an object, code 7 a location
+    that is present but not a non-empty string. Only inputs that never reach an agent are sent as ADD."""
+    plugin = static_plugin
+    ok, doc = python_reading(raw)
+    asked = doc.get("cniVersion") if isinstance(doc, dict) else None
+    code, out, _ = plugin.run("VERSION", raw)
+    assert (code, out["cniVersion"]) == (0, asked if isinstance(asked, str) else cni.LATEST)
+    if isinstance(doc, dict) and all(key not in doc or usable(doc[key]) for key in ("agentSocket", "stateDir")):
+        return  # it would be sent to the agent (the host's default socket when the key is missing)
+    code, out, _ = plugin.run("ADD", raw)
+    want = cni.INVALID_CONFIG if isinstance(doc, dict) else cni.DECODING_FAILURE
+    assert (code, out["code"]) == (1, want), (ok, doc)
+    assert out["cniVersion"] == (asked if asked in cni.SUPPORTED_VERSIONS else cni.LATEST)
+
+
+def usable(location: Any) -> bool:
+    return isinstance(location, str) and location != ""
+
+
+ENV_VALUES = st.binary(min_size=0, max_size=24).filter(lambda b: b"\0" not in b)
+ENVS = st.fixed_dictionaries(
+    {b"CNI_COMMAND": st.sampled_from([b"ADD", b"DEL", b"CHECK", b"GC", b"STATUS", b"VERSION", b""]) | ENV_VALUES},
+    optional={key: ENV_VALUES for key in (b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH")})
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=STDIN, env=ENVS, up=st.booleans())
+def test_random_input_under_the_sanitizers(sanitized_build: Path, tmp_path_factory: pytest.TempPathFactory,
+                                           raw: bytes, env: dict[bytes, bytes], up: bool) -> None:
+    """Random stdin and environment (any bytes, not only UTF-8) against the fake agent, or with the agent
+    down (DELs parked): the sanitized build never reports, always exits 0 or 1 with JSON or nothing on
+    stdout, and the agent receives only requests its own decoder reads (the plugin's encoding is sound)."""
+    tmp = tmp_path_factory.mktemp("fz")
+    plugin = Plugin(tmp, sanitized_build)
+    _, doc = python_reading(raw)
+    if isinstance(doc, dict):  # confined: never the host's default socket or state directory
+        doc.update({key: value for key, value in (("agentSocket", str(plugin.socket)), ("stateDir", str(plugin.state)))
+                    if key not in doc or usable(doc[key])})
+        raw = json.dumps(doc).encode()
+    fake = Agent()
+    server = api.serve(plugin.socket, {"cni": fake.cni}, peer_uid=os.getuid()) if up else None
+    try:
+        proc = plugin.exec(raw, {b"PATH": BARE_PATH.encode(), **env})
+    finally:
+        if server:
+            server.shutdown()
+    assert proc.returncode in (0, 1), proc
+    if proc.stdout.strip():
+        assert isinstance(json.loads(proc.stdout), dict)
+    parked = cni.drain_pending_dels(plugin.state)  # what the agent would replay: readable, and only DELs
+    assert all(record["env"]["CNI_COMMAND"] == "DEL" for record in parked)
+    if parked:
+        assert not up and env[b"CNI_COMMAND"] == b"DEL"
+        (record,) = parked
+        assert record["env"]["CNI_ARGS"] == env.get(b"CNI_ARGS", b"").decode("utf-8", "surrogateescape")
