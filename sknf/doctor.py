@@ -488,7 +488,7 @@ def check_mtu(ctx: Context) -> Finding:
                        "give every node the same underlay MTU (or the same `mtu` setting), then restart the agents")
     unknown = len(ctx.others()) - len(published)
     return Finding("mtu", OK, f"pods, {VXLAN} and {BRIDGE} at {want} (underlay {underlay_mtu}); "
-                   f"{_n(len(published), 'peer')} agree" + (f", {unknown} publish none" if unknown else ""))
+                   f"{_n(len(published), 'peer')} publish the same" + (f", {unknown} publish none" if unknown else ""))
 
 
 def _conf_type(path: Path) -> str:
@@ -671,7 +671,7 @@ def check_peers(ctx: Context) -> Finding:
     if problems:
         return Finding("peers", _worst(problems), "; ".join(m for _, m in problems),
                        "fix the peers file entry, or the Node's InternalIP / sknf.io/underlay-ip annotation")
-    return Finding("peers", OK, f"{_n(len(ctx.others()), 'peer')} with usable underlay addresses")
+    return Finding("peers", OK, f"{_n(len(ctx.others()), 'peer')}, each with a usable underlay address")
 
 
 def check_pod_subnet(ctx: Context) -> Finding:
