@@ -1,5 +1,6 @@
 # The sknf node agent image: Debian's python3 and BCC, the sknf package in a venv that sees them, the
-# CNI plugin (installed on the host by the agent itself, once it is ready), iproute2 and iptables.
+# CNI plugin (installed on the host by the agent itself, once it is ready), iproute2 and iptables, and
+# what `sknf doctor` and `sknf sysdump` read with (nftables and its Python binding, bpftool, conntrack).
 #
 #   docker build -t registry.example.com/sknf:0.1.0 . && docker push registry.example.com/sknf:0.1.0
 #
@@ -28,6 +29,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # .debs carry a real ./lib that must not replace the merged-/usr /lib symlink. Other architectures go.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc python3-nftables iproute2 iptables \
+    nftables bpftool conntrack \
  && abi=$(apt-cache depends linux-headers-amd64 | sed -n 's/^ *Depends: linux-headers-\(.*\)-amd64$/\1/p') \
  && mkdir /tmp/headers && cd /tmp/headers \
  && apt-get download "linux-headers-$abi-amd64" "linux-headers-$abi-common" \

@@ -14,6 +14,7 @@ network as it is: running pods keep forwarding, and the next agent picks everyth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -25,6 +26,8 @@ from sknf import api, cni, ipam, iptables, overlay, pod
 from sknf.config import Config, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
+from sknf.health import PeerHealth
+from sknf.logbuffer import FORMAT, LogBuffer
 from sknf.metrics import Metrics, Snapshot, take_snapshot
 from sknf.peers import Node, PeerSource, StaticPeerSource
 from sknf.stats import Sampler, handle_query
@@ -58,8 +61,9 @@ def node_pod_cidr(cfg: Config, source: PeerSource, peers: list[Node]) -> ipaddre
 
 
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, log_buffer: LogBuffer | None = None) -> None:
         self.cfg = cfg
+        self.log_buffer = log_buffer or LogBuffer()
         self.source = peer_source(cfg)
         self.peers = self.source.nodes()
         self.pod_cidr = node_pod_cidr(cfg, self.source, self.peers)
@@ -70,6 +74,7 @@ class Agent:
         self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
         self.metrics = Metrics(cfg.node_name, self.snapshot)
         self.sampler = Sampler()
+        self.health = PeerHealth(cfg.node_name, lambda: self.peers, self.metrics.registry)
         self.stop = threading.Event()
         self.serving = False
         self._servers: list = []
@@ -90,8 +95,9 @@ class Agent:
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
                                          cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
-        if self.node is None or self.node.underlay_ip != node.underlay_ip:  # first round, or DHCP moved it
-            self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr)))
+        if self.node is None or (self.node.underlay_ip, self.node.mtu) != (node.underlay_ip, node.mtu):
+            # first round, DHCP moved the address, or the underlay MTU changed
+            self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr), mtu=node.mtu))
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
         lost = pod.sync_pods(self.net, node)
@@ -137,6 +143,21 @@ class Agent:
         return take_snapshot(self.cfg.node_name, self.store, self.datapath,
                              peers=sum(1 for p in self.peers if p.name != self.cfg.node_name))
 
+    def health_report(self, req: dict) -> dict:
+        """{"op": "health"}: what `sknf doctor` needs from the running agent (probe=true: peers probed now)."""
+        node = self.node
+        flow_table = getattr(self.datapath, "flow_table", None)  # only the BPF datapath learns flows
+        return {"node": self.cfg.node_name, "datapath": {"mode": self.datapath.mode, "reason": self.datapath.reason},
+                "iptables": self.iptables.mode,
+                "pod_cidr": str(self.pod_cidr), "mtu": node.mtu if node else None,
+                "underlay_ip": node.underlay_ip if node else None,
+                "peers": [{"name": p.name, "underlay_ip": p.underlay_ip, "pod_cidr": p.pod_cidr, "mtu": p.mtu}
+                          for p in self.peers],
+                "unaddressed": getattr(self.source, "unaddressed", list)(),  # Nodes that cannot be peers
+                "ipam": {"allocated": self.store.allocated, "capacity": self.store.capacity},
+                "flows": dataclasses.asdict(flow_table()) if flow_table is not None else None,
+                "probes": self.health.report(fresh=bool(req.get("probe")))}
+
     def ready(self) -> bool:
         return self.node is not None and self.serving
 
@@ -156,9 +177,12 @@ class Agent:
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
             "stats": lambda _req: {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode},
+            "health": self.health_report,
+            "logs": lambda _req: {"lines": self.log_buffer.tail()},
         }))
         self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
         self.serving = True
+        self.health.start()
         if self.cfg.install_cni:
             from sknf import install
 
@@ -173,6 +197,7 @@ class Agent:
             if self.source.changed() or time.monotonic() >= next_full:
                 self._reconcile_logged()
                 next_full = time.monotonic() + self.cfg.reconcile_interval
+        self.health.close()
         for server in self._servers:
             server.shutdown()
         self.datapath.close()
@@ -185,8 +210,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(cfg)
+    logging.basicConfig(level=cfg.log_level.upper(), format=FORMAT)
+    buffer = LogBuffer()
+    logging.getLogger().addHandler(buffer)
+    agent = Agent(cfg, buffer)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
     agent.run()

@@ -44,7 +44,8 @@ PREFIX = "sknf.io/"
 UNDERLAY_IP = PREFIX + "underlay-ip"
 VTEP_MAC = PREFIX + "vtep-mac"
 POD_CIDR = PREFIX + "pod-cidr"  # set only when the agent carved its subnet (the Node has no spec.podCIDR)
-ANNOTATIONS = (UNDERLAY_IP, VTEP_MAC, POD_CIDR)
+MTU = PREFIX + "mtu"  # the node's pod/overlay MTU, for `sknf doctor`'s cross-node comparison
+ANNOTATIONS = (UNDERLAY_IP, VTEP_MAC, POD_CIDR, MTU)
 
 MERGE_PATCH = "application/merge-patch+json"  # names only our keys; null deletes one
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: for everything but watches
@@ -143,10 +144,17 @@ def _mac(value: str) -> str:
     return value
 
 
+def _mtu(value: str) -> int:
+    if not value.isdigit() or not 576 <= int(value) <= 9000:
+        raise ValueError(f"{value!r} is not an MTU")
+    return int(value)
+
+
 _CHECKS = {
     UNDERLAY_IP: lambda v: str(ipaddress.IPv4Address(v)),
     POD_CIDR: lambda v: str(ipaddress.IPv4Network(v)),
     VTEP_MAC: _mac,
+    MTU: _mtu,
 }
 
 
@@ -156,7 +164,7 @@ class _Parser:
 
     warned: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def valid(self, name: str, annotations: dict[str, str], key: str) -> str | None:
+    def valid(self, name: str, annotations: dict[str, str], key: str) -> Any:
         raw = annotations.get(key)
         if raw is None:
             return None
@@ -176,7 +184,8 @@ class _Parser:
         if not name or ip is None:
             return None
         cidr = spec_pod_cidr(obj) or self.valid(name, ours, POD_CIDR)
-        return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC))
+        return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC),
+                    mtu=self.valid(name, ours, MTU))
 
 
 class KubePeerSource:
@@ -197,6 +206,7 @@ class KubePeerSource:
         self._lock = threading.Lock()
         self._peers: dict[str, Node] = {}
         self._own: dict | None = None  # this node's sknf.io/ annotations and spec pod subnet, once seen
+        self._unaddressed: set[str] = set()  # Nodes without a usable address: not peers (`sknf doctor` says so)
         self._version = 0  # bumped whenever the peer set changes
         self._returned = 0  # the version nodes() last returned
         self._synced = threading.Event()
@@ -217,6 +227,11 @@ class KubePeerSource:
         with self._lock:
             return self._version != self._returned
 
+    def unaddressed(self) -> list[str]:
+        """Nodes left out of the peers because they have neither an InternalIP nor a valid sknf.io/underlay-ip."""
+        with self._lock:
+            return sorted(self._unaddressed)
+
     def publish_self(self, node: Node) -> None:
         """Set this node's sknf.io/ annotations, patching only those keys and only when they differ."""
         if node.name != self.name:
@@ -226,7 +241,8 @@ class KubePeerSource:
         if own is None:
             own = self._own_facts(read_node(self.api, self.name))
         carved = node.pod_cidr if node.pod_cidr != own["spec_cidr"] else None
-        want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved}
+        want = {UNDERLAY_IP: node.underlay_ip, VTEP_MAC: node.vtep_mac, POD_CIDR: carved,
+                MTU: str(node.mtu) if node.mtu else None}
         diff = {k: v for k, v in want.items() if own["annotations"].get(k) != v}
         if not diff:
             return
@@ -326,16 +342,20 @@ class KubePeerSource:
         resp = self.api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
         doc = json.loads(resp.data)
         peers: dict[str, Node] = {}
+        unaddressed = set()
         own = None
         for obj in doc.get("items") or []:
             if (node := self._parser.node(obj)) is not None:
                 peers[node.name] = node
+            elif name := (obj.get("metadata") or {}).get("name"):
+                unaddressed.add(name)
             if (obj.get("metadata") or {}).get("name") == self.name:
                 own = self._own_facts(obj)
         with self._lock:
             if peers != self._peers or not self._synced.is_set():
                 self._version += 1
             self._peers = peers
+            self._unaddressed = unaddressed
             self._own = own
         self._synced.set()
         log.debug("listed %d nodes", len(peers))
@@ -375,6 +395,10 @@ class KubePeerSource:
             return  # BOOKMARK: only its resourceVersion matters
         node = self._parser.node(obj) if kind != "DELETED" else None
         with self._lock:
+            if kind == "DELETED" or node is not None:
+                self._unaddressed.discard(name)
+            else:
+                self._unaddressed.add(name)
             if name == self.name:
                 self._own = None if kind == "DELETED" else self._own_facts(obj)
             if self._peers.get(name) != node:

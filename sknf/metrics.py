@@ -227,6 +227,11 @@ class Metrics:
         self._reconcile_errors = Counter("sknf_reconcile_errors", "Reconcile steps that failed.",
                                          ["node", "step"], registry=self._registry)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Where other parts of the agent (peer health) add their instruments; scraped after the pods'."""
+        return self._registry
+
     def observe_cni(self, command: str, result: str, seconds: float) -> None:
         """Count one CNI request; `result` is "success" or a short error kind (few distinct values)."""
         self._cni_requests.labels(self.node, command, result).inc()

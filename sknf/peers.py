@@ -24,6 +24,7 @@ class Node:
     underlay_ip: str  # the VTEP address: VXLAN packets for this node's pods go here
     pod_cidr: str | None = None  # the node's pod subnet, when known
     vtep_mac: str | None = None
+    mtu: int | None = None  # the node's pod/overlay MTU, as it publishes it (`sknf doctor` compares them)
 
 
 class PeerSource(Protocol):
@@ -46,7 +47,7 @@ class PeersFileError(ValueError):
 
 
 def parse_nodes(doc: object, where: str) -> list[Node]:
-    """Validate a peers document: {nodes: [{name, underlay_ip, pod_cidr?}, ...]}."""
+    """Validate a peers document: {nodes: [{name, underlay_ip, pod_cidr?, vtep_mac?, mtu?}, ...]}."""
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise PeersFileError(f"{where}: expected a mapping with a 'nodes' list")
     out: list[Node] = []
@@ -59,7 +60,11 @@ def parse_nodes(doc: object, where: str) -> list[Node]:
             cidr = str(ipaddress.IPv4Network(str(cidr))) if cidr else None
         except ValueError as e:
             raise PeersFileError(f"{where}: nodes[{i}] ({entry['name']}): {e}") from None
-        out.append(Node(name=str(entry["name"]), underlay_ip=ip, pod_cidr=cidr, vtep_mac=entry.get("vtep_mac")))
+        mtu = entry.get("mtu")
+        if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 9000):
+            raise PeersFileError(f"{where}: nodes[{i}] ({entry['name']}): mtu {mtu!r} is not an MTU (576-9000)")
+        out.append(Node(name=str(entry["name"]), underlay_ip=ip, pod_cidr=cidr, vtep_mac=entry.get("vtep_mac"),
+                        mtu=mtu))
     return out
 
 

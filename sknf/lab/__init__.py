@@ -38,6 +38,7 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
+from sknf.config import VXLAN_OVERHEAD
 from sknf.lab import kubeproxy
 from sknf.lab.kubeproxy import Service
 from sknf.lab.runtime import LabError, bandwidth, cni_exec, run_chain, with_runtime_config
@@ -59,6 +60,7 @@ NODEPORT, NODEPORT_LOCAL = 30080, 30081  # Cluster policy -> node 1's first pod;
 # transfer shows the rate (runtimes send 2**32 - 1, seconds' worth: tests/integration/test_bandwidth.py)
 SHAPED_RATE, SHAPED_BURST, SHAPED_BYTES = 50_000_000, 1_000_000, 4 << 20
 METRICS_PORT = 9655
+LAB_MTU = 1500  # every link of the underlay
 CONFLIST = "10-sknf.conflist"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 ROOT = Path("/run/sknf-lab")
@@ -239,7 +241,7 @@ class Lab:
             br = netlink.link_index(ul, "ul0")
             ul.addr("add", index=br, address=str(UNDERLAY.network_address + 1), prefixlen=UNDERLAY.prefixlen)
             ul.link("set", index=br, state="up")
-            netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), 1500)
+            netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), LAB_MTU)
             idx = netlink.link_index(ul, "inet0")
             ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
             ul.link("set", index=idx, state="up")
@@ -259,7 +261,7 @@ class Lab:
         pnetns.create(ns)
         underlay_ip = str(UNDERLAY.network_address + 10 + i)
         with netlink.route(nsutil.netns_path(self.ul)) as ul:
-            netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), 1500)
+            netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), LAB_MTU)
             netlink.set_port(ul, netlink.link_index(ul, f"{self.prefix[:8]}-{name}"[:15]),
                              netlink.link_index(ul, "ul0"))
         with netlink.route(nsutil.netns_path(ns)) as n:
@@ -287,8 +289,8 @@ class Lab:
         self.save()
 
     def _write_peers(self) -> None:
-        doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr}
-                         for n in self.state.nodes]}
+        doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr,
+                          "mtu": LAB_MTU - VXLAN_OVERHEAD} for n in self.state.nodes]}
         tmp = self.root / "peers.yaml.tmp"
         tmp.write_text(yaml.safe_dump(doc))
         tmp.replace(self.root / "peers.yaml")
@@ -740,7 +742,8 @@ def run(args: argparse.Namespace) -> int:
             _describe(lab)
             ok = print_matrix(lab.check())
             _show_stats(lab)
-            return 0 if ok else 1
+            healthy = _show_doctor(lab)
+            return 0 if ok and healthy else 1
     except LabError as e:
         print(f"sknf lab: {e}", file=sys.stderr)
         return 1
@@ -768,6 +771,18 @@ def _show_stats(lab: Lab) -> None:
         sys.stdout.flush()
         subprocess.run([sys.executable, "-m", "sknf", "stats", "-c", node.config], cwd=str(REPO),
                        preexec_fn=nsutil.preexec_enter(node.netns), timeout=60, check=False)
+
+
+def _show_doctor(lab: Lab) -> bool:
+    """`sknf doctor` on each node, as run there; True when every node is all OK."""
+    healthy = True
+    for node in lab.state.nodes:
+        print(f"\n$ sknf doctor   # on {node.name}")
+        sys.stdout.flush()
+        proc = subprocess.run([sys.executable, "-m", "sknf", "doctor", "-c", node.config], cwd=str(REPO),
+                              preexec_fn=nsutil.preexec_enter(node.netns), timeout=120, check=False)
+        healthy = healthy and proc.returncode == 0
+    return healthy
 
 
 def _agent_mode(lab: Lab, node: LabNode) -> str:

@@ -1,7 +1,7 @@
 """The agent publishes its own facts to the peer source at its first reconcile and again whenever its
-underlay address changed (a DHCP renewal, a moved interface), not on every round: peers would otherwise
-keep flooding to the old address. The node-level steps are replaced by recorders; the decision is the
-agent's own."""
+underlay address or its MTU changed (a DHCP renewal, a moved interface, a new underlay MTU), not on
+every round: peers would otherwise keep flooding to the old address. The node-level steps are replaced
+by recorders; the decision is the agent's own."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_published_once_while_the_address_stays(agent: agent_mod.Agent) -> None:
     agent.reconcile()
     agent.reconcile()
     assert [n.underlay_ip for n in agent.source.published] == ["198.51.100.11"]
-    assert agent.source.published[0] == Node("n1", "198.51.100.11", str(POD_CIDR))
+    assert agent.source.published[0] == Node("n1", "198.51.100.11", str(POD_CIDR), mtu=1450)
 
 
 def test_republished_when_the_underlay_address_changed(agent: agent_mod.Agent) -> None:
@@ -72,3 +72,11 @@ def test_republished_when_the_underlay_address_changed(agent: agent_mod.Agent) -
     agent.reconcile()
     agent.reconcile()
     assert [n.underlay_ip for n in agent.source.published] == ["198.51.100.11", "198.51.100.99"]
+
+
+def test_republished_when_the_mtu_changed(agent: agent_mod.Agent) -> None:
+    """Peers compare MTUs (`sknf doctor`): a node whose underlay MTU changed says so."""
+    agent.reconcile()
+    agent.underlay = replace(agent.underlay, mtu=1400)
+    agent.reconcile()
+    assert [n.mtu for n in agent.source.published] == [1450, 1400]

@@ -60,6 +60,7 @@ def test_nodes_follow_adds_updates_and_deletes(api, make_source) -> None:
 
     assert src.nodes() == [Node(ME, "192.0.2.1", "10.244.1.0/24"),
                            Node("skc-b", "198.51.100.2", "10.244.2.0/24", "0a:58:0a:f4:02:01")]
+    assert src.unaddressed() == ["skc-nic-less"]  # what `sknf doctor` names
     assert not src.changed()
 
     api.create_node(node("skc-c", "192.0.2.3", "10.244.3.0/24"))
@@ -74,6 +75,9 @@ def test_nodes_follow_adds_updates_and_deletes(api, make_source) -> None:
     api.delete_node("skc-c")
     eventually(src.changed, what="changed() after a delete")
     assert names(src) == [ME, "skc-b"]
+
+    api.patch_node("skc-nic-less", {"metadata": {"annotations": {kube.UNDERLAY_IP: "198.51.100.9"}}})
+    eventually(lambda: src.unaddressed() == [], what="an address makes it a peer")
 
 
 def test_irrelevant_changes_do_not_flip_changed(api, make_source, server) -> None:
@@ -252,3 +256,14 @@ def test_annotation_keys_are_valid_qualified_names() -> None:
         assert key.startswith(kube.PREFIX)
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", prefix)
         assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", name)
+
+
+def test_the_mtu_is_published_and_read_back_a_bad_one_ignored(api, make_source, server) -> None:
+    api.create_node(node(ME, "192.0.2.1", "10.244.1.0/24"))
+    api.create_node(node("skc-b", "192.0.2.2", "10.244.2.0/24", {kube.MTU: "1400"}))
+    api.create_node(node("skc-c", "192.0.2.3", "10.244.3.0/24", {kube.MTU: "jumbo"}))
+    src = make_source()
+    assert {n.name: n.mtu for n in src.nodes()} == {ME: None, "skc-b": 1400, "skc-c": None}
+    src.publish_self(Node(ME, "192.0.2.1", "10.244.1.0/24", mtu=1450))
+    assert server.requests("patch")[-1].data == {"metadata": {"annotations": {kube.UNDERLAY_IP: "192.0.2.1",
+                                                                               kube.MTU: "1450"}}}
