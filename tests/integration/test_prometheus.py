@@ -234,6 +234,9 @@ def test_a_real_drop_is_counted_in_stats_and_metrics(lab: Lab, prom: Prometheus)
                 time.sleep(0.01)
     finally:
         set_mtu(pod.netns, mtu)
+        with nsutil.entered(pod.netns), open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:
+            f.write("1")  # back above 1280 the kernel made eth0's IPv6 anew, enabled: as the ADD left it
+        time.sleep(0.5)  # the refusals of what it sent meanwhile are counted before the next read
     assert eth0_rx_dropped(pod.netns) - pod_before == count  # the pod's own view: all of them were dropped
     after = pods_of(node)[pod.name]
     # Raising the MTU back above 1280 re-creates the pod's IPv6 state, whose first frame the source
