@@ -9,6 +9,7 @@ cil_ convention).
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -42,9 +43,8 @@ def filter_name(msg) -> str | None:
     return options.get_attr("TCA_BPF_NAME") if options else None
 
 
-def sknf_filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, str, int]]:
-    """(hook, name, prio) of every sknf filter on the link; [] if the link or its clsact is gone."""
-    found = []
+def _filters(ipr: IPRoute, ifindex: int) -> Iterator[tuple[int, object]]:
+    """(hook, message) of every filter on the link's clsact hooks; nothing if the link or its clsact is gone."""
     for hook in HOOKS:
         try:
             msgs = ipr.get_filters(index=ifindex, parent=hook)
@@ -53,10 +53,17 @@ def sknf_filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, str, int]]:
                 continue
             raise
         for msg in msgs:
-            name = filter_name(msg)
-            if name and name.startswith(FILTER_PREFIX):
-                found.append((hook, name, msg["info"] >> 16))
-    return found
+            yield hook, msg
+
+
+def _ours(msg) -> bool:
+    name = filter_name(msg)
+    return bool(name and name.startswith(FILTER_PREFIX))
+
+
+def sknf_filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, str, int]]:
+    """(hook, name, prio) of every sknf filter on the link; [] if the link or its clsact is gone."""
+    return [(hook, filter_name(msg), msg["info"] >> 16) for hook, msg in _filters(ipr, ifindex) if _ours(msg)]
 
 
 def detach(ipr: IPRoute, ifindex: int) -> int:
@@ -68,19 +75,11 @@ def detach(ipr: IPRoute, ifindex: int) -> int:
     the kernel then flushes every filter on the hook, another tool's too."""
     ours: list[tuple[int, int]] = []
     others = False
-    for hook in HOOKS:
-        try:
-            msgs = ipr.get_filters(index=ifindex, parent=hook)
-        except NetlinkError as e:
-            if e.code in _GONE:
-                continue
-            raise
-        for msg in msgs:
-            name = filter_name(msg)
-            if name and name.startswith(FILTER_PREFIX):
-                ours.append((hook, msg["info"]))
-            elif msg["handle"]:  # a filter of another tool (per-prio header messages have handle 0)
-                others = True
+    for hook, msg in _filters(ipr, ifindex):
+        if _ours(msg):
+            ours.append((hook, msg["info"]))
+        elif msg["handle"]:  # a filter of another tool (per-prio header messages have handle 0)
+            others = True
     if ours and not others:
         try:
             ipr.tc("del", "clsact", ifindex)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 from pyroute2 import netns as pnetns
 
 from sknf import cni, netlink, nsutil
@@ -104,27 +104,21 @@ def one_node_rig(prefix: str, pod_cidr: str | None = None, keep_lab_pod: bool = 
                  datapath: str = "kernel") -> Iterator[Rig]:
     """A 1-node lab (kernel datapath unless asked); optionally a smaller pod subnet (agent restarted with
     it) and without the lab's own pod, so the store starts empty."""
-    pids: list[int] = []
     pod_netns = f"{prefix}-t"
-    try:
-        with Lab(prefix=prefix, nodes=1, pods_per_node=1, datapath=datapath) as lab:
-            node = lab.state.nodes[0]
-            pids.append(node.agent_pid)
-            if not keep_lab_pod:
-                for pod in lab.state.pods + lab.state.shaped:  # the lab's bandwidth-annotated pod too
-                    run_chain(lab.plugin_dir, "DEL", lab.conflist(node), container_id=pod.container_id,
-                              netns=nsutil.netns_path(pod.netns))
-                    pod.ip = ""  # nothing left for `down` to delete
-            if pod_cidr is not None:
-                path = Path(node.config)
-                path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "pod_cidr": pod_cidr}))
-                lab.restart_agent(node)
-                pids.append(node.agent_pid)
-            pnetns.create(pod_netns)
-            try:
-                yield Rig(lab, node, pod_netns)
-            finally:
-                with contextlib.suppress(OSError):
-                    pnetns.remove(pod_netns)
-    finally:
-        assert_lab_gone(prefix, pids)
+    with managed_lab(prefix, nodes=1, pods_per_node=1, datapath=datapath) as lab:
+        node = lab.state.nodes[0]
+        if not keep_lab_pod:
+            for pod in lab.state.pods + lab.state.shaped:  # the lab's bandwidth-annotated pod too
+                run_chain(lab.plugin_dir, "DEL", lab.conflist(node), container_id=pod.container_id,
+                          netns=nsutil.netns_path(pod.netns))
+                pod.ip = ""  # nothing left for `down` to delete
+        if pod_cidr is not None:
+            path = Path(node.config)
+            path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "pod_cidr": pod_cidr}))
+            lab.restart_agent(node)
+        pnetns.create(pod_netns)
+        try:
+            yield Rig(lab, node, pod_netns)
+        finally:
+            with contextlib.suppress(OSError):
+                pnetns.remove(pod_netns)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil
 from sknf.datapath import tc
-from sknf.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.bpf]
 
@@ -17,7 +17,7 @@ COMPILER_LIBRARIES = ("libbcc", "libLLVM", "libclang")
 
 
 def test_bpf_agent_maps_no_compiler() -> None:
-    with Lab(prefix="skk", nodes=1, pods_per_node=1, datapath="bpf") as lab:
+    with managed_lab("skk", nodes=1, pods_per_node=1, datapath="bpf") as lab:
         node, pod = lab.state.nodes[0], lab.state.pods[0]
         with nsutil.entered(node.netns), netlink.route() as ipr:
             names = {name for _hook, name, _prio in tc.sknf_filters(ipr, netlink.link_index(ipr, pod.host_ifname))}

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil, shaping
 from sknf.bench_bandwidth import PATHS, directions, extra_pod, iperf_servers
@@ -46,15 +46,9 @@ SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=1, datapath=request.param) as built, \
-                iperf_servers(built.state.pods):
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]  # the negative control restarts n1's agent
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=1, datapath=request.param) as built, \
+            iperf_servers(built.state.pods):
+        yield built
 
 
 def n1(lab: Lab) -> LabNode:

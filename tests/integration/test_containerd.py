@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil
 from sknf.ipam import Store
@@ -101,13 +101,8 @@ class Containerd:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=1, datapath="kernel") as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=1, datapath="kernel") as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

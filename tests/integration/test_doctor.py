@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import doctor, netlink, nsutil
 from sknf.config import VXLAN
@@ -34,14 +34,8 @@ PREFIX = "skx"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=1, datapath="bpf") as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]  # agents a test restarted
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=1, datapath="bpf") as built:
+        yield built
 
 
 def _without_bpffs() -> None:
@@ -134,17 +128,12 @@ def test_a_healthy_lab_is_all_ok_and_peer_health_is_exported(lab: Lab) -> None:
 
 def test_healthy_kernel_lab_is_all_ok() -> None:
     prefix = f"{PREFIX}k"
-    pids: list[int] = []
-    try:
-        with Lab(prefix=prefix, nodes=2, pods_per_node=1, datapath="kernel") as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            for node in built.state.nodes:
-                assert_all_ok(node)
-            _, found = run_doctor(built.state.nodes[0])
-            assert found["agent"].message == "running, datapath kernel (datapath: kernel in config)"
-            assert found["bpffs"].message == "not used (kernel datapath)"
-    finally:
-        assert_lab_gone(prefix, pids)
+    with managed_lab(prefix, nodes=2, pods_per_node=1, datapath="kernel") as built:
+        for node in built.state.nodes:
+            assert_all_ok(node)
+        _, found = run_doctor(built.state.nodes[0])
+        assert found["agent"].message == "running, datapath kernel (datapath: kernel in config)"
+        assert found["bpffs"].message == "not used (kernel datapath)"
 
 
 def test_forward_policy_drop_in_the_other_backend(lab: Lab) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cnirig import one_node_rig
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil, overlay
@@ -60,16 +60,8 @@ OVERLAY_FILTERS = {"sknf_from_overlay", "sknf_to_overlay"}
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """One lab per datapath for the whole module (`datapath: bpf` fails rather than falls back)."""
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            try:
-                yield built
-            finally:
-                pids += [n.agent_pid for n in built.state.nodes]  # agents a test restarted
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
+        yield built
 
 
 def bpf_mode(lab: Lab) -> bool:

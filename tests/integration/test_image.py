@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf.lab import Lab, print_matrix
 
@@ -20,13 +20,10 @@ PREFIX = "ski"
 
 @pytest.fixture(scope="module")
 def lab(sknf_image: str) -> Iterator[Lab]:
-    pids: list[int] = []
     try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath="bpf", agent_image=sknf_image) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
+        with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath="bpf", agent_image=sknf_image) as built:
             yield built
     finally:
-        assert_lab_gone(PREFIX, pids)
         names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
                                check=True).stdout.split()
         assert [n for n in names if n.startswith(f"{PREFIX}-")] == []

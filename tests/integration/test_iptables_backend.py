@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import iptables, nsutil
 from sknf.lab import REPO, Lab, print_matrix, who
@@ -26,15 +26,9 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     backend = iptables.Backend(request.param)
     prefix = f"skl-{request.param[0]}"
-    pids: list[int] = []
-    try:
-        with Lab(prefix=prefix, nodes=2, pods_per_node=2, datapath="kernel",
-                 node_setup=[[backend.iptables, "-w", "-P", "FORWARD", "DROP"]]) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]  # a test restarts them
-    finally:
-        assert_lab_gone(prefix, pids)
+    with managed_lab(prefix, nodes=2, pods_per_node=2, datapath="kernel",
+                     node_setup=[[backend.iptables, "-w", "-P", "FORWARD", "DROP"]]) as built:
+        yield built
 
 
 @pytest.fixture

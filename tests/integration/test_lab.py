@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil, overlay
 from sknf.ipam import Store
@@ -53,14 +53,8 @@ SERVICE_ROWS = {flow: n for flow, n in EXPECTED_FLOWS.items()
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param, shaped_pod=True) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]  # a test may have restarted agents
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath=request.param, shaped_pod=True) as built:
+        yield built
 
 
 def fastpath_packets(lab: Lab, node: LabNode) -> float:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil
 from sknf.ipam import Store
@@ -34,13 +34,8 @@ BUSYBOX_APPLETS = ("sh", "ip", "wget", "httpd", "cat")
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=1, pods_per_node=1, datapath="kernel") as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=1, pods_per_node=1, datapath="kernel") as built:
+        yield built
 
 
 class Podman:

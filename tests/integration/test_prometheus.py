@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 from promserver import Prometheus
 from pyroute2 import netns as pnetns
 
@@ -44,10 +44,8 @@ EXTRA = "skd-extra"  # a pod added and deleted while Prometheus watches
 @pytest.fixture(scope="module", params=["bpf", "kernel"])
 def lab(request: pytest.FixtureRequest):
     """bpf: the fast path (an agent that cannot load it exits: no quiet fallback); kernel: no fast-path share."""
-    with Lab(prefix="skd", nodes=2, pods_per_node=2, datapath=request.param) as lab:
+    with managed_lab("skd", nodes=2, pods_per_node=2, datapath=request.param) as lab:
         yield lab
-        agents = [n.agent_pid for n in lab.state.nodes]
-    assert_lab_gone("skd", agents)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import netlink, nsutil, stats
 from sknf.config import VXLAN
@@ -128,14 +128,8 @@ def listening(netns: str) -> Iterator[Callable]:
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
+        yield built
 
 
 def pod(lab: Lab, name: str) -> LabPod:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from leftovers import managed_lab
 
 from sknf import nsutil
 from sknf.datapath import bpfmaps
@@ -128,7 +129,7 @@ class ServedStream:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath="kernel") as built:
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath="kernel") as built:
         for svc in pod_services(built):  # kube-proxy-like DNAT of our ports (the node's namespace goes with the lab)
             subprocess.run(["iptables", "-w", "-t", "nat", "-I", "PREROUTING", "-d", f"{svc.cluster_ip}/32", "-p",
                             "tcp", "--dport", f"{PORT}:{PORT + PORTS - 1}", "-j", "DNAT", "--to-destination",
