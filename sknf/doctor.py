@@ -48,6 +48,9 @@ class Finding:
     fix: str = ""
 
 
+_UNREAD = object()  # Context._peers before the first read
+
+
 @dataclass
 class Context:
     """What the checks read; gathered once."""
@@ -59,6 +62,7 @@ class Context:
     nft: list[dict] | None = None  # the ruleset as libnftables JSON items
     nft_error: str | None = None
     links: dict[str, Any] = field(default_factory=dict)
+    _peers: Any = field(default=_UNREAD, init=False, repr=False)
 
     def setting(self, name: str) -> Any:
         return getattr(self.cfg, name) if self.cfg is not None else DEFAULTS[name]
@@ -68,11 +72,24 @@ class Context:
         return Path(self.setting("run_dir")) / "sknf.sock"
 
     def peers(self) -> list[dict[str, Any]] | None:
-        """The peer list as the agent has it, else the static peers file; None when unknown."""
+        """The peer list as the agent has it, else the Node objects or the static peers file; None when unknown.
+        Read once: the checks ask many times, and with Node objects each read is an API list."""
+        if self._peers is _UNREAD:
+            self._peers = self._read_peers()
+        return self._peers
+
+    def _read_peers(self) -> list[dict[str, Any]] | None:
         if self.agent is not None:
             return self.agent["peers"]
         cfg = self.cfg
-        if cfg is None or cfg.peer_source != "static" or cfg.peers_file is None:
+        if cfg is not None and cfg.peer_source == "kubernetes":
+            from sknf import kube
+
+            try:
+                return [dataclasses.asdict(n) for n in kube.list_peers(cfg)]
+            except kube.KubeError:
+                return None
+        if cfg is None or cfg.peers_file is None:
             return None
         from sknf.peers import PeersFileError, StaticPeerSource
 

@@ -188,6 +188,17 @@ class _Parser:
                     mtu=self.valid(name, ours, MTU))
 
 
+def list_peers(cfg: Config) -> list[Node]:
+    """The peers as one Node list shows them, without a watch (for `sknf doctor` while the agent is down)."""
+    api = connect(cfg)
+    try:
+        doc = json.loads(api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
+    except _api_errors() as e:
+        raise KubeError(f"nodes cannot be listed ({_describe(e)})") from None
+    parser = _Parser()
+    return [n for obj in doc.get("items") or [] if (n := parser.node(obj)) is not None]
+
+
 class KubePeerSource:
     """PeerSource over the Node API; constructing it starts the list+watch thread, close() stops it."""
 

@@ -113,3 +113,25 @@ def test_without_config_or_agent_every_check_that_runs_says_something() -> None:
                                               (100, "FAIL")])
 def test_fill_levels_warn_from_80_and_fail_from_95_percent(used: int, status: str) -> None:
     assert doctor._fill("IPAM", used, 100) == (status, f"IPAM {used}/100 ({used}%)")
+
+
+def test_with_node_objects_and_the_agent_down_the_subnet_is_compared_with_the_node(server, tmp_path) -> None:
+    """A Node whose spec.podCIDR differs from the subnet the node's IPAM store holds is a FAIL, read from the API."""
+    from kubeapi import node
+
+    from sknf import kube
+    from sknf.ipam import Store
+
+    conf = Config(node_name="n1", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), peer_source="kubernetes",
+                  kubeconfig=server.kubeconfig(tmp_path / "kubeconfig"), state_dir=tmp_path / "state")
+    Store(conf.state_dir, ipaddress.IPv4Network("10.244.1.0/24")).allocate("c1", "eth0")  # the agent's store
+    api = kube.connect(conf)
+    api.create_node(node("n1", "192.0.2.1", "10.244.2.0/24"))
+    found = doctor.check_pod_subnet(doctor.Context(cfg=conf, agent_error="agent down"))
+    assert found.status == "FAIL"
+    assert found.message.startswith("this node uses 10.244.1.0/24, its Node object says 10.244.2.0/24")
+
+    api.delete_node("n1")
+    api.create_node(node("n1", "192.0.2.1", "10.244.1.0/24"))
+    found = doctor.check_pod_subnet(doctor.Context(cfg=conf, agent_error="agent down"))
+    assert (found.status, found.message) == ("OK", "10.244.1.0/24, as in its Node object")
