@@ -22,7 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,19 +281,20 @@ def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
     return True
 
 
+def _builtin_chains(ctx: Context, chain: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(backend, policy, rules) of a built-in filter chain in each iptables backend the node uses."""
+    for backend in ("nft", "legacy"):
+        if _backend_has_tables(backend, ctx) and (got := chain_rules(backend, "filter", chain)) is not None:
+            yield backend, *got
+
+
 def check_forward(ctx: Context) -> Finding:
     from sknf.iptables import FORWARD_CHAIN
 
     ours = iptables_backend(ctx)
     cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
     problems: list[tuple[str, str]] = []
-    for backend in ("nft", "legacy"):
-        if not _backend_has_tables(backend, ctx):
-            continue
-        got = chain_rules(backend, "filter", "FORWARD")
-        if got is None:
-            continue
-        policy, rules = got
+    for backend, policy, rules in _builtin_chains(ctx, "FORWARD"):
         if backend == ours:
             jump = next((i for i, r in enumerate(rules) if f"-j {FORWARD_CHAIN}" in r), None)
             ahead = [r for r in rules[:jump] if drops_pod_traffic(r, cluster)]
@@ -392,13 +393,7 @@ def check_vxlan_port(ctx: Context) -> Finding:
                                        "other nodes never reaches vxsknf"))
         if chain.get("hook") == "input" and _nft_drops_by_default(ctx, chain) and not _chain_mentions(ctx, chain, port):
             problems.append((WARN, f"{where} drops by default and has no rule for UDP {port}"))
-    for backend in ("nft", "legacy"):
-        if not _backend_has_tables(backend, ctx):
-            continue
-        got = chain_rules(backend, "filter", "INPUT")
-        if got is None:
-            continue
-        policy, rules = got
+    for backend, policy, rules in _builtin_chains(ctx, "INPUT"):
         for r in rules:
             if f"--dport {port}" in r and _drops(r) and "--comment sknf" not in r:
                 problems.append((FAIL, f"`{r}` (iptables-{backend}) drops VXLAN from the other nodes"))
