@@ -107,14 +107,16 @@ class Agent:
         if lost:
             self.rebuild_store(f"{len(lost)} live pods hold no lease")
         if self.policy is not None:
-            self.policy.sync(self.store.leases())
+            with self.net.datapath_lock:  # no attach_pod between the rules and the endpoints' flags
+                self.policy.sync(self.store.leases())
 
     def sync_policy(self) -> None:
         """Enforce NetworkPolicy for the current leases now (after an ADD or DEL, a source change)."""
         if self.policy is None or self.node is None:
             return
         try:
-            self.policy.sync(self.store.leases())
+            with self.net.datapath_lock:
+                self.policy.sync(self.store.leases())
         except Exception as e:  # the next reconcile retries; CNI answers are not held hostage
             self.metrics.reconcile_error("policy")
             log.exception("network policy: applying failed: %s", e)
