@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -19,7 +21,7 @@ import pytest
 from leftovers import assert_lab_gone
 
 from sknf import nsutil, stats
-from sknf.lab import SERVER_PORT, SERVICE_BASE, SVC_TCP_PORT, SVC_UDP_PORT, Lab, manifests
+from sknf.lab import REPO, SERVER_PORT, SERVICE_BASE, SVC_TCP_PORT, SVC_UDP_PORT, Lab, manifests
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -150,6 +152,11 @@ def test_default_deny_ingress(lab: Lab, policies: list[str]) -> None:
     row = agent_pods(lab, "n1")["n1p1"]
     assert row["policies"] == {"ingress": ["lab/deny"]}
     assert row["refused"].get("policy", 0) > 0 and row["drops"] >= row["refused"]["policy"]
+    n1 = lab.state.nodes[0]
+    shown = subprocess.run([sys.executable, "-m", "sknf", "stats", "-c", n1.config, "--pod", "n1p1", "-o", "wide"],
+                           preexec_fn=nsutil.preexec_enter(n1.netns), capture_output=True, text=True, timeout=60,
+                           cwd=REPO, check=True).stdout
+    assert "lab/n1p1: ingress lab/deny" in shown and "policy:" in shown
 
 
 def test_allow_from_a_pod_on_a_named_port(lab: Lab, policies: list[str]) -> None:
