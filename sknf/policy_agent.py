@@ -22,7 +22,7 @@ from sknf import policy_nft
 from sknf.config import Config
 from sknf.ipam import Lease
 from sknf.policy import Compiled, LocalEndpoint, compile_policies
-from sknf.policy_source import DirectorySource, PolicySource
+from sknf.policy_source import DirectorySource, Objects, PolicySource
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +48,24 @@ class Enforcer:
         self.lock = threading.Lock()
         self.compiled = Compiled()
         self._said: set[str] = set()
+        self._inputs: tuple[Objects, list[LocalEndpoint]] | None = None  # what self.compiled was made of
 
     def sync(self, leases: Iterable[Lease]) -> None:
         """Compile what the source holds for these local endpoints and enforce it."""
-        leases = list(leases)
+        local = [LocalEndpoint(str(lease.ip), lease.namespace, lease.pod) for lease in leases]
         with self.lock:
-            objects = self.source.objects()
-            if objects is None:
-                return  # not heard from the API server yet
-            local = [LocalEndpoint(str(lease.ip), lease.namespace, lease.pod) for lease in leases]
-            compiled = compile_policies(objects.policies, objects.pods, objects.namespaces, local)
-            for problem in compiled.problems:
-                if problem not in self._said:
-                    log.warning("network policy: %s", problem)
-            self._said = set(compiled.problems)
-            if policy_nft.apply(compiled) or compiled.selected():
+            if self._inputs is not None and self._inputs[1] == local and not self.source.changed():
+                objects, compiled = self._inputs[0], self.compiled  # same inputs: only repair the table
+            else:
+                objects = self.source.objects()
+                if objects is None:
+                    return  # not heard from the API server yet
+                compiled = compile_policies(objects.policies, objects.pods, objects.namespaces, local)
+                for problem in compiled.problems:
+                    if problem not in self._said:
+                        log.warning("network policy: %s", problem)
+                self._said = set(compiled.problems)
+            if policy_nft.apply(compiled):
                 policy_nft.forget_drops({ep.ip for ep in local})
             mark = getattr(self.datapath, "set_policy_endpoints", None)
             if mark is not None:
@@ -70,7 +73,7 @@ class Enforcer:
             if compiled.selected() != self.compiled.selected():
                 log.info("network policy: %d of %d local endpoints selected (%d policies)",
                          len(compiled.selected()), len(local), len(objects.policies))
-            self.compiled = compiled
+            self.compiled, self._inputs = compiled, (objects, local)
 
     def drops(self) -> dict[str, int]:
         return policy_nft.drops()

@@ -38,6 +38,7 @@ TABLE = "sknf-policy"
 PRIORITY = 0  # filter; a drop here is final whatever other tables (iptables' FORWARD ACCEPT) decide
 COUNTED_MAX = 65535
 CHAIN_PREFIX = "ep_"
+BODY_VERSION = 1  # bump when chain_rules renders the same allows differently: chains get new names
 L4 = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 
 
@@ -93,6 +94,7 @@ def _definition() -> list[dict]:
                          "stmt": [{"counter": None}]}}},
         *({"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook, "prio": PRIORITY,
                              "policy": "accept"}}} for hook in ("forward", "input")),
+        {"add": {"chain": {**t, "name": _base_marker()}}},
     ]
     cmds += [{"add": {"rule": {**t, "chain": chain, "comment": comment, "expr": expr}}}
              for comment, (chain, expr) in zip(_base_comments(), _base(), strict=True)]
@@ -120,28 +122,38 @@ def chain_rules(direction: str, rules: Rules) -> list[list[dict]]:
     return out
 
 
-def _chain_name(direction: str, rules: list[list[dict]]) -> str:
-    return CHAIN_PREFIX + hashlib.sha256(json.dumps([direction, rules], sort_keys=True).encode()).hexdigest()[:16]
+def _chain_name(direction: str, rules: Rules) -> str:
+    """Named after what it enforces (the allows' repr is stable: frozen dataclasses of ints and strings)."""
+    digest = hashlib.sha256(repr((BODY_VERSION, direction, rules.allows)).encode()).hexdigest()[:16]
+    return CHAIN_PREFIX + digest
 
 
-def desired(compiled: Compiled) -> tuple[dict[str, list[list[dict]]], dict[str, dict[str, str]]]:
-    """({chain: rules}, {direction: {endpoint address: chain}})."""
-    chains: dict[str, list[list[dict]]] = {}
+def desired(compiled: Compiled) -> tuple[dict[str, tuple[str, Rules]], dict[str, dict[str, str]]]:
+    """({chain: (direction, rules)}, {direction: {endpoint address: chain}}); bodies are built only for
+    chains that must be added (chain_rules)."""
+    chains: dict[str, tuple[str, Rules]] = {}
     maps: dict[str, dict[str, str]] = {"ingress": {}, "egress": {}}
     for direction in maps:
         by_rules: dict[tuple[Any, ...], str] = {}
-        for ip, rules in sorted(getattr(compiled, direction).items()):
-            key = rules.allows
-            if key not in by_rules:
-                body = chain_rules(direction, rules)
-                by_rules[key] = _chain_name(direction, body)
-                chains[by_rules[key]] = body
-            maps[direction][ip] = by_rules[key]
+        for ip, rules in getattr(compiled, direction).items():
+            if (name := by_rules.get(rules.allows)) is None:
+                name = by_rules[rules.allows] = _chain_name(direction, rules)
+                chains[name] = (direction, rules)
+            maps[direction][ip] = name
     return chains, maps
 
 
-def _listed() -> list[dict] | None:
-    return _nft([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], check=False, terse=True) or None
+def _base_marker() -> str:
+    """An empty chain whose name carries the digest of the fixed part (sets, base chains, their rules):
+    `list chains` shows it, far cheaper than listing the rules of a table holding every endpoint's."""
+    return "base_" + _base_comments()[0].split()[1]
+
+
+def _chains() -> set[str] | None:
+    """Names of the table's chains; None when the table does not exist."""
+    listed = _nft([{"list": {"chains": {"family": FAMILY}}}], check=False)
+    names = {o["chain"]["name"] for o in listed if "chain" in o and o["chain"]["table"] == TABLE}
+    return names or None
 
 
 def _list_set(name: str, kind: str = "set") -> list:
@@ -155,13 +167,11 @@ def _list_set(name: str, kind: str = "set") -> list:
 def apply(compiled: Compiled) -> bool:
     """Make the table enforce exactly this; one transaction. True if anything changed."""
     chains, maps = desired(compiled)
-    listed = _listed()
+    listed = _chains()
     if listed is None and not chains:
         return False  # no policy selects anything here, and none ever did: no table, no cost
-    base_ok = listed is not None and \
-        [o["rule"].get("comment") for o in listed if "rule" in o and o["rule"]["chain"] in ("forward", "input")] \
-        == _base_comments()
-    have_chains = {o["chain"]["name"] for o in listed or [] if "chain" in o} - {"forward", "input"}
+    base_ok = listed is not None and {"forward", "input", _base_marker()} <= listed
+    have_chains = {c for c in listed or () if c.startswith(CHAIN_PREFIX)}
     have_maps = {d: _map_elements(d) for d in maps} if base_ok else {}
     t = _t()
     cmds: list[dict] = []
@@ -178,7 +188,7 @@ def apply(compiled: Compiled) -> bool:
         return False
     for name in sorted(set(chains) - have_chains):
         cmds.append({"add": {"chain": {**t, "name": name}}})
-        cmds += [{"add": {"rule": {**t, "chain": name, "expr": expr}}} for expr in chains[name]]
+        cmds += [{"add": {"rule": {**t, "chain": name, "expr": expr}}} for expr in chain_rules(*chains[name])]
     for d, elems in maps.items():
         if base_ok:
             cmds.append({"flush": {"map": {**t, "name": d}}})
@@ -219,7 +229,7 @@ def drops() -> dict[str, int]:
 def remove() -> bool:
     """Delete the table (uninstall); True if it existed."""
     try:
-        if _listed() is None:
+        if _chains() is None:
             return False
         _nft([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
     except GuardError:

@@ -102,7 +102,12 @@ class BpfDatapath:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
         self._cluster: ipaddress.IPv4Network | None = None
-        self._policy: set[str] = set()  # endpoints a NetworkPolicy selects (set_policy_endpoints)
+        # Endpoints a NetworkPolicy selects (set_policy_endpoints); at start, what the pinned entries say,
+        # so re-attaching pods before the policy source has answered keeps them on the kernel path.
+        self._policy: set[str] = {
+            str(ipaddress.IPv4Address(socket.ntohl(key)))
+            for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
+            if entry.flags & bpfmaps.ENDPOINT_POLICY}
         self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
