@@ -42,10 +42,6 @@ BODY_VERSION = 1  # bump when chain_rules renders the same allows differently: c
 L4 = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 
 
-class PolicyApplyError(GuardError):
-    pass
-
-
 def _t() -> dict:
     return {"family": FAMILY, "table": TABLE}
 
@@ -175,14 +171,11 @@ def apply(compiled: Compiled) -> bool:
     have_maps = {d: _map_elements(d) for d in maps} if base_ok else {}
     t = _t()
     cmds: list[dict] = []
-    if not base_ok:
+    if not base_ok:  # missing, changed by hand or by another sknf: rebuilt whole (drop counters restart)
         if listed is not None:
             log.warning("nftables table %s %s differs from sknf's; rebuilding it", FAMILY, TABLE)
-        counters = _list_set("dropped") if listed is not None else []
         cmds += [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
                  {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *_definition()]
-        if counters:
-            cmds.append({"add": {"element": {**t, "name": "dropped", "elem": counters}}})
         have_chains = set()
     elif have_chains == set(chains) and have_maps == maps:
         return False

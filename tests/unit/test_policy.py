@@ -179,3 +179,32 @@ def test_a_pod_without_its_object_is_selected_by_empty_selectors_only() -> None:
     policies = [policy("web", {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": []}), DENY_ALL_INGRESS]
     compiled = compile_policies(policies, PODS, NAMESPACES, [*ENDPOINTS, lonely])
     assert compiled.policies_of("10.244.1.99") == {"ingress": ["x/deny"]}
+
+
+def test_endpoints_with_the_same_rules_share_one_chain() -> None:
+    from sknf import policy_nft
+
+    compiled = compile_policies([DENY_ALL_INGRESS], PODS, NAMESPACES, ENDPOINTS)
+    chains, maps = policy_nft.desired(compiled)
+    assert maps == {"ingress": {IPS["x/a"]: next(iter(chains)), IPS["x/b"]: next(iter(chains))}, "egress": {}}
+    assert len(policy_nft.chain_rules(*chains[next(iter(chains))])) == 2  # nothing allowed: count, then drop
+
+
+def test_rules_render_peers_protocols_and_port_ranges() -> None:
+    from sknf import policy_nft
+
+    spec = {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{
+        "from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}],
+        "ports": [{"port": 80}, {"protocol": "TCP", "port": 8000, "endPort": 8100}, {"protocol": "UDP"}]}]}
+    compiled = compile_policies([policy("r", spec)], PODS, NAMESPACES, ENDPOINTS)
+    rules = policy_nft.chain_rules("ingress", compiled.ingress[IPS["x/a"]])
+    peer = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                      "right": {"set": [{"range": ["192.0.2.0", "192.0.2.127"]}]}}}
+    l4 = lambda p: {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": p}}  # noqa: E731
+    dport = {"payload": {"protocol": "th", "field": "dport"}}
+    assert rules[:2] == [
+        [peer, l4("tcp"), {"match": {"op": "==", "left": dport, "right": {"set": [80, {"range": [8000, 8100]}]}}},
+         {"return": None}],
+        [peer, l4("udp"), {"return": None}]]  # every UDP port: no port match at all
+    assert rules[2:] == [[{"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                   "set": "@dropped"}}], [{"drop": None}]]
