@@ -455,7 +455,7 @@ def _simplify(allows: tuple[Allow, ...]) -> tuple[Allow, ...]:
     return allows
 
 
-# -- evaluation (what the rules do, for tests and `sknf stats`) ----------------------------------------
+# -- evaluation: what the rules do, as the case table checks it -----------------------------------------
 
 def allows(rules: Rules | None, peer: str, protocol: str, port: int) -> bool:
     """Would this direction's rules let a new flow with this peer address, protocol and port through?"""
