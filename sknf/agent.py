@@ -106,18 +106,17 @@ class Agent:
         lost = pod.sync_pods(self.net, node)
         if lost:
             self.rebuild_store(f"{len(lost)} live pods hold no lease")
-        if self.policy is not None:
-            with self.net.datapath_lock:  # no attach_pod between the rules and the endpoints' flags
-                self.policy.sync(self.store.leases())
+        self.sync_policy()
 
     def sync_policy(self) -> None:
-        """Enforce NetworkPolicy for the current leases now (after an ADD or DEL, a source change)."""
+        """Enforce NetworkPolicy for the current leases now (each reconcile, after an ADD or DEL, on a source
+        change). A failure never holds the node's network or a CNI answer hostage: logged, counted, retried."""
         if self.policy is None or self.node is None:
             return
         try:
-            with self.net.datapath_lock:
+            with self.net.datapath_lock:  # no attach_pod between the rules and the endpoints' flags
                 self.policy.sync(self.store.leases())
-        except Exception as e:  # the next reconcile retries; CNI answers are not held hostage
+        except Exception as e:  # the next reconcile retries
             self.metrics.reconcile_error("policy")
             log.exception("network policy: applying failed: %s", e)
 

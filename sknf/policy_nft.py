@@ -211,9 +211,13 @@ def forget_drops(live: set[str]) -> None:
 
 
 def drops() -> dict[str, int]:
-    """{local endpoint address: packets dropped by policy}."""
+    """{local endpoint address: packets dropped by policy}; nothing when there is no table (or no nft)."""
+    try:
+        listed = _list_set("dropped")
+    except GuardError:  # no libnftables: no table either
+        return {}
     out = {}
-    for e in _list_set("dropped"):
+    for e in listed:
         if isinstance(e, dict) and "elem" in e:
             out[str(e["elem"]["val"])] = e["elem"].get("counter", {}).get("packets", 0)
     return out
