@@ -22,6 +22,10 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 
 	if (!cfg || parse_ipv4(skb, &pkt) < 0)
 		return TC_ACT_OK;
+	/* A sender a NetworkPolicy selects: its egress rules live on the kernel path. */
+	ep = endpoints.lookup(&pkt.tuple.saddr);
+	if (ep && ep->flags & ENDPOINT_POLICY)
+		return TC_ACT_OK;
 	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask) || is_kernel_flow(&pkt.tuple))
 		return TC_ACT_OK;
 	ep = endpoints.lookup(&pkt.tuple.daddr);

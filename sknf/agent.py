@@ -30,6 +30,7 @@ from sknf.health import PeerHealth
 from sknf.logbuffer import FORMAT, LogBuffer
 from sknf.metrics import Metrics, Snapshot, take_snapshot
 from sknf.peers import Node, PeerSource, StaticPeerSource
+from sknf.policy_agent import Enforcer, source_for
 from sknf.stats import Sampler, handle_query
 
 log = logging.getLogger("sknf.agent")
@@ -72,6 +73,8 @@ class Agent:
         self.iptables = iptables.detect()  # once, as kube-proxy's wrapper does: a restart decides alike
         self.node: overlay.NodeOverlay | None = None
         self.net = pod.PodNetwork(cfg, self.store, self.datapath, lambda: self.node)
+        policies = source_for(cfg, getattr(self.source, "api", None))
+        self.policy = Enforcer(policies, self.datapath) if policies is not None else None
         self.metrics = Metrics(cfg.node_name, self.snapshot)
         self.sampler = Sampler()
         self.health = PeerHealth(cfg.node_name, lambda: self.peers, self.metrics.registry)
@@ -103,6 +106,19 @@ class Agent:
         lost = pod.sync_pods(self.net, node)
         if lost:
             self.rebuild_store(f"{len(lost)} live pods hold no lease")
+        self.sync_policy()
+
+    def sync_policy(self) -> None:
+        """Enforce NetworkPolicy for the current leases now (each reconcile, after an ADD or DEL, on a source
+        change). A failure never holds the node's network or a CNI answer hostage: logged, counted, retried."""
+        if self.policy is None or self.node is None:
+            return
+        try:
+            with self.net.datapath_lock:  # no attach_pod between the rules and the endpoints' flags
+                self.policy.sync(self.store.leases())
+        except Exception as e:  # the next reconcile retries
+            self.metrics.reconcile_error("policy")
+            log.exception("network policy: applying failed: %s", e)
 
     def recover_store(self) -> None:
         """A lease store that no longer reads is rebuilt from the records on the pods' host veths.
@@ -135,13 +151,16 @@ class Agent:
         try:
             out = pod.VERBS[req.command](self.net, req)
             result = "success"
+            if req.command in ("ADD", "DEL"):
+                self.sync_policy()
             return out
         finally:
             self.metrics.observe_cni(req.command, result, time.perf_counter() - started)
 
     def snapshot(self) -> Snapshot:
         return take_snapshot(self.cfg.node_name, self.store, self.datapath,
-                             peers=sum(1 for p in self.peers if p.name != self.cfg.node_name))
+                             peers=sum(1 for p in self.peers if p.name != self.cfg.node_name),
+                             policy_drops=self.policy.drops() if self.policy is not None else None)
 
     def health_report(self, req: dict) -> dict:
         """{"op": "health"}: what `sknf doctor` needs from the running agent (probe=true: peers probed now)."""
@@ -157,6 +176,10 @@ class Agent:
                 "ipam": {"allocated": self.store.allocated, "capacity": self.store.capacity},
                 "flows": dataclasses.asdict(flow_table()) if flow_table is not None else None,
                 "probes": self.health.report(fresh=bool(req.get("probe")))}
+
+    def stats(self, _req: dict) -> dict:
+        reply = {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode}
+        return self.policy.annotate(reply) if self.policy is not None else reply
 
     def ready(self) -> bool:
         return self.node is not None and self.serving
@@ -176,7 +199,7 @@ class Agent:
         self.reconcile()  # the first one must succeed: a node without its network must not serve
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
-            "stats": lambda _req: {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode},
+            "stats": self.stats,
             "health": self.health_report,
             "logs": lambda _req: {"lines": self.log_buffer.tail()},
         }))
@@ -197,7 +220,11 @@ class Agent:
             if self.source.changed() or time.monotonic() >= next_full:
                 self._reconcile_logged()
                 next_full = time.monotonic() + self.cfg.reconcile_interval
+            elif self.policy is not None and self.policy.source.changed():
+                self.sync_policy()
         self.health.close()
+        if self.policy is not None:
+            self.policy.close()
         for server in self._servers:
             server.shutdown()
         self.datapath.close()

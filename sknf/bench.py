@@ -17,6 +17,7 @@ BENCHES = {
     "datapath": ("sknf.bench_datapath", "pod TCP throughput and RTT: limits, bridge, counting, eBPF fast path"),
     "bandwidth": ("sknf.bench_bandwidth", "a bandwidth-annotated pod's achieved/requested rate, per direction"),
     "sweep": ("sknf.bench_sweep", "learned-flow sweep: agent CPU and CNI ADD with a large conntrack table"),
+    "policy": ("sknf.bench_policy", "NetworkPolicy compile and nftables apply with many pods and policies"),
 }
 
 

@@ -74,6 +74,12 @@ def _datapath(cfg: Config) -> list[str]:
     return [f"tc filters sknf_*, pins under {cfg.bpf_pin_dir}, nftables table bridge sknf"]
 
 
+def _policy(cfg: Config) -> list[str]:
+    from sknf import policy_nft
+
+    return [f"nftables table {policy_nft.FAMILY} {policy_nft.TABLE}"] if policy_nft.remove() else []
+
+
 def _overlay(cfg: Config) -> list[str]:
     from sknf import overlay
 
@@ -103,6 +109,7 @@ def _annotations(cfg: Config) -> list[str]:
 STEPS: list[tuple[str, Callable[[Config], list[str]]]] = [
     ("cni plugin", _plugin),
     ("datapath", _datapath),
+    ("network policy", _policy),
     ("overlay", _overlay),
     ("iptables", _iptables),
     ("files", _files),

@@ -65,6 +65,8 @@ class Config:
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     cni_conf_name: str = "10-sknf.conflist"
     log_level: str = "info"
+    network_policy: bool = True  # enforce NetworkPolicy (policy_dir, else the API with peer_source kubernetes)
+    policy_dir: Path | None = None  # manifests of NetworkPolicies, Namespaces, Pods (lab, bare metal)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -110,7 +112,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return int(raw)
         if name == "reconcile_interval":
             return float(raw)
-        if name in ("masquerade", "install_cni"):
+        if name in ("masquerade", "install_cni", "network_policy"):
             if isinstance(raw, bool):
                 return raw
             text = str(raw).strip().lower()
@@ -120,7 +122,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
                 return False
             raise ValueError
         if name in ("peers_file", "kubeconfig", "state_dir", "run_dir", "bpf_pin_dir", "cni_bin_dir",
-                    "cni_conf_dir"):
+                    "cni_conf_dir", "policy_dir"):
             return Path(str(raw))
         return str(raw)
     except ConfigError:

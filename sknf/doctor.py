@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sknf import api, guard
+from sknf import api, guard, policy_nft
 from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, ConfigError, load
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -329,8 +329,8 @@ def _nft_base_chains(ctx: Context, hook: str) -> list[dict]:
             continue
         if chain["family"] == "ip" and chain["table"] in IPTABLES_OWN_TABLES:
             continue  # iptables-nft's own tables: read through iptables, as rules sknf can compare with
-        if (chain["family"], chain["table"]) == (guard.FAMILY, guard.TABLE):
-            continue  # sknf's own pod source validation (kernel datapath): `sknf-rules` checks it is there
+        if (chain["family"], chain["table"]) in ((guard.FAMILY, guard.TABLE), (policy_nft.FAMILY, policy_nft.TABLE)):
+            continue  # sknf's own: pod source validation (`sknf-rules` checks it is there), NetworkPolicy
         out.append(chain)
     return out
 

@@ -108,11 +108,18 @@ def join(leases: Iterable[PodIdentity],
     return [(lease, counters.get(lease.host_ifname)) for lease in leases]
 
 
-def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None) -> Snapshot:
+def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None,
+                  policy_drops: dict[str, int] | None = None) -> Snapshot:
     """What a scrape and the agent's stats reply show: one read of the counters, then of the leases
-    (a pod added in between shows zeros, one deleted in between is not shown)."""
+    (a pod added in between shows zeros, one deleted in between is not shown). policy_drops: frames
+    NetworkPolicy dropped per pod address (sknf.policy_nft), reason `policy` beside the refused ones."""
     counters = datapath.read_counters()
     leases = store.leases()
+    for lease in leases if policy_drops else ():
+        if n := policy_drops.get(str(lease.ip)):
+            c = counters.setdefault(lease.host_ifname, PodCounters())
+            c.refused = {**c.refused, "policy": n}
+            c.drops += n
     flow_table = getattr(datapath, "flow_table", None)  # only the BPF datapath learns flows
     return Snapshot(node=node, datapath_mode=datapath.mode, datapath_reason=datapath.reason,
                     pods=join(leases, counters), ipam_allocated=len(leases), ipam_capacity=store.capacity,
@@ -182,7 +189,8 @@ def render_snapshot(snap: Snapshot, openmetrics: bool = False) -> str:
                for reason, n in by_reason.items()]
     if refused:
         _family(out, "sknf_pod_refused_packets", "counter", "Pod frames source validation dropped, by reason "
-                "(spoofed_mac, spoofed_arp, spoofed_ip, ipv6, protocol); included in drops.", refused, openmetrics)
+                "(spoofed_mac, spoofed_arp, spoofed_ip, ipv6, protocol) and NetworkPolicy drops (policy); "
+                "included in drops.", refused, openmetrics)
     _family(out, "sknf_datapath_mode", "gauge", "1 for the datapath this agent runs, else 0.",
             [(f'{node},mode="{m}"', int(snap.datapath_mode == m)) for m in MODES], openmetrics)
     gauges = [("sknf_ipam_allocated_addresses", "Pod addresses leased on this node.", snap.ipam_allocated),

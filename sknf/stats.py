@@ -20,7 +20,10 @@ Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sortin
      "pods": [{"namespace", "pod", "container_id", "ip", "host_ifname",
                "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "drops",
                "fast_packets", "kernel_packets" (null in kernel mode),
-               "refused" ({reason: frames source validation dropped}, see sknf.datapath.REFUSED_REASONS),
+               "refused" ({reason: frames source validation dropped}, see sknf.datapath.REFUSED_REASONS, and
+                           "policy": frames NetworkPolicy dropped, when any),
+               "policies" ({"ingress"/"egress": [namespace/name of each NetworkPolicy selecting the pod]};
+                           only from a running agent that enforces NetworkPolicy),
                "rx_bytes_rate", "tx_bytes_rate", "rx_packets_rate", "tx_packets_rate" (per second, or null)}]}
 rx is what the pod received, tx what it sent (the pod's view, as in PodCounters).
 """
@@ -468,6 +471,28 @@ def _shown(reply: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return {**reply, "pods": arrange(reply["pods"], args.namespace, args.pod, args.sort)}
 
 
+def policy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which NetworkPolicies select each pod, by direction (rows from a running agent carry them)."""
+    out = []
+    for row in rows:
+        if "policies" not in row:
+            continue
+        name = f"{row['namespace'] or '-'}/{row['pod'] or row['container_id'][:12]}"
+        chosen = row["policies"]
+        out.append(f"{name}: " + ("; ".join(f"{d} {', '.join(chosen[d])}" for d in ("ingress", "egress") if d in chosen)
+                                  or "no NetworkPolicy selects it (all traffic allowed)"))
+    return out
+
+
+def _text(reply: dict[str, Any], args: argparse.Namespace) -> str:
+    """The output; with --pod, a table is followed by the policies selecting each pod shown."""
+    shown = _shown(reply, args)
+    text = render(shown, args.output, not args.no_headers)
+    if args.pod and args.output in ("table", "wide") and (lines := policy_lines(shown["pods"])):
+        text += "\n\npolicies:\n" + "\n".join(f"  {line}" for line in lines)
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("sknf stats: --interval must be positive", file=sys.stderr)
@@ -477,12 +502,12 @@ def run(args: argparse.Namespace) -> int:
         sock = args.socket or (cfg.socket_path if cfg else Config.run_dir / "sknf.sock")
         reply = fetch(cfg, sock)
         if not args.watch:
-            print(render(_shown(reply, args), args.output, not args.no_headers))
+            print(_text(reply, args))
             return 0
         clear = sys.stdout.isatty() and args.output in ("table", "wide")
         shown = 0
         while True:
-            text = render(_shown(reply, args), args.output, not args.no_headers)
+            text = _text(reply, args)
             print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
             shown += 1
             if args.count is not None and shown >= args.count:

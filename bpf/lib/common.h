@@ -40,6 +40,9 @@ struct sknf_config {
 /* endpoint_info.flags: traffic to the pod is shaped by a qdisc on its host veth, which
  * bpf_redirect_peer would skip: frames for it take the kernel path (the bridge). */
 #define ENDPOINT_SHAPED 0x1
+/* endpoint_info.flags: a NetworkPolicy selects the pod (sknf/policy_agent.py). Every frame to or from
+ * it takes the kernel path, where nftables enforces the policy with conntrack (sknf/policy_nft.py). */
+#define ENDPOINT_POLICY 0x2
 
 /* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
 struct endpoint_info {

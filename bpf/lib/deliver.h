@@ -23,7 +23,7 @@ static __always_inline int deliver_to_pod(struct __sk_buff *skb, struct packet *
 	__u32 len = skb->len;
 	int verdict;
 
-	if (!mac_equal(pkt->h_dest, ep->mac) || ep->flags & ENDPOINT_SHAPED)
+	if (!mac_equal(pkt->h_dest, ep->mac) || ep->flags & (ENDPOINT_SHAPED | ENDPOINT_POLICY))
 		return TC_ACT_OK;
 	bpf_skb_change_type(skb, PACKET_HOST);
 	verdict = bpf_redirect_peer(ep->ifindex, 0);

@@ -102,6 +102,12 @@ class BpfDatapath:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
         self._cluster: ipaddress.IPv4Network | None = None
+        # Endpoints a NetworkPolicy selects (set_policy_endpoints); at start, what the pinned entries say,
+        # so re-attaching pods before the policy source has answered keeps them on the kernel path.
+        self._policy: set[str] = {
+            str(ipaddress.IPv4Address(socket.ntohl(key)))
+            for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
+            if entry.flags & bpfmaps.ENDPOINT_POLICY}
         self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -144,7 +150,8 @@ class BpfDatapath:
                 program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
                 tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
-                                    flags=bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
+                                    flags=(bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
+                                    | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._policy else 0))
         leaf.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["local_macs"], _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))
         bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
@@ -199,6 +206,18 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
         if self._syncing and self._cluster is not None:
             self._finish_sync()
+
+    def set_policy_endpoints(self, ips: set[str]) -> None:
+        """Flag exactly these endpoints ENDPOINT_POLICY: the programs leave their frames to the kernel path,
+        where sknf.policy_nft's rules are (called after those rules are in place)."""
+        self._policy = set(ips)
+        for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
+            ip = str(ipaddress.IPv4Address(socket.ntohl(key)))
+            flags = entry.flags | bpfmaps.ENDPOINT_POLICY if ip in self._policy else \
+                entry.flags & ~bpfmaps.ENDPOINT_POLICY
+            if flags != entry.flags:
+                entry.flags = flags
+                bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
 
     def read_counters(self) -> dict[str, PodCounters]:
         return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"], self.maps["pod_refused"])

@@ -37,6 +37,7 @@ class EndpointInfo(ctypes.Structure):
 
 
 ENDPOINT_SHAPED = 0x1  # endpoint_info.flags (bpf/lib/common.h): deliver through the bridge, never redirect
+ENDPOINT_POLICY = 0x2  # a NetworkPolicy selects it: to and from it, the kernel path (nftables enforces)
 
 
 class MacKey(ctypes.Structure):

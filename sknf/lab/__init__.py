@@ -39,7 +39,7 @@ from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
 from sknf.config import VXLAN_OVERHEAD
-from sknf.lab import kubeproxy
+from sknf.lab import kubeproxy, manifests
 from sknf.lab.kubeproxy import Service
 from sknf.lab.runtime import LabError, bandwidth, cni_exec, run_chain, with_runtime_config
 
@@ -164,6 +164,11 @@ class Lab:
     def plugin_dir(self) -> str:
         return f"{self.root / 'bin'}:{REFERENCE_PLUGINS}"
 
+    @property
+    def manifest_dir(self) -> Path:
+        """The NetworkPolicy inputs every agent watches (sknf.lab.manifests)."""
+        return self.root / "manifests"
+
     def node_dir(self, node: str) -> Path:
         return self.root / node
 
@@ -211,6 +216,7 @@ class Lab:
         if (self.root / "state.json").exists():
             raise LabError(f"lab {self.prefix!r} is already up; run `sknf lab down --prefix {self.prefix}` first")
         self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest_dir.mkdir(exist_ok=True)
         self.save()
         self._underlay()
         for i in range(1, self.n_nodes + 1):
@@ -280,7 +286,7 @@ class Lab:
             "bpf_pin_dir": f"/sys/fs/bpf/{self.prefix}-{name}", "datapath": self.state.datapath,
             "metrics_bind": f"{underlay_ip}:{METRICS_PORT}", "reconcile_interval": 2,
             "install_cni": True, "cni_bin_dir": str(self.root / "bin"), "cni_conf_dir": str(d / "net.d"),
-            "cni_conf_name": CONFLIST,
+            "cni_conf_name": CONFLIST, "policy_dir": str(self.manifest_dir),
         }
         (d / "config.yaml").write_text(yaml.safe_dump(settings))
         self.state.nodes.append(LabNode(name=name, netns=ns, underlay_ip=underlay_ip, pod_cidr=pod_cidr,
@@ -363,10 +369,12 @@ class Lab:
         self.save()
         conflist = with_runtime_config(self.conflist(node), runtime_config or {})
         result = run_chain(self.plugin_dir, "ADD", conflist, container_id=pod.container_id,
-                           netns=nsutil.netns_path(ns), args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
+                           netns=nsutil.netns_path(ns),
+                           args=f"K8S_POD_NAMESPACE={manifests.LAB_NAMESPACE};K8S_POD_NAME={name}")
         pod.ip = result["ips"][0]["address"].split("/")[0]
         pod.host_ifname = result["interfaces"][0]["name"]
         self.save()
+        manifests.write(self.manifest_dir, f"pod-{name}", [manifests.pod(name, node.name, pod.ip, SERVER_PORT)])
 
     def services(self, extra: bool = False) -> list[Service]:
         """What a real cluster has: a ClusterIP per node backed by its first pod, the `kubernetes` Service

@@ -18,8 +18,21 @@ from typing import Any
 
 import kmock
 import yaml
+from kmock._internal import parsing as kmock_parsing
 
 NODES = "v1/nodes"
+
+
+def _parse_path(path: str, _original=kmock_parsing.parse_path) -> kmock_parsing.ParsedPath:
+    """kmock's path parser, taught the Namespace resource itself: it read /api/v1/namespaces[/name] as
+    a namespaced path missing its resource, so listing, reading or patching Namespaces failed."""
+    parts = path.split("?")[0].strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _original(path)
+
+
+kmock_parsing.parse_path = _parse_path
 
 
 class Emulator(kmock.KubernetesEmulator):

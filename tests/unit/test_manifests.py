@@ -77,9 +77,12 @@ def test_schema_validation_catches_a_misspelt_field(ds: dict) -> None:
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_rbac_is_nodes_read_and_patch_only(pod: dict) -> None:
+def test_rbac_is_nodes_read_and_patch_and_policy_inputs_read_only(pod: dict) -> None:
     role = one("rbac.yaml", "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]}]
     account = one("rbac.yaml", "ServiceAccount")["metadata"]
     binding = one("rbac.yaml", "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",

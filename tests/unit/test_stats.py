@@ -226,3 +226,14 @@ def test_agent_down_reads_leases_and_links(tmp_path: Path, capsys) -> None:
     assert out["ipam"] == {"allocated": 1, "capacity": 253}
     assert [(p["namespace"], p["pod"], p["ip"], p["rx_bytes"]) for p in out["pods"]] == [
         ("default", "web-1", "10.244.1.2", 0)]
+
+
+def test_pod_filter_lists_the_policies_selecting_each_pod(agent: Path, capsys) -> None:
+    rows = [{"namespace": "lab", "pod": "a", "container_id": "c" * 64,
+             "policies": {"ingress": ["lab/deny", "lab/web"], "egress": ["lab/dns"]}},
+            {"namespace": "lab", "pod": "b", "container_id": "d" * 64, "policies": {}},
+            {"namespace": "lab", "pod": "c", "container_id": "e" * 64}]  # an agent without NetworkPolicy
+    assert stats.policy_lines(rows) == ["lab/a: ingress lab/deny, lab/web; egress lab/dns",
+                                        "lab/b: no NetworkPolicy selects it (all traffic allowed)"]
+    assert stats.run(args_for(["--socket", str(agent), "--pod", "web"])) == 0
+    assert "policies:" not in capsys.readouterr().out  # this agent enforces no policy: nothing to say
