@@ -30,7 +30,7 @@ from sknf.health import PeerHealth
 from sknf.logbuffer import FORMAT, LogBuffer
 from sknf.metrics import Metrics, Snapshot, take_snapshot
 from sknf.peers import Node, PeerSource, StaticPeerSource
-from sknf.policy_agent import Enforcer, source_for
+from sknf.policy.enforcer import Enforcer, source_for
 from sknf.stats import Sampler, handle_query
 
 log = logging.getLogger("sknf.agent")

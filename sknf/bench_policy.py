@@ -27,10 +27,11 @@ import time
 
 from pyroute2 import netns as pnetns
 
-from sknf import nsutil, policy_nft, stats
+from sknf import nsutil, stats
 from sknf.bench_datapath import Pair, servers, throughput
 from sknf.lab import Lab, manifests
 from sknf.policy import LocalEndpoint, compile_policies
+from sknf.policy import nft as policy_nft
 
 TARGET = 1.0  # seconds to compile 1,000 pods and 200 policies
 

@@ -75,7 +75,7 @@ def _datapath(cfg: Config) -> list[str]:
 
 
 def _policy(cfg: Config) -> list[str]:
-    from sknf import policy_nft
+    from sknf.policy import nft as policy_nft
 
     return [f"nftables table {policy_nft.FAMILY} {policy_nft.TABLE}"] if policy_nft.remove() else []
 

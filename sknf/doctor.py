@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sknf import api, guard, policy_nft
+from sknf import api, guard
 from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, ConfigError, load
+from sknf.policy import nft as policy_nft
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 RANK = {OK: 0, WARN: 1, FAIL: 2}

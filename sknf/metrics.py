@@ -112,7 +112,7 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
                   policy_drops: dict[str, int] | None = None) -> Snapshot:
     """What a scrape and the agent's stats reply show: one read of the counters, then of the leases
     (a pod added in between shows zeros, one deleted in between is not shown). policy_drops: frames
-    NetworkPolicy dropped per pod address (sknf.policy_nft), reason `policy` beside the refused ones."""
+    NetworkPolicy dropped per pod address (sknf.policy.nft), reason `policy` beside the refused ones."""
     counters = datapath.read_counters()
     leases = store.leases()
     for lease in leases if policy_drops else ():

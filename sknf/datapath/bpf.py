@@ -209,7 +209,7 @@ class BpfDatapath:
 
     def set_policy_endpoints(self, ips: set[str]) -> None:
         """Flag exactly these endpoints ENDPOINT_POLICY: the programs leave their frames to the kernel path,
-        where sknf.policy_nft's rules are (called after those rules are in place)."""
+        where sknf.policy.nft's rules are (called after those rules are in place)."""
         self._policy = set(ips)
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             ip = str(ipaddress.IPv4Address(socket.ntohl(key)))

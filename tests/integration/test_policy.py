@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 
 from sknf import nsutil, stats
 from sknf.lab import REPO, SERVER_PORT, SERVICE_BASE, SVC_TCP_PORT, SVC_UDP_PORT, Lab, manifests
@@ -33,13 +33,8 @@ SERVICE = str(SERVICE_BASE)  # ClusterIP backed by n1p1
 
 @pytest.fixture(scope="module", params=["kernel", "bpf"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath=request.param) as built:
+        yield built
 
 
 @pytest.fixture

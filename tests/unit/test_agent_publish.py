@@ -49,7 +49,7 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> agent_mod.Agent:
     a.source, a.peers, a.pod_cidr, a.datapath, a.node = Source(), [], POD_CIDR, Datapath(), None
     a.underlay = built
     a.iptables = None  # the backend the agent detects at start; ensure_rules is replaced below
-    a.policy = None  # no NetworkPolicy source (tests/unit/test_policy_agent.py covers it)
+    a.policy = None  # no NetworkPolicy source (tests/unit/test_enforcer.py covers it)
     monkeypatch.setattr(a, "recover_store", lambda: None)
     monkeypatch.setattr(a, "replay_pending_dels", lambda: None)
     monkeypatch.setattr(overlay, "ensure_node", lambda cfg, cidr: a.underlay)

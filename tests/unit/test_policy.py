@@ -182,7 +182,7 @@ def test_a_pod_without_its_object_is_selected_by_empty_selectors_only() -> None:
 
 
 def test_endpoints_with_the_same_rules_share_one_chain() -> None:
-    from sknf import policy_nft
+    from sknf.policy import nft as policy_nft
 
     compiled = compile_policies([DENY_ALL_INGRESS], PODS, NAMESPACES, ENDPOINTS)
     chains, maps = policy_nft.desired(compiled)
@@ -191,7 +191,7 @@ def test_endpoints_with_the_same_rules_share_one_chain() -> None:
 
 
 def test_rules_render_peers_protocols_and_port_ranges() -> None:
-    from sknf import policy_nft
+    from sknf.policy import nft as policy_nft
 
     spec = {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{
         "from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}],

@@ -14,7 +14,7 @@ from kubeapi import ApiServer, eventually
 
 from sknf import kube
 from sknf.config import Config
-from sknf.policy_source import DirectorySource, KubePolicySource, project_pod
+from sknf.policy.source import DirectorySource, KubePolicySource, project_pod
 
 POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
           "metadata": {"namespace": "web", "name": "deny"}, "spec": {"podSelector": {}}}
@@ -52,7 +52,7 @@ def test_a_broken_file_keeps_what_it_held(tmp_path: Path, caplog: pytest.LogCapt
     src = DirectorySource(tmp_path)
     assert len(src.objects().policies) == 1
     path.write_text("kind: NetworkPolicy\nmetadata: [unclosed\n")
-    with caplog.at_level(logging.ERROR, logger="sknf.policy_source"):
+    with caplog.at_level(logging.ERROR, logger="sknf.policy.source"):
         assert len(src.objects().policies) == 1  # not lifted by a typo
         assert len(src.objects().policies) == 1
     assert caplog.text.count(str(path)) == 1  # said once

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sknf import policy_agent, policy_nft
 from sknf.config import Config
 from sknf.ipam import Lease
-from sknf.policy_source import DirectorySource, Objects
+from sknf.policy import enforcer as policy_enforcer
+from sknf.policy import nft as policy_nft
+from sknf.policy.source import DirectorySource, Objects
 
 LEASES = [Lease(ipaddress.IPv4Address("10.244.1.2"), "c1", "eth0", "lab", "a"),
           Lease(ipaddress.IPv4Address("10.244.1.3"), "c2", "eth0", "lab", "b")]
@@ -57,7 +58,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list:
 
 def test_rules_before_flags_and_the_compile_reused_while_inputs_stay(calls: list) -> None:
     source = Source(Objects(pods=PODS, policies=[DENY_A]))
-    enforcer = policy_agent.Enforcer(source, Datapath(calls))
+    enforcer = policy_enforcer.Enforcer(source, Datapath(calls))
     enforcer.sync(LEASES)
     assert calls == [("nft", ["10.244.1.2"]), ("forget", ["10.244.1.2", "10.244.1.3"]), ("flags", ["10.244.1.2"])]
     enforcer.sync(LEASES)  # nothing changed: the table is still checked, nothing recompiled
@@ -68,14 +69,14 @@ def test_rules_before_flags_and_the_compile_reused_while_inputs_stay(calls: list
 
 
 def test_nothing_is_done_before_the_source_answered(calls: list) -> None:
-    policy_agent.Enforcer(Source(None), Datapath(calls)).sync(LEASES)
+    policy_enforcer.Enforcer(Source(None), Datapath(calls)).sync(LEASES)
     assert calls == []
 
 
 def test_each_problem_is_logged_once(calls: list, caplog: pytest.LogCaptureFixture) -> None:
     source = Source(Objects(pods=PODS, policies=[BROKEN]))
-    enforcer = policy_agent.Enforcer(source, Datapath(calls))
-    with caplog.at_level(logging.WARNING, logger="sknf.policy_agent"):
+    enforcer = policy_enforcer.Enforcer(source, Datapath(calls))
+    with caplog.at_level(logging.WARNING, logger="sknf.policy.enforcer"):
         enforcer.sync(LEASES)
         source.dirty = True
         enforcer.sync(LEASES)
@@ -85,6 +86,6 @@ def test_each_problem_is_logged_once(calls: list, caplog: pytest.LogCaptureFixtu
 
 def test_source_follows_the_settings(tmp_path: Path) -> None:
     base = {"node_name": "n1", "cluster_cidr": ipaddress.IPv4Network("10.244.0.0/16"), "peers_file": tmp_path}
-    assert isinstance(policy_agent.source_for(Config(**base, policy_dir=tmp_path)), DirectorySource)
-    assert policy_agent.source_for(Config(**base)) is None  # static peers, no directory: nothing to enforce
-    assert policy_agent.source_for(Config(**base, policy_dir=tmp_path, network_policy=False)) is None
+    assert isinstance(policy_enforcer.source_for(Config(**base, policy_dir=tmp_path)), DirectorySource)
+    assert policy_enforcer.source_for(Config(**base)) is None  # static peers, no directory: nothing to enforce
+    assert policy_enforcer.source_for(Config(**base, policy_dir=tmp_path, network_policy=False)) is None

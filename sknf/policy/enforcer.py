@@ -18,11 +18,11 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from sknf import policy_nft
 from sknf.config import Config
 from sknf.ipam import Lease
 from sknf.policy import Compiled, LocalEndpoint, compile_policies
-from sknf.policy_source import DirectorySource, Objects, PolicySource
+from sknf.policy import nft as policy_nft
+from sknf.policy.source import DirectorySource, Objects, PolicySource
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def source_for(cfg: Config, kube_api: Any = None) -> PolicySource | None:
         return DirectorySource(cfg.policy_dir)
     if cfg.peer_source == "kubernetes":
         from sknf.kube import connect
-        from sknf.policy_source import KubePolicySource
+        from sknf.policy.source import KubePolicySource
 
         return KubePolicySource(kube_api or connect(cfg))
     return None

@@ -1,7 +1,7 @@
 """NetworkPolicy compiler: networking.k8s.io/v1 objects in, per-local-endpoint allow lists out.
 
 Why it works this way:
-- Enforcement (sknf.policy_nft) needs, for each local pod and direction, only "which peer addresses
+- Enforcement (sknf.policy.nft) needs, for each local pod and direction, only "which peer addresses
   on which ports": so the whole API (selectors, namespaces, ipBlock, named ports, endPort, policy
   types and their defaults) is resolved here, once per change, into address intervals and port ranges,
   and the kernel never sees a label. A pure function of its inputs: the unit case table runs it
