@@ -264,8 +264,7 @@ class BpfDatapath:
         return refused
 
     def _guard(self, slot: int) -> int:
-        value = bpfmaps.lookup(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64)
-        return value.value if value is not None else 0
+        return _guard_slot(self.maps["flow_guard"], slot)
 
     def _set_guard(self, slot: int, value: int) -> None:
         bpfmaps.update(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64(value))
@@ -302,9 +301,7 @@ class BpfDatapath:
 
     def flow_table(self) -> flows.FlowTable:
         """The learned-flow map's occupancy and guard, for metrics and `sknf stats`."""
-        return flows.FlowTable(entries=bpfmaps.count(self.maps["kernel_flows"]), capacity=self.capacity,
-                               full=bool(self._guard(GUARD_FULL)), syncing=bool(self._guard(GUARD_SYNCING)),
-                               failed_learns=self._guard(GUARD_FAILED_LEARNS))
+        return _flow_table(self.maps["kernel_flows"], self.maps["flow_guard"])
 
     def watch_events(self, sink: Callable[[events.RawEvent], None]) -> None:
         """Hand every flow event the programs report to sink, from a thread of its own, until close()."""
@@ -365,6 +362,26 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
     with (bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
           bpfmaps.pinned(pin_dir / "pod_refused") as refused):
         return _pod_counters(endpoints, counters, refused)
+
+
+def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:
+    """The learned-flow map of a node whose agent is not running, from the pins; FileNotFoundError without."""
+    with bpfmaps.pinned(pin_dir / "kernel_flows") as table, bpfmaps.pinned(pin_dir / "flow_guard") as guard:
+        bpfmaps.check_layout(table, *MAP_LAYOUTS["kernel_flows"])
+        bpfmaps.check_layout(guard, *MAP_LAYOUTS["flow_guard"])
+        return _flow_table(table, guard)
+
+
+def _flow_table(table_fd: int, guard_fd: int) -> flows.FlowTable:
+    return flows.FlowTable(entries=bpfmaps.count(table_fd), capacity=bpfmaps.map_info(table_fd).max_entries,
+                           full=bool(_guard_slot(guard_fd, GUARD_FULL)),
+                           syncing=bool(_guard_slot(guard_fd, GUARD_SYNCING)),
+                           failed_learns=_guard_slot(guard_fd, GUARD_FAILED_LEARNS))
+
+
+def _guard_slot(fd: int, slot: int) -> int:
+    value = bpfmaps.lookup(fd, ctypes.c_uint32(slot), ctypes.c_uint64)
+    return value.value if value is not None else 0
 
 
 def _pod_counters(endpoints_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
