@@ -9,8 +9,9 @@ the time someone asks. Addresses resolve as far as this node knows: its own pods
 gateway) by peer, a ClusterIP by conntrack (the flow's original destination, DNATed to a backend),
 everything else as "world".
 
-Memory: CAPACITY events of ~0.3 KiB each (a slotted record, its two address strings and a float;
-the parties' names are shared), ~1.3 MiB for 4,096 (measured in tests/unit/test_flowlog.py).
+Memory: CAPACITY events of ~0.3 KiB each (a slotted record, a float, the ports; the parties are
+shared through the resolver's cache), 1.2 MiB for 4,096 (tests/unit/test_flowlog.py measures it),
+plus the cache of at most CACHE_LIMIT resolved addresses (~1 MiB when every address differs).
 
 The socket protocol is one request, one reply; following is a long poll: {"op": "flows", "after":
 <seq>, "wait": <s>} answers as soon as an event newer than seq exists, or after wait seconds.
@@ -135,7 +136,11 @@ class Resolver:
         if now - self._read_at < REFRESH:
             return
         self._read_at = now
-        view = self._view()
+        try:
+            view = self._view()
+        except Exception as e:  # a lease store being rebuilt: resolve with what was read before
+            log.warning("flow events: cannot read the node's leases and peers (%s); names may be stale", e)
+            return
         self._node, self._cluster = view.node, view.cluster
         known: dict[str, Party] = {}
         subnets = []

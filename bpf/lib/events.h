@@ -61,6 +61,7 @@ struct flow_event {
 	__u8 reason; /* drops: enum refused_reason, or DROP_REDIRECT */
 	__u8 pad;
 };
+_Static_assert(sizeof(struct flow_event) == 56, "sknf/datapath/events.py reads 56-byte events");
 
 static __always_inline int events_on(void)
 {
