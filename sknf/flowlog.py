@@ -328,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
         if reply.get("unavailable"):
             print(f"sknf flows: no flow events on this node: {reply['unavailable']}", file=sys.stderr)
             return NO_EVENTS
+        if reply.get("lost"):
+            print(f"sknf flows: {reply['lost']} events lost since the programs were loaded (the ring buffer was "
+                  "full: the agent was down or could not keep up)", file=sys.stderr)
         if args.output == "table":
             print(HEADER)
         while True:
