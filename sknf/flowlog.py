@@ -215,22 +215,24 @@ class FlowLog:
     def _service_backend(self, raw: RawEvent) -> conntrack.FlowTuple | None:
         """The reply tuple of a flow conntrack DNATed (its destination was a Service), else None."""
         t = (raw.src, raw.dst, raw.sport, raw.dport, raw.proto)
-        for attempt in range(2):
-            try:
-                if self._conntrack is None:
-                    self._conntrack = conntrack.Conntrack()
-                entry = self._conntrack.entries([t]).get(t)
-            except OSError as e:
-                log.debug("flow events: no conntrack lookup (%s)", e)
-                self._conntrack = None
-                return None
-            if entry is not None:
-                return entry.reply if entry.reply[0] != raw.dst else None
-            wait = raw.time + CONNTRACK_GRACE - time.time()
-            if attempt or wait <= 0:
-                return None
+        entry = self._conntrack_entry(t)
+        wait = raw.time + CONNTRACK_GRACE - time.time()
+        if entry is None and wait > 0:
             time.sleep(wait)  # the entry is confirmed once the frame has left the node's stack
-        return None
+            entry = self._conntrack_entry(t)
+        return entry.reply if entry is not None and entry.reply[0] != raw.dst else None
+
+    def _conntrack_entry(self, t: conntrack.FlowTuple) -> conntrack.Entry | None:
+        try:
+            if self._conntrack is None:
+                self._conntrack = conntrack.Conntrack()  # in the reader's thread: the agent's namespace
+            return self._conntrack.entries([t]).get(t)
+        except OSError as e:
+            log.debug("flow events: no conntrack lookup (%s)", e)
+            if self._conntrack is not None:
+                self._conntrack.close()
+                self._conntrack = None
+            return None
 
     def query(self, req: dict[str, Any]) -> dict[str, Any]:
         """{"op": "flows"}: events newer than "after" (else the last "last"), of pods matching "namespace" and
