@@ -18,7 +18,7 @@ The lab's nodes are switched between four datapaths; the pods, veths and rules s
 - fast path: as the agent set it up, flow events off (events_enabled 0);
 - fast path + flow events: the same with flow events on (the agent's default, `flow_events: true`):
   each frame also looks its flow up in events_seen, each new flow is queued in the ring buffer (which
-  nobody drains while the agents are stopped: past ~3,600 events, queuing fails and is counted lost,
+  nobody drains while the agents are stopped: past 4,096 events, queuing fails and is counted lost,
   as cheap as a success).
 The agents are stopped while measuring (programs, maps and pins stay, as after any agent exit),
 because a running agent's reconcile would put back within seconds what the switch removes. They are

@@ -56,7 +56,8 @@ BPF_TABLE_PINNED("array", __u32, __u64, flow_guard, FLOW_GUARD_SLOTS, SKNF_PIN_D
 /* Flow events (bpf/lib/events.h): the ring buffer the programs hand events to the agent through, the
  * on/off switch, the flows already reported and the events the full ring buffer refused. BCC has no
  * pinned BPF_RINGBUF_OUTPUT: this is its table struct in a pinned section. 64 pages (256 KiB with
- * 4 KiB pages) hold ~3,600 events; the agent drains it continuously, the size only absorbs bursts. */
+ * 4 KiB pages) hold 4,096 events of 64 bytes (56 + an 8-byte header); the agent drains it continuously,
+ * the size only absorbs bursts. */
 #ifndef SKNF_EVENT_PAGES
 #define SKNF_EVENT_PAGES 64
 #endif

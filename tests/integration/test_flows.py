@@ -200,7 +200,7 @@ def test_lost_events_are_counted_and_doctor_reads_the_flow_map_without_the_agent
             start = events.lost(fd)
             frame = ether(mac_of(victim), mac_of(attacker), ETH_P_IP, udp4("10.244.1.250", victim.ip, b"x"))
             with raw_socket(attacker.netns) as s:
-                for _ in range(6000):  # > the ring buffer's ~3,600 records
+                for _ in range(6000):  # > the ring buffer's 4,096 records
                     s.send(frame)
             assert events.lost(fd) > start
         doctor = subprocess.run([sys.executable, "-m", "sknf", "doctor", "-c", n1.config, "-o", "json"],
