@@ -10,7 +10,7 @@ gateway) by peer, a ClusterIP by conntrack (the flow's original destination, DNA
 everything else as "world".
 
 Memory: CAPACITY events of ~0.3 KiB each (a slotted record, a float, the ports; the parties are
-shared through the resolver's cache), 1.2 MiB for 4,096 (tests/unit/test_flowlog.py measures it),
+shared through the resolver's cache), 1.1 MiB for 4,096 (tests/unit/test_flowlog.py measures it),
 plus the cache of at most CACHE_LIMIT resolved addresses (~1 MiB when every address differs).
 
 The socket protocol is one request, one reply; following is a long poll: {"op": "flows", "after":
@@ -46,6 +46,7 @@ MAX_WAIT = 20.0  # longest long poll (the client's socket timeout is 30 s)
 CONNTRACK_GRACE = 0.05  # a Service flow's first frame may be read before its conntrack entry is confirmed
 CACHE_LIMIT = 4096  # resolved addresses kept between refreshes (world addresses are unbounded)
 REFRESH = 1.0  # seconds between re-reads of the leases, peers and interface names
+FRESH = 0.1  # ... and at least between re-reads for a local address or device not known yet (a pod just added)
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 NO_EVENTS = 3  # `sknf flows` exit status: this node's datapath has no flow events (kernel datapath)
 
@@ -119,7 +120,9 @@ class NodeView:
 
 
 class Resolver:
-    """Addresses and interfaces to names, from a NodeView re-read at most every REFRESH seconds."""
+    """Addresses and interfaces to names, from a NodeView re-read every REFRESH seconds, and sooner (FRESH)
+    for an address of this node's subnet or a device it does not know yet: a pod's first frames follow
+    its ADD by milliseconds."""
 
     def __init__(self, view: Callable[[], NodeView]) -> None:
         self._view = view
@@ -131,16 +134,17 @@ class Resolver:
         self._devices: dict[int, str] = {}
         self._cache: dict[str, Party] = {}
 
-    def _refresh(self) -> None:
+    def _refresh(self, every: float = REFRESH) -> bool:
+        """Re-read the view if it is older than `every` seconds; True if it was."""
         now = time.monotonic()
-        if now - self._read_at < REFRESH:
-            return
+        if now - self._read_at < every:
+            return False
         self._read_at = now
         try:
             view = self._view()
         except Exception as e:  # a lease store being rebuilt: resolve with what was read before
             log.warning("flow events: cannot read the node's leases and peers (%s); names may be stale", e)
-            return
+            return False
         self._node, self._cluster = view.node, view.cluster
         known: dict[str, Party] = {}
         subnets = []
@@ -156,9 +160,16 @@ class Resolver:
             known[ip] = Party(ip, "pod", lease.namespace, lease.pod or lease.container_id[:12], view.node)
         self._known, self._subnets, self._cache = known, subnets, {}
         self._devices = dict(socket.if_nameindex())
+        return True
 
     def party(self, ip: str) -> Party:
         self._refresh()
+        found = self._lookup(ip)
+        if found.kind == "pod" and not found.pod and self._refresh(FRESH):
+            found = self._lookup(ip)
+        return found
+
+    def _lookup(self, ip: str) -> Party:
         if (found := self._known.get(ip) or self._cache.get(ip)) is not None:
             return found
         found = self._classify(ip)
@@ -181,6 +192,8 @@ class Resolver:
 
     def device(self, ifindex: int) -> str:
         self._refresh()
+        if ifindex not in self._devices:
+            self._refresh(FRESH)
         return self._devices.get(ifindex, str(ifindex))
 
 

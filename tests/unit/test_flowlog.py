@@ -87,6 +87,16 @@ def test_resolution(ip: str, kind: str, label: str) -> None:
     assert party.kind == kind and party.label(80) == label
 
 
+def test_a_pod_just_added_is_named_without_waiting_for_the_next_refresh() -> None:
+    current = view()
+    resolver = flowlog.Resolver(lambda: current)
+    assert resolver.party("10.244.1.9").pod == ""  # no lease yet
+    current.leases.append(Lease(ipaddress.IPv4Address("10.244.1.9"), "e" * 64, "eth0", "default", "new"))
+    time.sleep(flowlog.FRESH * 1.5)  # well before REFRESH
+    assert resolver.party("10.244.1.9").label() == "default/new"
+    assert resolver.party("203.0.113.10").kind == "world"
+
+
 def raw(src: str = "10.244.1.2", dst: str = "10.244.2.7", kind: str = "flow", proto: int = 6,
         dport: int = 8080) -> RawEvent:
     return RawEvent(time=time.time(), kind=kind, hook="from-pod", path="fast", reason="", src=src, dst=dst,
@@ -157,7 +167,8 @@ def test_memory_of_a_full_log() -> None:
     resolver = flowlog.Resolver(view)
     resolver.party("10.244.1.2")  # the node's tables read: the log's share is what is measured
     log = flowlog.FlowLog(resolver, lost=lambda: 0)
-    records = [record(mapped(f"10.244.1.{i % 200 + 2}"), mapped(f"203.0.113.{i % 250}"), time_ns=i, kind=1, hook=1,
+    nets = ("203.0.113", "10.244.2")  # the Internet, another node's pods; sources: this node's two pods
+    records = [record(mapped(f"10.244.1.{i % 2 + 2}"), mapped(f"{nets[i % 2]}.{i % 250}"), time_ns=i, kind=1, hook=1,
                       path=1, proto=6, sport=socket.htons(30000 + i), dport=socket.htons(443), ifindex=1)
                for i in range(flowlog.CAPACITY)]
     gc.collect()
