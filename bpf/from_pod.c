@@ -1,5 +1,6 @@
 /* Programs on the pod's host veth, tc ingress: every frame the pod sends ("from the pod"). */
 #include "lib/deliver.h"
+#include "lib/events.h"
 #include "lib/flows.h"
 #include "lib/guard.h"
 
@@ -49,8 +50,10 @@ static __always_inline int sent_by_pod(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	int verdict = guard_source(skb);
 
-	if (verdict == TC_ACT_OK)
+	if (verdict == TC_ACT_OK) {
 		verdict = forward_from_pod(skb);
+		event_forwarded(skb, HOOK_FROM_POD, verdict);
+	}
 	count_sent(skb->ifindex, len, verdict);
 	return verdict;
 }
@@ -70,6 +73,8 @@ int from_shaped_pod(struct __sk_buff *skb)
 	__u32 len = skb->len;
 	int verdict = guard_source(skb);
 
+	if (verdict == TC_ACT_OK)
+		event_forwarded(skb, HOOK_FROM_POD, verdict);
 	count_sent(skb->ifindex, len, verdict);
 	return verdict == TC_ACT_OK ? TC_ACT_UNSPEC : verdict;
 }

@@ -1,11 +1,12 @@
 /* Programs on the VXLAN device vxsknf: frames from and to the other nodes. Neither counts: a pod's
  * frames are counted where they leave or enter the pod. */
 #include "lib/deliver.h"
+#include "lib/events.h"
 #include "lib/flows.h"
 
-/* Hook: tc ingress of vxsknf (direction: other node -> this node, decapsulated). A frame for a
- * local pod goes straight into it unless its flow is a learned NAT flow. */
-int from_overlay(struct __sk_buff *skb)
+/* A frame from another node for a local pod goes straight into it unless its flow is a learned NAT
+ * flow. */
+static __always_inline int forward_from_overlay(struct __sk_buff *skb)
 {
 	struct sknf_config *cfg = node_config();
 	struct endpoint_info *ep;
@@ -20,6 +21,15 @@ int from_overlay(struct __sk_buff *skb)
 	verdict = deliver_to_pod(skb, &pkt, ep);
 	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
 		count_received(ep->ifindex, skb->len, verdict);
+	return verdict;
+}
+
+/* Hook: tc ingress of vxsknf (direction: other node -> this node, decapsulated). */
+int from_overlay(struct __sk_buff *skb)
+{
+	int verdict = forward_from_overlay(skb);
+
+	event_forwarded(skb, HOOK_FROM_OVERLAY, verdict);
 	return verdict;
 }
 

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from sknf import api, cni, ipam, iptables, overlay, pod
+from sknf import api, cni, flowlog, ipam, iptables, overlay, pod
 from sknf.config import Config, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
@@ -78,6 +78,9 @@ class Agent:
         self.metrics = Metrics(cfg.node_name, self.snapshot)
         self.sampler = Sampler()
         self.health = PeerHealth(cfg.node_name, lambda: self.peers, self.metrics.registry)
+        self.flows: flowlog.FlowLog | None = None
+        if hasattr(self.datapath, "watch_events") and cfg.flow_events:
+            self.flows = flowlog.FlowLog(flowlog.Resolver(self.node_view), self.datapath.events_lost)
         self.stop = threading.Event()
         self.serving = False
         self._servers: list = []
@@ -181,6 +184,18 @@ class Agent:
         reply = {**handle_query(self.sampler, self.snapshot()), "iptables": self.iptables.mode}
         return self.policy.annotate(reply) if self.policy is not None else reply
 
+    def node_view(self) -> flowlog.NodeView:
+        """What flow events are resolved against: this node's leases and the peers."""
+        return flowlog.NodeView(self.cfg.node_name, self.cfg.cluster_cidr, self.store.leases(), list(self.peers))
+
+    def flows_handler(self) -> api.Handler:
+        if self.flows is not None:
+            return self.flows.query
+        if self.datapath.mode == "bpf":
+            return flowlog.unavailable("bpf", "flow events are off (flow_events: false in the agent's settings)")
+        return flowlog.unavailable(self.datapath.mode, f"the {self.datapath.mode} datapath has no flow events "
+                                   "(they come from the eBPF programs: datapath bpf)")
+
     def ready(self) -> bool:
         return self.node is not None and self.serving
 
@@ -202,7 +217,10 @@ class Agent:
             "stats": self.stats,
             "health": self.health_report,
             "logs": lambda _req: {"lines": self.log_buffer.tail()},
+            "flows": self.flows_handler(),
         }))
+        if self.flows is not None:
+            self.datapath.watch_events(self.flows.add)
         self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
         self.serving = True
         self.health.start()

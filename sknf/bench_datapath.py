@@ -10,20 +10,24 @@ What runs, all in namespaces this command makes (nothing touches the host's netw
 - the cross-node limit: node to node over the lab's underlay, through both nodes' conntrack and rules
   (its MTU is the underlay's 1500; pods get 1450, the rest is VXLAN's overhead).
 
-The lab's nodes are switched between three datapaths; the pods, veths and rules stay the same:
+The lab's nodes are switched between four datapaths; the pods, veths and rules stay the same:
 - bridge: no sknf program anywhere, exactly what the kernel datapath runs;
 - counting: sknf's programs attached, vxlan_ifindex 0 in the nodes' config map. That is the programs'
   own "not set up yet" state: every frame takes the bridge path and is still counted per pod, and no
   flow is learned (the cost of counting alone);
-- fast path: as the agent set it up.
+- fast path: as the agent set it up, flow events off (events_enabled 0);
+- fast path + flow events: the same with flow events on (the agent's default, `flow_events: true`):
+  each frame also looks its flow up in events_seen, each new flow is queued in the ring buffer (which
+  nobody drains while the agents are stopped: past 4,096 events, queuing fails and is counted lost,
+  as cheap as a success).
 The agents are stopped while measuring (programs, maps and pins stay, as after any agent exit),
 because a running agent's reconcile would put back within seconds what the switch removes. They are
 restarted before the lab is torn down. The switch re-attaches the agent's own pinned programs.
 
 Each round measures throughput (iperf3, one TCP stream, the receiver's rate), then RTT (sockperf UDP
-ping-pong, p50), client and server pinned to one CPU: first the four same-node paths back to back
-(limit, bridge, counting, fast path, in an order that rotates between rounds), then the four cross-node
-ones. Other work on the machine moves one-stream throughput by tens of percent within a minute, so
+ping-pong, p50), client and server pinned to one CPU: first the five same-node paths back to back
+(limit, bridge, counting, fast path, fast path + events, in an order that rotates between rounds), then
+the five cross-node ones. Other work on the machine moves one-stream throughput by tens of percent within a minute, so
 tests are short and rounds many, and each ratio pairs figures taken seconds apart in the same round:
 printed are the median of the per-round ratios and their range; absolute figures are medians of rounds.
 This is a benchmark, not a test: it prints PASS/MISS per target and exits 0 whatever they say.
@@ -58,8 +62,8 @@ from sknf.lab import Lab, LabError, LabNode, LabPod
 IPERF_PORT, SOCKPERF_PORT = 5201, 11111
 DIRECT_CLIENT, DIRECT_SERVER, DIRECT_PREFIXLEN = "10.250.0.1", "10.250.0.2", 24
 
-BRIDGE, COUNTING, FAST = "bridge", "counting", "fast path"
-STATES = (BRIDGE, COUNTING, FAST)
+BRIDGE, COUNTING, FAST, EVENTS = "bridge", "counting", "fast path", "fast path + flow events"
+STATES = (BRIDGE, COUNTING, FAST, EVENTS)
 LIMITS = "limits"
 GROUPS = (LIMITS, *STATES)  # measured in this order, rotated by one each round
 
@@ -67,6 +71,7 @@ DIRECT, UNDERLAY = "direct veth (same-node limit)", "underlay (cross-node limit)
 BRIDGE_SAME, BRIDGE_CROSS = "bridge, same node", "bridge+VXLAN, cross node"
 COUNT_SAME, COUNT_CROSS = "counting, same node", "counting, cross node"
 FAST_SAME, FAST_CROSS = "fast path, same node", "fast path, cross node"
+EVENTS_SAME, EVENTS_CROSS = "fast path + events, same node", "fast path + events, cross node"
 
 
 class BenchError(RuntimeError):
@@ -115,6 +120,10 @@ TARGETS = (
     Target("counting cost, same node: RTT p50 / bridge", "rtt", COUNT_SAME, BRIDGE_SAME, 1.03),
     Target("counting cost, cross node: throughput / bridge+VXLAN", "gbit", COUNT_CROSS, BRIDGE_CROSS, 0.97),
     Target("counting cost, cross node: RTT p50 / bridge+VXLAN", "rtt", COUNT_CROSS, BRIDGE_CROSS, 1.03),
+    Target("flow events cost, same node: throughput / fast path", "gbit", EVENTS_SAME, FAST_SAME, 0.97),
+    Target("flow events cost, same node: RTT p50 / fast path", "rtt", EVENTS_SAME, FAST_SAME, 1.03),
+    Target("flow events cost, cross node: throughput / fast path", "gbit", EVENTS_CROSS, FAST_CROSS, 0.97),
+    Target("flow events cost, cross node: RTT p50 / fast path", "rtt", EVENTS_CROSS, FAST_CROSS, 1.03),
 )
 
 
@@ -218,6 +227,7 @@ class NodePins:
     hooks: list[tuple[int, dict[str, int]]]  # (ifindex, {program: tc hook}) for each host veth and vxsknf
     config_fd: int
     config: bpfmaps.Config  # as the agent wrote it
+    events_fd: int  # events_enabled
 
 
 class Switch:
@@ -232,6 +242,8 @@ class Switch:
                 programs[name] = bpfmaps.open_pinned(pin_dir / f"prog_{name}")
                 stack.callback(os.close, programs[name])
             config_fd = stack.enter_context(bpfmaps.pinned(pin_dir / "config"))
+            events_fd = stack.enter_context(bpfmaps.pinned(pin_dir / "events_enabled"))
+            bpfmaps.check_layout(events_fd, ctypes.c_uint32, ctypes.c_uint32)
             bpfmaps.check_layout(config_fd, ctypes.c_uint32, bpfmaps.Config)
             config = bpfmaps.lookup(config_fd, ctypes.c_uint32(0), bpfmaps.Config)
             if not config.vxlan_ifindex:
@@ -240,7 +252,7 @@ class Switch:
                 hooks = [(netlink.link_index(ipr, p.host_ifname), POD_PROGRAMS)
                          for p in lab.state.pods if p.node == node.name]
                 hooks.append((netlink.link_index(ipr, VXLAN), OVERLAY_PROGRAMS))
-            self.nodes[node.name] = NodePins(node, pin_dir, programs, hooks, config_fd, config)
+            self.nodes[node.name] = NodePins(node, pin_dir, programs, hooks, config_fd, config, events_fd)
 
     def set(self, state: str) -> None:
         for pins in self.nodes.values():
@@ -255,6 +267,7 @@ class Switch:
             if state == COUNTING:
                 config.vxlan_ifindex = 0
             bpfmaps.update(pins.config_fd, ctypes.c_uint32(0), config)
+            bpfmaps.update(pins.events_fd, ctypes.c_uint32(0), ctypes.c_uint32(int(state == EVENTS)))
 
     def frames(self, pod: LabPod) -> tuple[int, int]:
         """(frames sknf's programs counted for the pod, of which on the fast path), from the pinned maps."""
@@ -301,7 +314,7 @@ def lab_pairs(lab: Lab, direct: tuple[str, str]) -> list[Pair]:
     pairs = [Pair(DIRECT, LIMITS, direct[0], direct[1], DIRECT_SERVER, DIRECT),
              Pair(UNDERLAY, LIMITS, n1.netns, n2.netns, n2.underlay_ip, UNDERLAY)]
     for state, same_name, cross_name in ((BRIDGE, BRIDGE_SAME, BRIDGE_CROSS), (COUNTING, COUNT_SAME, COUNT_CROSS),
-                                         (FAST, FAST_SAME, FAST_CROSS)):
+                                         (FAST, FAST_SAME, FAST_CROSS), (EVENTS, EVENTS_SAME, EVENTS_CROSS)):
         pairs += [Pair(same_name, state, src.netns, same.netns, same.ip, DIRECT),
                   Pair(cross_name, state, src.netns, cross.netns, cross.ip, UNDERLAY)]
     return pairs
@@ -358,7 +371,7 @@ def measure(pairs: list[Pair], switch: Switch, probe: LabPod, args: argparse.Nam
                     res.samples[pair.name][metric].append(value)
                     unit = "Gbit/s" if metric == "gbit" else "µs RTT p50"
                     print(f"round {r + 1}/{args.rounds}  {pair.name:<30} {value:7.2f} {unit}", flush=True)
-    switch.set(FAST)
+    switch.set(EVENTS)  # as the agents left it (their default)
     return res
 
 

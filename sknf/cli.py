@@ -18,6 +18,7 @@ COMMANDS = {
     "lab": ("sknf.lab", "a simulated multi-node cluster in network namespaces"),
     "install-cni": ("sknf.install", "install the CNI plugin and its conflist"),
     "cleanup": ("sknf.cleanup", "remove everything sknf made on this node"),
+    "flows": ("sknf.flowlog", "flow events of this node's eBPF datapath: new flows and drops, resolved"),
     "doctor": ("sknf.doctor", "check this node for what breaks pod networking, and say how to fix it"),
     "sysdump": ("sknf.sysdump", "one tarball of this node's networking state for a bug report (no secrets)"),
     "bench": ("sknf.bench", "benchmarks (datapath, cni, scale)"),

@@ -60,6 +60,7 @@ class Config:
     metrics_bind: str = "0.0.0.0:9655"
     reconcile_interval: float = 10.0
     flow_map_capacity: int | None = None  # learned-flow map entries; None: nf_conntrack_max
+    flow_events: bool = True  # BPF datapath: new-flow and drop events for `sknf flows`
     install_cni: bool = False
     cni_bin_dir: Path = Path("/opt/cni/bin")
     cni_conf_dir: Path = Path("/etc/cni/net.d")
@@ -112,7 +113,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return int(raw)
         if name == "reconcile_interval":
             return float(raw)
-        if name in ("masquerade", "install_cni", "network_policy"):
+        if name in ("masquerade", "install_cni", "network_policy", "flow_events"):
             if isinstance(raw, bool):
                 return raw
             text = str(raw).strip().lower()

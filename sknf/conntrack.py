@@ -173,8 +173,12 @@ class Conntrack:
 
     def lookup(self, tuples: Iterable[FlowTuple]) -> set[FlowTuple]:
         """The tuples conntrack has an entry for, in either direction."""
+        return set(self.entries(tuples))
+
+    def entries(self, tuples: Iterable[FlowTuple]) -> dict[FlowTuple, Entry | None]:
+        """The entry of each tuple conntrack knows (in either direction); None if it cannot be parsed."""
         pending = list(tuples)
-        found: set[FlowTuple] = set()
+        found: dict[FlowTuple, Entry | None] = {}
         for i in range(0, len(pending), self.batch):
             sent: dict[int, FlowTuple] = {}
             buf = []
@@ -193,7 +197,7 @@ class Conntrack:
                         if code not in (0, errno.ENOENT):
                             raise ConntrackError(code, f"conntrack lookup: {errno.errorcode.get(code, code)}")
                     else:
-                        found.add(t)
+                        found[t] = _parse_entry(msg)
         return found
 
     def dump(self, status: int = 0, proto: int | None = None) -> Iterator[Entry]:

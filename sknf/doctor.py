@@ -608,6 +608,17 @@ def check_overlay(ctx: Context) -> Finding:
     return Finding("overlay", OK, f"{BRIDGE} and {VXLAN} up, {_n(len(ctx.others()), 'peer')} in the flood list")
 
 
+def _pinned_flow_table(ctx: Context) -> dict[str, Any] | None:
+    """With the agent down: the learned-flow map as its pins hold it (None without BPF pins)."""
+    from sknf.datapath import bpfmaps
+    from sknf.datapath.bpf import read_pinned_flow_table
+
+    try:
+        return dataclasses.asdict(read_pinned_flow_table(ctx.setting("bpf_pin_dir")))
+    except (OSError, bpfmaps.LayoutMismatch):
+        return None
+
+
 def check_capacity(ctx: Context) -> Finding:
     from sknf import netlink
 
@@ -623,7 +634,7 @@ def check_capacity(ctx: Context) -> Finding:
             ipam = None
     if ipam is not None:
         parts.append(_fill("IPAM", ipam["allocated"], ipam["capacity"]))
-    if (ft := ctx.agent.get("flows") if ctx.agent else None) is not None:
+    if (ft := ctx.agent.get("flows") if ctx.agent else _pinned_flow_table(ctx)) is not None:
         parts.append(_fill("flow map", ft["entries"], ft["capacity"]))
         if ft["full"]:
             parts.append((WARN, f"the learned-flow map is full ({ft['failed_learns']} learns refused): pod traffic "

@@ -95,6 +95,7 @@ class Snapshot:
     ipam_capacity: int | None  # None: unknown (read without the agent and its configuration)
     peers: int | None  # other nodes in the overlay; None: unknown (read without the agent)
     flows: FlowTable | None = None  # the BPF datapath's learned-flow map; None: kernel datapath
+    events_lost: int | None = None  # flow events the full ring buffer refused; None: kernel datapath
     taken: float = field(default_factory=time.time)
 
 
@@ -121,9 +122,11 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
             c.refused = {**c.refused, "policy": n}
             c.drops += n
     flow_table = getattr(datapath, "flow_table", None)  # only the BPF datapath learns flows
+    events_lost = getattr(datapath, "events_lost", None)  # and reports flow events
     return Snapshot(node=node, datapath_mode=datapath.mode, datapath_reason=datapath.reason,
                     pods=join(leases, counters), ipam_allocated=len(leases), ipam_capacity=store.capacity,
-                    peers=peers, flows=flow_table() if flow_table is not None else None)
+                    peers=peers, flows=flow_table() if flow_table is not None else None,
+                    events_lost=events_lost() if events_lost is not None else None)
 
 
 def pod_label(ident: PodIdentity) -> tuple[str, str]:
@@ -210,6 +213,9 @@ def render_snapshot(snap: Snapshot, openmetrics: bool = False) -> str:
                  "the kernel path).", int(ft.syncing)),
                 ("sknf_flow_map_failed_learns", "counter", "Flow learns the full map refused.", ft.failed_learns)):
             _family(out, name, kind, doc, [(node, v)], openmetrics)
+    if snap.events_lost is not None:
+        _family(out, "sknf_flow_events_lost", "counter", "Flow events the BPF programs could not queue (ring "
+                "buffer full): `sknf flows` misses them.", [(node, snap.events_lost)], openmetrics)
     build = ",".join(f'{k}="{_escape(v)}"' for k, v in BUILD_LABELS.items())
     _family(out, "sknf_build_info", "gauge", "Always 1; labels say what is running.", [(f"{node},{build}", 1)],
             openmetrics)

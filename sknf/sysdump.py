@@ -6,7 +6,8 @@ qdiscs and filters of `vxsknf`, every pod veth and shaped pod ifb; bpftool's vie
 a dump of each map pinned under bpf_pin_dir; both iptables backends and the nftables ruleset;
 conntrack statistics; the sysctls sknf depends on; the agent's configuration (the file and the
 effective settings), the IPAM leases and parked DELs; and from the running agent its metrics, its
-health and stats replies and its recent log lines (its bounded in-memory buffer, {"op": "logs"});
+health, stats and flows replies (the last 100 flow events) and its recent log lines (its bounded
+in-memory buffer, {"op": "logs"});
 and `sknf doctor`'s findings.
 
 Nothing secret: the kubeconfig and service-account token are never read (only the kubeconfig's
@@ -207,7 +208,7 @@ def collect(config_path: Path | None) -> Iterator[tuple[str, str]]:
     yield from _pinned_maps(cfg.bpf_pin_dir)
     yield "agent/leases.json", _leases(cfg)
     yield "agent/metrics.txt", _metrics(cfg)
-    for op in ("health", "stats"):
+    for op in ("health", "stats", "flows"):
         yield f"agent/{op}.json", json.dumps(_agent(cfg, op), indent=1) + "\n"
     logs = _agent(cfg, "logs")
     yield "agent/log.txt", ("\n".join(logs["lines"]) + "\n") if "lines" in logs else json.dumps(logs) + "\n"

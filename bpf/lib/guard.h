@@ -13,7 +13,7 @@
 
 #include <uapi/linux/if_arp.h>
 
-#include "maps.h"
+#include "events.h"
 
 /* The fixed part of an Ethernet/IPv4 ARP packet. */
 struct arp_ipv4 {
@@ -28,13 +28,15 @@ struct arp_ipv4 {
 	__be32 tip;
 } __attribute__((packed));
 
-static __always_inline int refuse(__u32 ifindex, int reason)
+static __always_inline int refuse(struct __sk_buff *skb, int reason)
 {
 	struct refused_counters zero = {};
+	__u32 ifindex = skb->ifindex;
 	struct refused_counters *c = pod_refused.lookup_or_try_init(&ifindex, &zero);
 
 	if (c && reason >= 0 && reason < REFUSED_REASONS)
 		c->packets[reason]++;
+	event_drop(skb, HOOK_FROM_POD, reason);
 	return TC_ACT_SHOT;
 }
 
@@ -56,33 +58,33 @@ static __always_inline int guard_source(struct __sk_buff *skb)
 	struct pod_identity *id;
 
 	if ((void *)(eth + 1) > data_end || skb->vlan_present)
-		return refuse(ifindex, REFUSED_PROTOCOL);
+		return refuse(skb, REFUSED_PROTOCOL);
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
 		if ((void *)(ip + 1) > data_end)
-			return refuse(ifindex, REFUSED_PROTOCOL);
+			return refuse(skb, REFUSED_PROTOCOL);
 		id = source_of(ifindex, ip->saddr);
 		if (!id)
-			return refuse(ifindex, REFUSED_IP);
-		return mac_equal(eth->h_source, id->mac) ? TC_ACT_OK : refuse(ifindex, REFUSED_MAC);
+			return refuse(skb, REFUSED_IP);
+		return mac_equal(eth->h_source, id->mac) ? TC_ACT_OK : refuse(skb, REFUSED_MAC);
 	}
 	id = pod_identity.lookup(&ifindex);
 	if (!id || !mac_equal(eth->h_source, id->mac))
-		return refuse(ifindex, REFUSED_MAC);
+		return refuse(skb, REFUSED_MAC);
 	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_ipv4 *arp = (void *)(eth + 1);
 
 		if ((void *)(arp + 1) > data_end || arp->hrd != bpf_htons(ARPHRD_ETHER) ||
 		    arp->pro != bpf_htons(ETH_P_IP) || arp->hln != ETH_ALEN || arp->pln != 4)
-			return refuse(ifindex, REFUSED_ARP);
+			return refuse(skb, REFUSED_ARP);
 		if (!mac_equal(arp->sha, id->mac) || (arp->sip && !source_of(ifindex, arp->sip)))
-			return refuse(ifindex, REFUSED_ARP);
+			return refuse(skb, REFUSED_ARP);
 		return TC_ACT_OK;
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return refuse(ifindex, REFUSED_IPV6);
-	return refuse(ifindex, REFUSED_PROTOCOL);
+		return refuse(skb, REFUSED_IPV6);
+	return refuse(skb, REFUSED_PROTOCOL);
 }
 
 #endif

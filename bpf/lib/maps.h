@@ -53,4 +53,33 @@ BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_
  * tc egress) when a learn fails, and by the agent. Slots: FLOW_GUARD_* above. */
 BPF_TABLE_PINNED("array", __u32, __u64, flow_guard, FLOW_GUARD_SLOTS, SKNF_PIN_DIR "/flow_guard");
 
+/* Flow events (bpf/lib/events.h): the ring buffer the programs hand events to the agent through, the
+ * on/off switch, the flows already reported and the events the full ring buffer refused. BCC has no
+ * pinned BPF_RINGBUF_OUTPUT: this is its table struct in a pinned section. 64 pages (256 KiB with
+ * 4 KiB pages) hold 4,096 events of 64 bytes (56 + an 8-byte header); the agent drains it continuously,
+ * the size only absorbs bursts. */
+#ifndef SKNF_EVENT_PAGES
+#define SKNF_EVENT_PAGES 64
+#endif
+#ifndef SKNF_SEEN_FLOWS
+#define SKNF_SEEN_FLOWS 32768
+#endif
+struct events_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" SKNF_PIN_DIR "/events")))
+struct events_table_t events = {.max_entries = SKNF_EVENT_PAGES * PAGE_SIZE};
+/* Slot 0: non-zero while the programs report events (the agent's flow_events setting). */
+BPF_TABLE_PINNED("array", __u32, __u32, events_enabled, 1, SKNF_PIN_DIR "/events_enabled");
+/* Slot 0, per CPU: events the full ring buffer refused (lost). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, events_lost, 1, SKNF_PIN_DIR "/events_lost");
+/* Flows already reported as new, by canonical tuple (see events.h); value: when (boot-time ns). */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, __u64, events_seen, SKNF_SEEN_FLOWS, SKNF_PIN_DIR "/events_seen");
+
 #endif

@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 import sknf
 from sknf import guard, netlink
 from sknf.config import Config
-from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, flows, pins, tc
+from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, events, flows, pins, tc
 from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
                "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
                "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues),
-               "flow_guard": (ctypes.c_uint32, ctypes.c_uint64)}
+               "flow_guard": (ctypes.c_uint32, ctypes.c_uint64),
+               "events_enabled": (ctypes.c_uint32, ctypes.c_uint32),
+               "events_lost": (ctypes.c_uint32, ctypes.c_uint64),
+               "events_seen": (bpfmaps.FlowKey, ctypes.c_uint64)}
 DEFAULT_MAX_FLOWS = 262144
 GUARD_FULL, GUARD_SYNCING, GUARD_FAILED_LEARNS = 0, 1, 2  # flow_guard's slots (FLOW_GUARD_* in bpf/lib/maps.h)
 ROOM = 0.9  # FULL clears only once the map, re-seeded, is at most this full: no flapping at the brim
@@ -77,6 +80,7 @@ class BpfDatapath:
         self.reason = ""
         self.pin_dir = cfg.bpf_pin_dir
         self.sweep_interval = cfg.reconcile_interval
+        self.flow_events = cfg.flow_events
         ensure_bpffs(self.pin_dir)
         max_flows = _max_flows(cfg.flow_map_capacity)
         fresh = not (self.pin_dir / "kernel_flows").exists()  # the first BPF start here, or after the kernel path
@@ -93,6 +97,7 @@ class BpfDatapath:
             for name, (key_type, value_type) in MAP_LAYOUTS.items():
                 self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
                 bpfmaps.check_layout(self.maps[name], key_type, value_type)
+            self.maps["events"] = bpfmaps.open_pinned(self.pin_dir / "events")  # a ring buffer: no layout
             _probe_tc(self.fds["from_pod"])
             self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
             self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
@@ -111,6 +116,7 @@ class BpfDatapath:
         self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._reader: events.RingReader | None = None
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
@@ -121,6 +127,7 @@ class BpfDatapath:
                               vxlan_ifindex=node.vxlan_ifindex)
         leaf.gateway_mac[:] = _mac(node.gateway_mac)
         bpfmaps.update(self.maps["config"], ctypes.c_uint32(0), leaf)
+        bpfmaps.update(self.maps["events_enabled"], ctypes.c_uint32(0), ctypes.c_uint32(int(self.flow_events)))
         self._remove_kernel_guard()
         with netlink.route() as ipr:
             for name, hook in OVERLAY_PROGRAMS.items():
@@ -233,6 +240,8 @@ class BpfDatapath:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join()
+        if self._reader is not None:
+            self._reader.close()
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -274,8 +283,7 @@ class BpfDatapath:
         return refused
 
     def _guard(self, slot: int) -> int:
-        value = bpfmaps.lookup(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64)
-        return value.value if value is not None else 0
+        return _guard_slot(self.maps["flow_guard"], slot)
 
     def _set_guard(self, slot: int, value: int) -> None:
         bpfmaps.update(self.maps["flow_guard"], ctypes.c_uint32(slot), ctypes.c_uint64(value))
@@ -312,9 +320,16 @@ class BpfDatapath:
 
     def flow_table(self) -> flows.FlowTable:
         """The learned-flow map's occupancy and guard, for metrics and `sknf stats`."""
-        return flows.FlowTable(entries=bpfmaps.count(self.maps["kernel_flows"]), capacity=self.capacity,
-                               full=bool(self._guard(GUARD_FULL)), syncing=bool(self._guard(GUARD_SYNCING)),
-                               failed_learns=self._guard(GUARD_FAILED_LEARNS))
+        return _flow_table(self.maps["kernel_flows"], self.maps["flow_guard"])
+
+    def watch_events(self, sink: Callable[[events.RawEvent], None]) -> None:
+        """Hand every flow event the programs report to sink, from a thread of its own, until close()."""
+        if self._reader is None:
+            self._reader = events.RingReader(self.maps["events"], sink)
+
+    def events_lost(self) -> int:
+        """Events the programs could not queue (the ring buffer was full), ever."""
+        return events.lost(self.maps["events_lost"])
 
     def learned_flows(self) -> dict[flows.FlowTuple, bool]:
         """{tuple: exempt} of the kernel_flows map."""
@@ -366,6 +381,26 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
     with (bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
           bpfmaps.pinned(pin_dir / "pod_refused") as refused):
         return _pod_counters(endpoints, counters, refused)
+
+
+def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:
+    """The learned-flow map of a node whose agent is not running, from the pins; FileNotFoundError without."""
+    with bpfmaps.pinned(pin_dir / "kernel_flows") as table, bpfmaps.pinned(pin_dir / "flow_guard") as guard:
+        bpfmaps.check_layout(table, *MAP_LAYOUTS["kernel_flows"])
+        bpfmaps.check_layout(guard, *MAP_LAYOUTS["flow_guard"])
+        return _flow_table(table, guard)
+
+
+def _flow_table(table_fd: int, guard_fd: int) -> flows.FlowTable:
+    return flows.FlowTable(entries=bpfmaps.count(table_fd), capacity=bpfmaps.map_info(table_fd).max_entries,
+                           full=bool(_guard_slot(guard_fd, GUARD_FULL)),
+                           syncing=bool(_guard_slot(guard_fd, GUARD_SYNCING)),
+                           failed_learns=_guard_slot(guard_fd, GUARD_FAILED_LEARNS))
+
+
+def _guard_slot(fd: int, slot: int) -> int:
+    value = bpfmaps.lookup(fd, ctypes.c_uint32(slot), ctypes.c_uint64)
+    return value.value if value is not None else 0
 
 
 def _pod_counters(endpoints_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
