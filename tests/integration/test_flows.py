@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from leftovers import assert_lab_gone
+from leftovers import managed_lab
 from test_spoofing import ETH_P_IP, ether, mac_of, raw_socket, udp4
 
 from sknf import api, nsutil
@@ -34,14 +34,8 @@ PREFIX = "skn"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    pids: list[int] = []
-    try:
-        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath="bpf") as built:
-            pids = [n.agent_pid for n in built.state.nodes]
-            yield built
-            pids += [n.agent_pid for n in built.state.nodes]
-    finally:
-        assert_lab_gone(PREFIX, pids)
+    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath="bpf") as built:
+        yield built
 
 
 def pod(lab: Lab, name: str) -> LabPod:
