@@ -681,7 +681,7 @@ def check_pod_subnet(ctx: Context) -> Finding:
         from sknf.ipam import CorruptStore, Store
 
         try:
-            used = str(Store.open_existing(ctx.cfg.state_dir).pod_cidr)
+            used = ",".join(map(str, Store.open_existing(ctx.cfg.state_dir).pod_cidrs))
         except (OSError, ValueError, CorruptStore):
             used = None
     peers = ctx.peers()
@@ -697,13 +697,13 @@ def check_pod_subnet(ctx: Context) -> Finding:
         return Finding("pod-subnet", FAIL, f"this node uses {used}, {source} says {own['pod_cidr']}: other nodes "
                        "send this node's pods' traffic to the wrong place", "make them agree (the agent takes the "
                        "Node's spec.podCIDR at start: restart it after the pods on the old subnet are gone)")
-    gateway = str(ipaddress.IPv4Network(used).network_address + 1)
+    gateway = str(ipaddress.ip_network(used.split(",")[0]).network_address + 1)  # the first family's
     bridge = ctx.links.get(BRIDGE)
     if bridge is not None:
         from sknf import netlink
 
         with netlink.route() as ipr:
-            addrs = {a.get("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=bridge["index"])}
+            addrs = {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=bridge["index"])}
         if gateway not in addrs:
             return Finding("pod-subnet", FAIL, f"{BRIDGE} lacks the gateway {gateway} of {used}",
                            "the agent sets it every reconcile: start it")

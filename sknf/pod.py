@@ -140,14 +140,32 @@ def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: st
             net.datapath.attach_pod(endpoint_of(lease, index, ips, shaped.get(lease.host_ifname)))
 
 
-def disable_pod_ipv6(netns: str, ifname: str) -> None:
-    """No IPv6 on the pod's sknf interface until dual-stack (loopback keeps ::1): its kernel then sends
-    no router solicitation, DAD or MLD, and takes no router advertisement; the datapath drops any
-    IPv6 frame a pod crafts anyway."""
+# The pod interface's IPv6 settings: only with an IPv6 address (dual-stack), and then no router
+# advertisement or redirect is taken (a pod must not learn routes from other pods; the datapath drops
+# pods' RAs and redirects too). Without one, IPv6 is off (loopback keeps ::1): the kernel then sends no
+# router solicitation, DAD or MLD, and the datapath drops any IPv6 frame a pod crafts anyway.
+POD_IPV6 = {True: (("accept_ra", "0"), ("accept_redirects", "0"), ("disable_ipv6", "0")),
+            False: (("disable_ipv6", "1"),)}
+
+
+def set_pod_ipv6(netns: str, ifname: str, enabled: bool) -> None:
+    """Apply POD_IPV6 in the pod (idempotent; re-applied after an MTU change: the kernel recreates a
+    device's IPv6 state with the defaults when its MTU comes back to 1280 or more)."""
     with nsutil.entered(netns):
-        if os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to turn off
-            with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:  # the path keeps dots
-                f.write("1")
+        if not os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to set
+            return
+        for key, value in POD_IPV6[enabled]:
+            with open(f"/proc/sys/net/ipv6/conf/{ifname}/{key}", "w") as f:  # the path keeps dots
+                f.write(value)
+
+
+def pod_addresses(net: PodNetwork, node: NodeOverlay, lease: Lease) -> list[tuple[str, int, str]]:
+    """(address, cluster prefix length, gateway) of each family the lease holds, IPv4 first."""
+    return [(str(ip), net.cfg.cidr(ip.version).prefixlen, node.gateway(ip.version)) for ip in lease.ips]
+
+
+def has_ipv6(lease: Lease) -> bool:
+    return lease.address(6) is not None
 
 
 def _require_netns(req: Request) -> None:
@@ -161,9 +179,8 @@ def add(net: PodNetwork, req: Request) -> dict:
     if req.bandwidth is not None:
         shaping.plan(req.bandwidth, node.mtu)  # refused (code 7) before anything is made
     host_ifname = host_veth_name(req.container_id, req.ifname)
-    prefixlen = net.cfg.cluster_cidr.prefixlen
     with net.store_guard.shared(), netlink.route() as ipr, ExitStack() as undo:
-        # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
+        # 1. An address of each family from this node's pod subnets (raises "already exists" on a duplicate ADD).
         mac = pod_mac(req.container_id, req.ifname)
         lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac,
                                    req.netns)
@@ -187,10 +204,12 @@ def add(net: PodNetwork, req: Request) -> dict:
         else:
             netlink.set_alias(ipr, host_index, record)
 
-        # 3. Inside the pod: no IPv6, address with the cluster-wide prefix, up, default route via the bridge.
-        disable_pod_ipv6(req.netns, req.ifname)
+        # 3. Inside the pod: IPv6 only with an IPv6 lease (and no RA), each address with its cluster-wide
+        #    prefix, up, a default route per family via the bridge.
+        addrs = pod_addresses(net, node, lease)
+        set_pod_ipv6(req.netns, req.ifname, has_ipv6(lease))
         with netlink.route(req.netns) as pod:
-            netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
+            netlink.configure_pod_interface(pod, req.ifname, addrs)
 
         # 4. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
         # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
@@ -215,11 +234,12 @@ def add(net: PodNetwork, req: Request) -> dict:
             req.cni_version,
             interfaces=[{"name": host_ifname, "mac": host_mac},
                         {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
-            ips=[{"address": f"{lease.ip}/{prefixlen}", "gateway": node.gateway_ip, "interface": 1}],
-            routes=[{"dst": "0.0.0.0/0", "gw": node.gateway_ip}],
+            ips=[{"address": f"{ip}/{plen}", "gateway": gw, "interface": 1} for ip, plen, gw in addrs],
+            routes=[{"dst": netlink.DEFAULT_ROUTE[ipaddress.ip_address(gw).version], "gw": gw} for _, _, gw in addrs],
         )
         undo.pop_all()
-    log.info("ADD %s/%s %s %s -> %s", req.pod_namespace, req.pod_name, req.container_id[:12], req.ifname, lease.ip)
+    log.info("ADD %s/%s %s %s -> %s", req.pod_namespace, req.pod_name, req.container_id[:12], req.ifname,
+             ", ".join(map(str, lease.ips)))
     return result
 
 
@@ -253,22 +273,26 @@ def check(net: PodNetwork, req: Request) -> None:
     lease = net.store.get(req.container_id, req.ifname)
     if lease is None:
         raise CniError(CHECK_FAILED, f"no address allocated to {req.container_id}/{req.ifname}")
-    want = f"{lease.ip}/{net.cfg.cluster_cidr.prefixlen}"
+    addrs = pod_addresses(net, node, lease)
+    wanted = [f"{ip}/{plen}" for ip, plen, _ in addrs]
     for ip in (req.prev_result or {}).get("ips", []):
-        if ip.get("address") != want:
-            raise CniError(CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease {want}")
+        if ip.get("address") not in wanted:
+            raise CniError(CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease's "
+                           f"{', '.join(wanted)}")
     with netlink.route() as ipr:
         link = netlink.link_info(ipr, lease.host_ifname)
         if link is None or link.get("IFLA_MASTER") != node.bridge_ifindex:
             raise CniError(CHECK_FAILED, f"host interface {lease.host_ifname} is missing or not on {BRIDGE}")
     with netlink.route(req.netns) as pod:
-        mac, addrs, gateway = netlink.pod_interface_state(pod, req.ifname)
+        mac, have, gateways = netlink.pod_interface_state(pod, req.ifname)
     if mac is None:
         raise CniError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
-    if want not in addrs:
-        raise CniError(CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
-    if gateway != node.gateway_ip:
-        raise CniError(CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
+    for want, (ip, _, gw) in zip(wanted, addrs, strict=True):
+        if want not in have:
+            raise CniError(CHECK_FAILED, f"{req.ifname} has {have or 'no address'}, expected {want}")
+        if gateways.get(ipaddress.ip_address(ip).version) != gw:
+            raise CniError(CHECK_FAILED, f"default route via {gateways.get(ipaddress.ip_address(ip).version)}, "
+                           f"expected {gw}")
     recorded = shaping.load_records(net.cfg.state_dir).get(lease.host_ifname)
     if recorded != req.bandwidth:
         raise CniError(CHECK_FAILED, f"shaping of {lease.host_ifname} is {recorded}, the request asks {req.bandwidth}")
@@ -286,7 +310,8 @@ def gc(net: PodNetwork, req: Request) -> None:
                 net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
                 netlink.delete_link(ipr, lease.host_ifname)
                 shaping.forget(ipr, net.cfg.state_dir, lease.host_ifname)
-                log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
+                log.info("GC freed %s (%s/%s %s)", ", ".join(map(str, lease.ips)), lease.namespace, lease.pod,
+                         lease.container_id[:12])
         remove_orphan_links(net)
 
 
@@ -314,13 +339,13 @@ def _delete_orphans(ipr: IPRoute, links: dict, leases: list[Lease]) -> list[Leas
     every listed link that belongs to a live ADD already has its lease when we read them.
     """
     known = {lease.host_ifname for lease in leases}
-    taken = {lease.ip for lease in leases}
+    taken = {ip for lease in leases for ip in lease.ips}
     lost, removed = [], []
     for name, link in links.items():
         if name in known:
             continue
         lease = lease_from_record(name, link.get("IFLA_IFALIAS"))
-        if lease is not None and lease.ip not in taken:
+        if lease is not None and taken.isdisjoint(lease.ips):
             lost.append(lease)
         elif netlink.delete_link(ipr, name):
             removed.append(name)
@@ -338,8 +363,8 @@ def attachment_record(lease: Lease) -> str | None:
     long; the attachment key, address and MAC must fit (they do for real runtimes' 64-character
     container ids).
     """
-    doc = {"cid": lease.container_id, "if": lease.ifname, "ip": str(lease.ip), "mac": lease.mac,
-           "ns": lease.namespace, "pod": lease.pod}
+    doc = {"cid": lease.container_id, "if": lease.ifname, "ip": str(lease.ip),
+           **({"ip6": str(lease.ip6)} if lease.ip6 else {}), "mac": lease.mac, "ns": lease.namespace, "pod": lease.pod}
     for dropped in ((), ("pod",), ("pod", "ns")):
         text = json.dumps({k: v for k, v in doc.items() if k not in dropped}, separators=(",", ":"))
         if len(text.encode()) <= netlink.IFALIAS_MAX:
@@ -351,9 +376,9 @@ def lease_from_record(host_ifname: str, record: str | None) -> Lease | None:
     """The lease a host veth's record describes; None for no record or one that is not this link's."""
     try:
         doc = json.loads(record or "")
-        lease = Lease(ip=ipaddress.IPv4Address(doc["ip"]), container_id=str(doc["cid"]), ifname=str(doc["if"]),
+        lease = Lease(ip=ipaddress.ip_address(doc["ip"]), container_id=str(doc["cid"]), ifname=str(doc["if"]),
                       namespace=str(doc.get("ns", "")), pod=str(doc.get("pod", "")), host_ifname=host_ifname,
-                      mac=str(doc.get("mac", "")))
+                      mac=str(doc.get("mac", "")), ip6=ipaddress.IPv6Address(doc["ip6"]) if doc.get("ip6") else None)
     except (ValueError, KeyError, TypeError):
         return None
     # The link's name hashes the attachment: a record copied onto another link does not count.
@@ -375,20 +400,20 @@ def rebuild_from_host(net: PodNetwork) -> list[Lease]:
             held = net.store.leases()
         except CorruptStore:
             held = []
-        by_ip = {lease.ip: lease for lease in held}
+        by_ip = {ip: lease for lease in held for ip in lease.ips}
         keys = {lease.key for lease in held}
         added = []
         for name in sorted(links):
             lease = lease_from_record(name, links[name].get("IFLA_IFALIAS"))
             if lease is None or lease.key in keys:
                 continue
-            if lease.ip in by_ip:
-                log.error("%s records %s, which %s holds; not restoring it", name, lease.ip, by_ip[lease.ip].key)
+            if clash := next((ip for ip in lease.ips if ip in by_ip), None):
+                log.error("%s records %s, which %s holds; not restoring it", name, clash, by_ip[clash].key)
                 continue
-            by_ip[lease.ip] = lease
+            by_ip.update(dict.fromkeys(lease.ips, lease))
             keys.add(lease.key)
             added.append(lease)
-        net.store.rebuild(by_ip.values())
+        net.store.rebuild({lease.key: lease for lease in by_ip.values()}.values())
     return sorted(added, key=lambda x: x.ip)
 
 
@@ -416,7 +441,7 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
         for lease in live:
             link = links[lease.host_ifname]
             if link.get("IFLA_MTU") != node.mtu:
-                _set_mtu(ipr, lease, link, node.mtu)
+                _set_mtu(net, node, ipr, lease, link, node.mtu)
             if link.get("IFLA_MASTER") == node.bridge_ifindex and link.get("state") == "up":
                 continue
             try:
@@ -438,7 +463,7 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
     return lost
 
 
-def _set_mtu(ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
+def _set_mtu(net: PodNetwork, node: NodeOverlay, ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
     """Both ends of the pod's veth to the overlay's MTU (an operator changed `mtu`, or the underlay's
     changed): the pod's end first, so the host never forwards it frames larger than it accepts. The
     pod's end is the one in the recorded namespace that is this veth's peer; a pod leased before sknf
@@ -449,6 +474,10 @@ def _set_mtu(ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
                 idx = netlink.link_index(pod_ipr, lease.ifname)
                 if idx is not None and idx == host_link.get("IFLA_LINK"):
                     pod_ipr.link("set", index=idx, mtu=mtu)
+                    # Across 1280 the kernel drops or recreates the device's IPv6 state, with its defaults.
+                    set_pod_ipv6(lease.netns, lease.ifname, has_ipv6(lease))
+                    if has_ipv6(lease):
+                        netlink.configure_pod_interface(pod_ipr, lease.ifname, pod_addresses(net, node, lease))
         ipr.link("set", index=host_link["index"], mtu=mtu)
     except (OSError, NetlinkError) as e:  # the pod is going away: its DEL cleans up
         log.warning("%s: cannot set MTU %d: %s", lease.host_ifname, mtu, e)

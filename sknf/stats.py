@@ -39,15 +39,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sknf import api
-from sknf.config import Config, ConfigError, load
+from sknf.config import Config, ConfigError, Network, load
 from sknf.datapath import PodCounters
 from sknf.ipam import Store
-from sknf.peers import PeersFileError, StaticPeerSource
+from sknf.peers import PeersFileError, StaticPeerSource, pod_subnets
 
 if TYPE_CHECKING:
     from sknf.metrics import Snapshot  # imports prometheus_client: only the agent needs it
@@ -204,18 +204,18 @@ def _agent_problem(socket_path: Path, e: OSError) -> str:
     return f"agent at {socket_path}: {e.strerror or e}"
 
 
-def _local_pod_cidr(cfg: Config) -> IPv4Network | None:
-    """This node's pod subnet without asking anyone: configured, or its entry in a static peers file."""
-    if cfg.pod_cidr is not None:
-        return cfg.pod_cidr
+def _local_pod_cidrs(cfg: Config) -> tuple[Network, ...]:
+    """This node's pod subnets without asking anyone: configured, or its entry in a static peers file."""
+    if cfg.pod_cidrs:
+        return cfg.pod_cidrs
     if cfg.peer_source == "static" and cfg.peers_file is not None:
         try:
             own = [n for n in StaticPeerSource(cfg.peers_file).nodes() if n.name == cfg.node_name]
         except PeersFileError:
-            return None
+            return ()
         if own and own[0].pod_cidr:
-            return IPv4Network(own[0].pod_cidr)
-    return None
+            return tuple(n for n in pod_subnets(own[0].pod_cidr) if n.version in cfg.families)
+    return ()
 
 
 def read_local(cfg: Config) -> dict[str, Any]:
@@ -224,9 +224,9 @@ def read_local(cfg: Config) -> dict[str, Any]:
     Raises OSError or SourceError saying what is missing."""
     from sknf.metrics import Snapshot, join
 
-    pod_cidr = _local_pod_cidr(cfg)
-    # Reading leases needs only a network that holds them: the cluster's does when the node's is unknown.
-    store = Store(cfg.state_dir, pod_cidr or cfg.cluster_cidr)
+    pod_cidrs = _local_pod_cidrs(cfg)
+    # Reading leases needs only networks that hold them: the cluster's do when the node's are unknown.
+    store = Store(cfg.state_dir, pod_cidrs or cfg.cluster_cidrs)
     if not store.path.exists():
         raise FileNotFoundError(errno.ENOENT, "no IPAM state (is this a sknf node?)", str(store.path))
     # pyroute2 (0.3 s) comes with either datapath module: imported only on this path.
@@ -241,7 +241,7 @@ def read_local(cfg: Config) -> dict[str, Any]:
     leases = store.leases()
     snap = Snapshot(node=cfg.node_name, datapath_mode=mode, datapath_reason="read without the agent",
                     pods=join(leases, counters), ipam_allocated=len(leases),
-                    ipam_capacity=store.capacity if pod_cidr else None, peers=None)
+                    ipam_capacity=store.capacity if pod_cidrs else None, peers=None)
     rows = pod_rows(snap)
     add_rates(rows, None, None)
     return make_reply(snap, rows, None, source)

@@ -47,6 +47,7 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> agent_mod.Agent:
     a = agent_mod.Agent.__new__(agent_mod.Agent)
     a.cfg = Config(node_name="n1", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), state_dir=tmp_path)
     a.source, a.peers, a.pod_cidr, a.datapath, a.node = Source(), [], POD_CIDR, Datapath(), None
+    a.pod_cidrs = (POD_CIDR,)
     a.underlay = built
     a.iptables = None  # the backend the agent detects at start; ensure_rules is replaced below
     monkeypatch.setattr(a, "recover_store", lambda: None)
