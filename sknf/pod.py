@@ -124,7 +124,8 @@ def endpoint_of(lease: Lease, host_ifindex: int, siblings: tuple[str, ...] = (),
     return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
                     container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
                     pod=lease.pod, shaped_to_pod=bool(bw and bw.ingress), shaped_from_pod=bool(bw and bw.egress),
-                    siblings=tuple(sorted({str(x) for x in siblings} - {str(lease.ip)})))
+                    siblings=tuple(sorted({str(x) for x in siblings} - {str(ip) for ip in lease.ips})),
+                    ip6=str(lease.ip6 or ""))
 
 
 def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: str = "") -> None:
@@ -133,7 +134,7 @@ def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: st
     leases = [lease for lease in net.store.of_container(container_id) if lease.ifname != skip]
     if not leases:
         return
-    ips = tuple(str(lease.ip) for lease in net.store.of_container(container_id))
+    ips = tuple(str(ip) for lease in net.store.of_container(container_id) for ip in lease.ips)
     shaped = shaping.load_records(net.cfg.state_dir)
     for lease in leases:
         if index := netlink.link_index(ipr, lease.host_ifname):
@@ -221,13 +222,13 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         # 5. Source validation, fast path and counters; the container's other attachments are allowed
         #    this address too.
-        siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
+        siblings = tuple(str(ip) for x in net.store.of_container(req.container_id) for ip in x.ips)
         endpoint = endpoint_of(lease, host_index, siblings, req.bandwidth)
         with net.datapath_lock:
             # Undo first: an attach that fails halfway (maps written, filter refused) leaves nothing behind.
             undo.callback(net.datapath.detach_pod, endpoint)
             net.datapath.attach_pod(endpoint)
-            if len(siblings) > 1:
+            if len(siblings) > len(lease.ips):
                 _attach_container(net, ipr, req.container_id, skip=req.ifname)
 
         result = build_result(
@@ -250,7 +251,7 @@ def delete(net: PodNetwork, req: Request) -> None:
         with netlink.route() as ipr:
             host_index = netlink.link_index(ipr, host_ifname)
             if lease is not None:
-                siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
+                siblings = tuple(str(ip) for x in net.store.of_container(req.container_id) for ip in x.ips)
                 with net.datapath_lock:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
@@ -453,7 +454,7 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
             rejoined.append(lease.host_ifname)
         by_container: dict[str, list[str]] = {}
         for lease in live:
-            by_container.setdefault(lease.container_id, []).append(str(lease.ip))
+            by_container.setdefault(lease.container_id, []).extend(str(ip) for ip in lease.ips)
         net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"],
                                                  tuple(by_container[lease.container_id]),
                                                  shaped.get(lease.host_ifname))
