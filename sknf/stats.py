@@ -13,16 +13,18 @@ The agent-up path imports no pyroute2, bcc or kubernetes (each costs ~0.3 s): `k
 stats` and `--watch` stay fast with thousands of pods.
 
 Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sorting):
-    {"version": 1, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
+    {"version": 2, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
      "datapath": {"mode": "bpf" | "kernel", "reason": str},
      "time": unix seconds, "rate_interval": seconds the rates span, or null,
      "ipam": {"allocated": int, "capacity": int or null}, "overlay_peers": int or null,
-     "pods": [{"namespace", "pod", "container_id", "ip", "host_ifname",
+     "pods": [{"namespace", "pod", "container_id", "ip" (the first), "ips" (every family's: IPv4 first),
+               "host_ifname",
                "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "drops",
                "fast_packets", "kernel_packets" (null in kernel mode),
                "refused" ({reason: frames source validation dropped}, see sknf.datapath.REFUSED_REASONS),
                "rx_bytes_rate", "tx_bytes_rate", "rx_packets_rate", "tx_packets_rate" (per second, or null)}]}
-rx is what the pod received, tx what it sent (the pod's view, as in PodCounters).
+rx is what the pod received, tx what it sent (the pod's view, as in PodCounters). Version 2 added "ips"
+(dual-stack); version 1 replies (an older agent) have "ip" only.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPLY_VERSION = 1
+REPLY_VERSION = 2
 RATED = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 MIN_RATE_SPAN = 1.0  # seconds: a shorter span gives jumpy rates
 SORTS = ("rate", "rx", "tx", "rx-rate", "tx-rate", "packets", "drops", "fast", "name", "namespace", "ip")
@@ -68,7 +70,7 @@ def pod_rows(snap: Snapshot) -> list[dict[str, Any]]:
         c = counted or PodCounters()
         rows.append({
             "namespace": ident.namespace, "pod": ident.pod, "container_id": ident.container_id,
-            "ip": str(ident.ip), "host_ifname": ident.host_ifname,
+            "ip": str(ident.ip), "ips": [str(ip) for ip in ident.ips], "host_ifname": ident.host_ifname,
             "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "rx_packets": c.rx_packets,
             "tx_packets": c.tx_packets, "drops": c.drops,
             "fast_packets": c.fast_packets, "kernel_packets": c.kernel_packets,
@@ -332,11 +334,12 @@ def _rate(row: dict[str, Any], name: str) -> float:
     return row.get(f"{name}_rate") or 0.0
 
 
-def _ip_key(row: dict[str, Any]) -> int:
+def _ip_key(row: dict[str, Any]) -> tuple[int, int]:
     try:
-        return int(IPv4Address(row["ip"]))
+        ip = ip_address(row["ip"])
     except ValueError:
-        return 0
+        return (0, 0)
+    return (ip.version, int(ip))
 
 
 SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -371,7 +374,7 @@ def _columns(wide: bool) -> list[tuple[str, Callable[[dict[str, Any]], str], boo
     cols = [
         ("NAMESPACE", lambda r: r["namespace"] or "-", False),
         ("POD", lambda r: r["pod"] or r["container_id"][:12], False),
-        ("IP", lambda r: r["ip"], False),
+        ("IP", lambda r: " ".join(r.get("ips") or [r["ip"]]), False),
         ("RX", lambda r: human_bytes(r["rx_bytes"]), True),
         ("TX", lambda r: human_bytes(r["tx_bytes"]), True),
         ("RX-PKTS", lambda r: human_count(r["rx_packets"]), True),
