@@ -203,12 +203,13 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
     underlay) until it is.
     """
     wanted = {}
-    if cfg.masquerade:
+    cluster = cfg.cidr(4)  # the underlay is IPv4: only IPv4 pods reach peer node addresses this way
+    if cfg.masquerade and cluster is not None:
         wanted = {p.underlay_ip: gateway_of(subnet) for p in peers
                   if p.name != self_name and p.underlay_ip != node.underlay_ip and (subnet := subnet_of(p, 4))}
     with netlink.route() as ipr:
-        if cfg.masquerade:
-            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cfg.cluster_cidr), iifname=BRIDGE,
+        if cfg.masquerade and cluster is not None:
+            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cluster), iifname=BRIDGE,
                                        table=PEER_ROUTE_TABLE)
         else:
             netlink.remove_rules(ipr, PEER_RULE_PRIORITY)

@@ -98,3 +98,18 @@ def test_the_host_record_carries_both_addresses() -> None:
     assert record is not None and '"pod":"pod"' in record  # fits with the pod's name
     back = lease_from_record(lease.host_ifname, record)
     assert (back.ip, back.ip6, back.mac) == (lease.ip, lease.ip6, lease.mac)
+
+
+@pytest.mark.parametrize("datapath", ["auto", "bpf"])
+def test_an_ipv6_only_cluster_runs_the_kernel_datapath(tmp_path: Path, monkeypatch, datapath: str) -> None:
+    from sknf.datapath import select
+    from sknf.datapath.bpf import BpfUnavailable
+
+    monkeypatch.setattr(select.KernelDatapath, "cleanup", lambda self: None)
+    monkeypatch.setattr(select, "BpfDatapath", lambda *a: pytest.fail("tried the eBPF datapath"))
+    c = Config(node_name="n1", cluster_cidr=V6, state_dir=tmp_path, datapath=datapath)
+    if datapath == "bpf":
+        with pytest.raises(BpfUnavailable, match="IPv6-only"):
+            select.choose(c)
+    else:
+        assert select.choose(c).mode == "kernel"
