@@ -41,7 +41,7 @@ from test_spoofing import (
 from sknf import netlink, nsutil, stats
 from sknf.config import BRIDGE, VXLAN
 from sknf.datapath import link_local
-from sknf.lab import Lab, LabPod, ipv6_rows, who
+from sknf.lab import Lab, LabPod, bulk, ipv6_rows, who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -128,6 +128,25 @@ def test_stats_list_both_addresses(lab: Lab) -> None:
     reply = stats.query_agent(lab.node_dir(p.node) / "run" / "sknf.sock")
     (row,) = [r for r in reply["pods"] if r["host_ifname"] == p.host_ifname]
     assert row["ips"] == [p.ip, p.ip6]
+
+
+def rows(lab: Lab, node_name: str) -> dict[str, dict]:
+    reply = stats.query_agent(lab.node_dir(node_name) / "run" / "sknf.sock")
+    return {r["pod"]: r for r in reply["pods"]}
+
+
+def test_ipv6_traffic_is_counted_like_ipv4(lab: Lab) -> None:
+    """The IPv4 counter tests' tolerance: payload plus headers, a few percent more, never less."""
+    a, b = pod(lab, "n1p1"), pod(lab, "n2p1")
+    before_a, before_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+    nbytes = 16 << 20
+    ok, detail = bulk(a.netns, b.ip6, nbytes)
+    assert ok, detail
+    after_a, after_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+    sent = after_a["tx_bytes"] - before_a["tx_bytes"]
+    received = after_b["rx_bytes"] - before_b["rx_bytes"]
+    assert nbytes <= sent <= nbytes * 1.08, (sent, nbytes)
+    assert nbytes <= received <= nbytes * 1.08, (received, nbytes)
 
 
 def attacks(lab: Lab) -> tuple[list[bytes], list[bytes], bytes, bytes]:
