@@ -373,7 +373,7 @@ class Store:
             raise CorruptStore(f"IPAM store {self.dir} is inconsistent", str(e)) from None
         for key in keys:
             os.unlink(f"{self._keys}/{key}")
-        return sorted((lease for _, lease, _ in found), key=lambda x: int(x.ip))
+        return sorted((lease for _, lease, _ in found), key=lambda x: (x.ip.version, int(x.ip)))
 
     def _index(self, leases: Iterable[Lease]) -> dict[tuple[str, str], Lease]:
         """Key the leases, refusing duplicates and reserved addresses (both mean corruption)."""

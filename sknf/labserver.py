@@ -74,6 +74,24 @@ class _TCP6(_TCP):
         super().server_bind()
 
 
+class _UDP6(socketserver.ThreadingUDPServer):
+    """UDP over IPv6 (dual-stack labs). Pods hold one global IPv6 address, which the kernel picks as the
+    reply's source: no packet info needed."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    address_family = socket.AF_INET6
+    name = ""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def get_request(self):
+        data, client = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket, None), client
+
+
 class TcpHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         line = self.rfile.readline(100).decode(errors="replace").split()
@@ -106,7 +124,7 @@ def main(argv: list[str]) -> int:
         name, _, path = spec.partition("=")
         _setns(path)  # sockets stay in the namespace they were created in
         for cls, handler, addr in ((_TCP, TcpHandler, "0.0.0.0"), (_UDP, UdpHandler, "0.0.0.0"),
-                                   (_TCP6, TcpHandler, "::")):
+                                   (_TCP6, TcpHandler, "::"), (_UDP6, UdpHandler, "::")):
             try:
                 srv = cls((addr, port), handler)
             except OSError:  # no IPv6 in this kernel or namespace: IPv4 only

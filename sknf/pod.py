@@ -161,8 +161,10 @@ def set_pod_ipv6(netns: str, ifname: str, enabled: bool) -> None:
 
 
 def pod_addresses(net: PodNetwork, node: NodeOverlay, lease: Lease) -> list[tuple[str, int, str]]:
-    """(address, cluster prefix length, gateway) of each family the lease holds, IPv4 first."""
-    return [(str(ip), net.cfg.cidr(ip.version).prefixlen, node.gateway(ip.version)) for ip in lease.ips]
+    """(address, cluster prefix length, gateway) of each family the lease holds, IPv4 first; a family the
+    cluster no longer has (dual-stack turned off) is left out."""
+    return [(str(ip), cluster.prefixlen, gateway) for ip in lease.ips
+            if (cluster := net.cfg.cidr(ip.version)) is not None and (gateway := node.gateway(ip.version))]
 
 
 def has_ipv6(lease: Lease) -> bool:
@@ -415,7 +417,7 @@ def rebuild_from_host(net: PodNetwork) -> list[Lease]:
             keys.add(lease.key)
             added.append(lease)
         net.store.rebuild({lease.key: lease for lease in by_ip.values()}.values())
-    return sorted(added, key=lambda x: x.ip)
+    return sorted(added, key=lambda x: (x.ip.version, int(x.ip)))
 
 
 def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:

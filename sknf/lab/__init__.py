@@ -12,8 +12,9 @@ Topology (every address lives in a namespace the lab made):
 
 Dual-stack (`--dual-stack`): pods also get IPv6 from fd00:10:244::/56 (a /64 per node), VXLAN stays
 on the IPv4 underlay, nodes also hold 2001:db8:100::(10+i) on it, and the Internet host also
-2001:db8:203::10 (IPv6 documentation addresses, held by lab namespaces only); `check` runs the pod<->pod,
-node->pod and pod->Internet rows for IPv6 too.
+2001:db8:203::10 (IPv6 documentation addresses, held by lab namespaces only), and each node's ClusterIP
+an IPv6 twin (fd00:10:96::a + k); `check` runs the pod<->pod, node->pod, pod->Internet and
+pod->ClusterIP rows for IPv6 too.
 
 `check` proves the seed design's flows with real TCP/UDP and asserts who the far end saw as the
 source: pod<->pod on a node and across nodes, node<->pod, pod->Internet (SNATed to the node),
@@ -60,6 +61,7 @@ INTERNET6 = ipaddress.IPv6Network("2001:db8:203::/64")
 INTERNET_HOST6 = "2001:db8:203::10"
 INTERNET_GW6 = "2001:db8:203::1"
 SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")  # one ClusterIP per node, backed by its first pod
+SERVICE_BASE6 = ipaddress.IPv6Address("fd00:10:96::a")  # dual-stack: the same Services' IPv6 ClusterIPs
 KUBERNETES_IP = "10.96.0.1"  # the `kubernetes` Service: the API server on node 1's own address (hostNetwork)
 HOSTNET_IP = "10.96.0.2"  # a Service backed by a hostNetwork pod on the last node
 MANAGED_IP = "10.96.0.4"  # a managed control plane: the API server on an address outside the cluster
@@ -419,6 +421,10 @@ class Lab:
             ip = str(SERVICE_BASE + k)
             svcs += [Service(f"pod-{b.name}", "tcp", SVC_TCP_PORT, ((b.ip, SERVER_PORT, b.node),), ip),
                      Service(f"pod-{b.name}", "udp", SVC_UDP_PORT, ((b.ip, SERVER_PORT, b.node),), ip)]
+            if self.state.dual_stack:
+                ip6 = str(SERVICE_BASE6 + k)
+                svcs += [Service(f"pod-{b.name}", proto, port, ((b.ip6, SERVER_PORT, b.node),), ip6)
+                         for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT))]
         api, host = (nodes[0].underlay_ip, SERVER_PORT, nodes[0].name), (nodes[-1].underlay_ip, SERVER_PORT,
                                                                          nodes[-1].name)
         svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), KUBERNETES_IP),
@@ -570,9 +576,12 @@ def who_udp(netns: str, ip: str, port: int, size: int = 64) -> tuple[str, str, i
     from the backend's address, and an unconnected socket would take it all the same.
     """
     with _connect(netns, (ip, port), socket.SOCK_DGRAM) as s:
-        s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
+        if ":" in ip:
+            s.setsockopt(socket.IPPROTO_IPV6, 23, 2)  # IPV6_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
+        else:
+            s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
         s.sendto(b"x" * size, (ip, port))
-        data, (src_ip, src_port) = s.recvfrom(4096)
+        data, (src_ip, src_port, *_) = s.recvfrom(4096)
     seen, name, length = data.decode().split()
     return seen, name, int(length), f"{src_ip}:{src_port}"
 
@@ -651,7 +660,8 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
                (node_of[a.node].underlay_ip, "inet"))
         for svc in lab.services():
             ip, node = svc.endpoints[0][0], svc.endpoints[0][2]
-            if svc.cluster_ip is None or ip == a.ip:  # NodePorts come from the Internet; no hairpin here
+            # NodePorts come from the Internet; no hairpin here; IPv6 Services are ipv6_rows'
+            if svc.cluster_ip is None or ip == a.ip or svc.family == 6:
                 continue
             dst = f"{svc.cluster_ip}:{svc.port}({answers[ip]})"
             if svc.name == "closed":
@@ -733,6 +743,17 @@ def ipv6_rows(lab: Lab) -> list[tuple]:
                              (a.ip6, b.name)))
         rows.append(("IPv6 pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, INTERNET_HOST6),
                      (node_of[a.node].underlay_ip6, "inet")))
+        for svc in (s for s in lab.services() if s.family == 6 and s.endpoints[0][0] != a.ip6):
+            ip, where_to = svc.endpoints[0][0], svc.endpoints[0][2]
+            flow = f"IPv6 pod->ClusterIP {svc.proto.upper()} {'same node' if a.node == where_to else 'across nodes'}"
+            backend = next(p.name for p in st.pods if p.ip6 == ip)
+            if svc.proto == "tcp":
+                rows.append((flow, a.name, f"[{svc.cluster_ip}]:{svc.port}",
+                             lambda a=a, s=svc: who(a.netns, s.cluster_ip, s.port), (a.ip6, backend)))
+            else:
+                rows.append((flow, a.name, f"[{svc.cluster_ip}]:{svc.port}",
+                             lambda a=a, s=svc: _without_length(who_udp(a.netns, s.cluster_ip, s.port)),
+                             (a.ip6, backend, f"{svc.cluster_ip}:{svc.port}")))
     for n in st.nodes:
         for p in st.pods:
             flow = "IPv6 node->pod (own)" if p.node == n.name else "IPv6 node->pod (other)"

@@ -1,6 +1,7 @@
 """Dual-stack in both datapaths: one lab per datapath whose pods have IPv4 and IPv6 (IPv4 underlay). The
 whole matrix runs, IPv6 rows included (pod<->pod on a node and across, node->pod with its source kept,
-pod->Internet masqueraded); the pods' IPv6 settings are as sknf made them; and IPv6 impersonation fails and
+pod->Internet masqueraded, pod->IPv6 ClusterIP TCP and UDP through kube-proxy-style ip6tables NAT); the
+pods' IPv6 settings are as sknf made them; and IPv6 impersonation fails and
 is counted: a forged IPv6 source, a neighbour advertisement for another pod's address, a router
 advertisement. One negative control removes the guard and shows all three succeeding; the agent's
 reconcile then restores it.
@@ -99,8 +100,9 @@ def test_the_whole_matrix_runs_for_both_families(lab: Lab) -> None:
     assert not bad, "\n".join(f"{r.flow}: {r.src} -> {r.dst}: {r.detail}" for r in bad)
     flows = {r.flow for r in results}
     assert {"IPv6 pod->pod same node", "IPv6 pod->pod across nodes", "IPv6 pod->Internet (SNAT)",
-            "IPv6 node->pod (own), source kept", "IPv6 node->pod (other), source kept"} <= flows
-    assert len(ipv6_rows(lab)) == 12 + 4 + 8  # pairs, Internet per pod, node x pod
+            "IPv6 node->pod (own), source kept", "IPv6 node->pod (other), source kept",
+            "IPv6 pod->ClusterIP TCP same node", "IPv6 pod->ClusterIP UDP across nodes"} <= flows
+    assert len(ipv6_rows(lab)) == 12 + 4 + 12 + 8  # pairs, Internet per pod, Services not its own, node x pod
 
 
 def test_pods_and_nodes_are_set_up_for_both_families(lab: Lab) -> None:
