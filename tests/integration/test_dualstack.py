@@ -1,9 +1,8 @@
 """Dual-stack in both datapaths: one lab per datapath whose pods have IPv4 and IPv6 (IPv4 underlay). The
 whole matrix runs, IPv6 rows included (pod<->pod on a node and across, node->pod with its source kept,
 pod->Internet masqueraded, pod->IPv6 ClusterIP TCP and UDP through kube-proxy-style ip6tables NAT); the
-pods' IPv6 settings are as sknf made them; and IPv6 impersonation fails and
-is counted: a forged IPv6 source, a neighbour advertisement for another pod's address, a router
-advertisement. One negative control removes the guard and shows all three succeeding; the agent's
+pods' IPv6 settings are as sknf made them; and IPv6 impersonation fails and is counted: a forged IPv6
+source, a neighbour advertisement for another pod's address, a router advertisement. One negative control removes the guard and shows all three succeeding; the agent's
 reconcile then restores it.
 
 Cast (a 2-node lab, 2 pods per node): the attacker is n2p1; its victim is n1p1 (another node); the
