@@ -207,12 +207,13 @@ def add(net: PodNetwork, req: Request) -> dict:
         else:
             netlink.set_alias(ipr, host_index, record)
 
-        # 3. Inside the pod: IPv6 only with an IPv6 lease (and no RA), each address with its cluster-wide
-        #    prefix, up, a default route per family via the bridge.
+        # 3. Inside the pod: the IPv4 address with the cluster-wide prefix, up, default route via the bridge.
+        #    IPv6 stays off until step 6: a pod's first IPv6 frames (DAD, MLD, sent as the link comes up)
+        #    would meet source validation that does not know the pod yet.
         addrs = pod_addresses(net, node, lease)
-        set_pod_ipv6(req.netns, req.ifname, has_ipv6(lease))
+        set_pod_ipv6(req.netns, req.ifname, False)
         with netlink.route(req.netns) as pod:
-            netlink.configure_pod_interface(pod, req.ifname, addrs)
+            netlink.configure_pod_interface(pod, req.ifname, [a for a in addrs if ":" not in a[0]])
 
         # 4. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
         # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
@@ -232,6 +233,13 @@ def add(net: PodNetwork, req: Request) -> dict:
             net.datapath.attach_pod(endpoint)
             if len(siblings) > len(lease.ips):
                 _attach_container(net, ipr, req.container_id, skip=req.ifname)
+
+        # 6. IPv6 (dual-stack), now that the datapath knows the pod: on (no RAs, no redirects), the address
+        #    with its cluster-wide prefix, a default route via the bridge's IPv6 gateway.
+        if has_ipv6(lease):
+            set_pod_ipv6(req.netns, req.ifname, True)
+            with netlink.route(req.netns) as pod:
+                netlink.configure_pod_interface(pod, req.ifname, [a for a in addrs if ":" in a[0]])
 
         result = build_result(
             req.cni_version,

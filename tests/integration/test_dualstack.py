@@ -1,8 +1,9 @@
 """Dual-stack in both datapaths: one lab per datapath whose pods have IPv4 and IPv6 (IPv4 underlay). The
 whole matrix runs, IPv6 rows included (pod<->pod on a node and across, node->pod with its source kept,
 pod->Internet masqueraded, pod->IPv6 ClusterIP TCP and UDP through kube-proxy-style ip6tables NAT); the
-pods' IPv6 settings are as sknf made them; and IPv6 impersonation fails and is counted: a forged IPv6
-source, a neighbour advertisement for another pod's address, a router advertisement. One negative control removes the guard and shows all three succeeding; the agent's
+pods' IPv6 settings are as sknf made them; IPv6 traffic is counted; and IPv6 impersonation fails and is
+counted: a forged IPv6 source, a neighbour advertisement for another pod's address, a router
+advertisement. One negative control removes the guard and shows all three succeeding; the agent's
 reconcile then restores it.
 
 Cast (a 2-node lab, 2 pods per node): the attacker is n2p1; its victim is n1p1 (another node); the
@@ -102,6 +103,9 @@ def test_the_whole_matrix_runs_for_both_families(lab: Lab) -> None:
             "IPv6 node->pod (own), source kept", "IPv6 node->pod (other), source kept",
             "IPv6 pod->ClusterIP TCP same node", "IPv6 pod->ClusterIP UDP across nodes"} <= flows
     assert len(ipv6_rows(lab)) == 12 + 4 + 12 + 8  # pairs, Internet per pod, Services not its own, node x pod
+    # Nothing honest was refused: not the kernel's own IPv6 (DAD, MLD, NDP) since each pod came up, either.
+    for p in lab.state.pods:
+        assert not any(refused(lab, p).values()), (p.name, refused(lab, p))
 
 
 def test_pods_and_nodes_are_set_up_for_both_families(lab: Lab) -> None:
