@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -149,15 +150,36 @@ POD_IPV6 = {True: (("accept_ra", "0"), ("accept_redirects", "0"), ("disable_ipv6
             False: (("disable_ipv6", "1"),)}
 
 
-def set_pod_ipv6(netns: str, ifname: str, enabled: bool) -> None:
-    """Apply POD_IPV6 in the pod (idempotent; re-applied after an MTU change: the kernel recreates a
-    device's IPv6 state with the defaults when its MTU comes back to 1280 or more)."""
+def set_pod_ipv6(netns: str, ifname: str, enabled: bool, only_if_changed: bool = False) -> bool:
+    """Apply POD_IPV6 in the pod; with only_if_changed, only when a setting differs. True if it wrote."""
     with nsutil.entered(netns):
         if not os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to set
-            return
-        for key, value in POD_IPV6[enabled]:
-            with open(f"/proc/sys/net/ipv6/conf/{ifname}/{key}", "w") as f:  # the path keeps dots
+            return False
+        paths = [(f"/proc/sys/net/ipv6/conf/{ifname}/{key}", value) for key, value in POD_IPV6[enabled]]  # dots kept
+        if only_if_changed and all(Path(path).read_text().strip() == value for path, value in paths):
+            return False
+        for path, value in paths:
+            with open(path, "w") as f:
                 f.write(value)
+        return True
+
+
+def _sync_pod_ipv6(net: PodNetwork, node: NodeOverlay, leases: list[Lease]) -> None:
+    """Each pod's IPv6 as its ADD left it. Whoever takes a pod's MTU below 1280 and back (the pod itself,
+    the reconcile's MTU change) makes the kernel recreate the device's IPv6 state with the defaults:
+    enabled, taking RAs, without its address. One namespace entry per pod, a write only when it differs."""
+    for lease in leases:
+        if not lease.netns:  # leased before sknf recorded namespaces
+            continue
+        v6 = [a for a in pod_addresses(net, node, lease) if ":" in a[0]]
+        try:
+            if set_pod_ipv6(lease.netns, lease.ifname, bool(v6), only_if_changed=True):
+                if v6:
+                    with netlink.route(lease.netns) as pod:
+                        netlink.configure_pod_interface(pod, lease.ifname, v6)
+                log.warning("%s (%s/%s): IPv6 settings restored", lease.host_ifname, lease.namespace, lease.pod)
+        except (OSError, NetlinkError) as e:  # the pod is going away: its DEL cleans up
+            log.warning("%s: cannot check IPv6 settings: %s", lease.host_ifname, e)
 
 
 def pod_addresses(net: PodNetwork, node: NodeOverlay, lease: Lease) -> list[tuple[str, int, str]]:
@@ -166,9 +188,6 @@ def pod_addresses(net: PodNetwork, node: NodeOverlay, lease: Lease) -> list[tupl
     return [(str(ip), cluster.prefixlen, gateway) for ip in lease.ips
             if (cluster := net.cfg.cidr(ip.version)) is not None and (gateway := node.gateway(ip.version))]
 
-
-def has_ipv6(lease: Lease) -> bool:
-    return lease.address(6) is not None
 
 
 def _require_netns(req: Request) -> None:
@@ -236,10 +255,10 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         # 6. IPv6 (dual-stack), now that the datapath knows the pod: on (no RAs, no redirects), the address
         #    with its cluster-wide prefix, a default route via the bridge's IPv6 gateway.
-        if has_ipv6(lease):
+        if v6 := [a for a in addrs if ":" in a[0]]:
             set_pod_ipv6(req.netns, req.ifname, True)
             with netlink.route(req.netns) as pod:
-                netlink.configure_pod_interface(pod, req.ifname, [a for a in addrs if ":" in a[0]])
+                netlink.configure_pod_interface(pod, req.ifname, v6)
 
         result = build_result(
             req.cni_version,
@@ -452,7 +471,7 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
         for lease in live:
             link = links[lease.host_ifname]
             if link.get("IFLA_MTU") != node.mtu:
-                _set_mtu(net, node, ipr, lease, link, node.mtu)
+                _set_mtu(ipr, lease, link, node.mtu)
             if link.get("IFLA_MASTER") == node.bridge_ifindex and link.get("state") == "up":
                 continue
             try:
@@ -469,12 +488,13 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
                                                  tuple(by_container[lease.container_id]),
                                                  shaped.get(lease.host_ifname))
                                      for lease in live if lease.mac])
+    _sync_pod_ipv6(net, node, live)  # after the datapath knows every live pod: their IPv6 frames pass
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost
 
 
-def _set_mtu(net: PodNetwork, node: NodeOverlay, ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
+def _set_mtu(ipr: IPRoute, lease: Lease, host_link, mtu: int) -> None:
     """Both ends of the pod's veth to the overlay's MTU (an operator changed `mtu`, or the underlay's
     changed): the pod's end first, so the host never forwards it frames larger than it accepts. The
     pod's end is the one in the recorded namespace that is this veth's peer; a pod leased before sknf
@@ -485,10 +505,6 @@ def _set_mtu(net: PodNetwork, node: NodeOverlay, ipr: IPRoute, lease: Lease, hos
                 idx = netlink.link_index(pod_ipr, lease.ifname)
                 if idx is not None and idx == host_link.get("IFLA_LINK"):
                     pod_ipr.link("set", index=idx, mtu=mtu)
-                    # Across 1280 the kernel drops or recreates the device's IPv6 state, with its defaults.
-                    set_pod_ipv6(lease.netns, lease.ifname, has_ipv6(lease))
-                    if has_ipv6(lease):
-                        netlink.configure_pod_interface(pod_ipr, lease.ifname, pod_addresses(net, node, lease))
         ipr.link("set", index=host_link["index"], mtu=mtu)
     except (OSError, NetlinkError) as e:  # the pod is going away: its DEL cleans up
         log.warning("%s: cannot set MTU %d: %s", lease.host_ifname, mtu, e)

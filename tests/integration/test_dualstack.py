@@ -154,6 +154,31 @@ def test_ipv6_traffic_is_counted_like_ipv4(lab: Lab) -> None:
     assert nbytes <= received <= nbytes * 1.08, (received, nbytes)
 
 
+def test_the_reconcile_restores_ipv6_after_the_mtu_went_below_1280(lab: Lab) -> None:
+    """Below 1280 the kernel drops a device's IPv6; back above, it recreates it with its defaults (taking
+    RAs, no address). The agent's next reconcile makes it what the ADD made."""
+    p, peer = pod(lab, "n1p2"), pod(lab, "n2p2")
+    conf = Path("/proc/sys/net/ipv6/conf/eth0/accept_ra")
+    with netlink.route(nsutil.netns_path(p.netns)) as ipr:
+        eth0 = netlink.link_index(ipr, "eth0")
+        mtu = ipr.link("get", index=eth0)[0].get("IFLA_MTU")
+        ipr.link("set", index=eth0, mtu=1200)
+        ipr.link("set", index=eth0, mtu=mtu)
+        with nsutil.entered(p.netns):
+            assert conf.read_text().strip() == "1"  # the kernel's default: what the agent must undo
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with nsutil.entered(p.netns):
+                restored = conf.read_text().strip() == "0"
+            if restored and ipr.get_default_routes(family=socket.AF_INET6):
+                break
+            time.sleep(0.2)
+    with nsutil.entered(p.netns):
+        assert conf.read_text().strip() == "0"
+    assert who(p.netns, peer.ip6) == (p.ip6, peer.name)
+    assert who(peer.netns, p.ip6) == (peer.ip6, p.name)
+
+
 def attacks(lab: Lab) -> tuple[list[bytes], list[bytes], bytes, bytes]:
     """(forged-source frames and their markers, the NA hijacking the victim's address, the RA), from n2p1."""
     attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
