@@ -94,8 +94,7 @@ class Agent:
         if self.source.changed():
             self.peers = self.source.nodes()
         node = overlay.ensure_node(self.cfg, self.pod_cidrs)
-        skipped = (overlay.ensure_neighbour_capacity(self.pod_cidr, len(self.peers)) if self.pod_cidr.version == 4
-                   else None)  # the IPv4 table's size; an IPv6-only node's /64 has no meaningful bound
+        skipped = overlay.ensure_neighbour_tables(self.cfg, self.pod_cidr, len(self.peers))
         if skipped and self.node is None:
             log.info("%s", skipped)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)

@@ -73,6 +73,7 @@ DUAL_STACK_SYSCTLS = {"net.ipv6.conf.all.forwarding": 1, "net.bridge.bridge-nf-c
 # Values already higher are kept. These sysctls exist only in the initial namespace.
 NEIGH_PER_POD = 16
 NEIGH_DIR = "/proc/sys/net/ipv4/neigh/default"
+NEIGH_DIR6 = "/proc/sys/net/ipv6/neigh/default"  # dual-stack: IPv6's table is a separate one, sized alike
 # Pod -> peer node routing: the rule's priority (before the main table) and its own table.
 PEER_RULE_PRIORITY = 1500
 PEER_ROUTE_TABLE = 4789
@@ -178,6 +179,16 @@ def ensure_neighbour_capacity(pod_cidr: ipaddress.IPv4Network, nodes: int, neigh
             with open(path, "w") as f:
                 f.write(str(wanted))
     return None
+
+
+def ensure_neighbour_tables(cfg: Config, pod_cidr: Network, nodes: int) -> str | None:
+    """ensure_neighbour_capacity for the table of each family the cluster has. Sized by the IPv4 subnet
+    (as many pods as addresses): an IPv6-only node's /64 gives no bound, and its tables are left alone."""
+    if pod_cidr.version != 4:
+        return None
+    dirs = [NEIGH_DIR, *([NEIGH_DIR6] if 6 in cfg.families else [])]
+    skipped = [why for d in dirs if (why := ensure_neighbour_capacity(pod_cidr, nodes, d))]
+    return skipped[0] if skipped else None
 
 
 def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[set[str], set[str]]:

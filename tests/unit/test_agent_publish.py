@@ -53,7 +53,7 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> agent_mod.Agent:
     monkeypatch.setattr(a, "recover_store", lambda: None)
     monkeypatch.setattr(a, "replay_pending_dels", lambda: None)
     monkeypatch.setattr(overlay, "ensure_node", lambda cfg, cidr: a.underlay)
-    for step in ("ensure_neighbour_capacity", "sync_peers", "sync_peer_routes", "ensure_rules"):
+    for step in ("ensure_neighbour_tables", "sync_peers", "sync_peer_routes", "ensure_rules"):
         monkeypatch.setattr(overlay, step, lambda *args, **kw: None)
     monkeypatch.setattr(pod, "sync_pods", lambda net, node: [])
     a.net = None
