@@ -42,7 +42,7 @@ from test_spoofing import (
 from sknf import netlink, nsutil, stats
 from sknf.config import BRIDGE, VXLAN
 from sknf.datapath import link_local
-from sknf.lab import Lab, LabPod, bulk, ipv6_rows, who
+from sknf.lab import Lab, LabPod, bulk, cni_exec, ipv6_rows, who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -126,6 +126,30 @@ def test_pods_and_nodes_are_set_up_for_both_families(lab: Lab) -> None:
         for dev in (BRIDGE, VXLAN):
             assert Path(f"/proc/sys/net/ipv6/conf/{dev}/accept_ra").read_text().strip() == "0"
     assert "MASQUERADE" in in_node(n, "ip6tables-nft", "-t", "nat", "-S", "SKNF-POSTROUTING")
+
+
+def test_check_verifies_both_families(lab: Lab) -> None:
+    """CHECK passes with both addresses in prevResult, and fails once the pod lost its IPv6 route."""
+    p = pod(lab, "n2p2")
+    sknf = lab.conflist(node(lab, p.node))["plugins"][0]
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": f"{p.ip}/16"}, {"address": f"{p.ip6}/56"}]}
+
+    def check(previous: dict) -> tuple[int, dict | None]:
+        netconf = {**sknf, "cniVersion": "1.0.0", "name": "sknf", "prevResult": previous}
+        return cni_exec(lab.plugin_dir, "CHECK", netconf, container_id=p.container_id,
+                        netns=nsutil.netns_path(p.netns))
+
+    assert check(prev) == (0, None)
+    code, out = check({**prev, "ips": [{"address": "fd00:10:244:2::99/56"}]})
+    assert (code, out["code"]) == (1, 110), out
+    route = in_node(p, "ip", "-6", "route", "show", "default").split()
+    in_node(p, "ip", "-6", "route", "del", "default")
+    try:
+        code, out = check(prev)
+        assert (code, out["code"]) == (1, 110) and "default route via None" in out["msg"], out
+    finally:
+        in_node(p, "ip", "-6", "route", "add", *route[:5])
+    assert check(prev) == (0, None)
 
 
 def test_stats_list_both_addresses(lab: Lab) -> None:
