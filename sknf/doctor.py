@@ -697,15 +697,15 @@ def check_pod_subnet(ctx: Context) -> Finding:
         return Finding("pod-subnet", FAIL, f"this node uses {used}, {source} says {own['pod_cidr']}: other nodes "
                        "send this node's pods' traffic to the wrong place", "make them agree (the agent takes the "
                        "Node's spec.podCIDR at start: restart it after the pods on the old subnet are gone)")
-    gateway = str(ipaddress.ip_network(used.split(",")[0]).network_address + 1)  # the first family's
+    gateways = [str(ipaddress.ip_network(net).network_address + 1) for net in used.split(",")]  # each family's
     bridge = ctx.links.get(BRIDGE)
     if bridge is not None:
         from sknf import netlink
 
         with netlink.route() as ipr:
             addrs = {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=bridge["index"])}
-        if gateway not in addrs:
-            return Finding("pod-subnet", FAIL, f"{BRIDGE} lacks the gateway {gateway} of {used}",
+        if missing := [gw for gw in gateways if gw not in addrs]:
+            return Finding("pod-subnet", FAIL, f"{BRIDGE} lacks the gateway {', '.join(missing)} of {used}",
                            "the agent sets it every reconcile: start it")
     return Finding("pod-subnet", OK, f"{used}, as in {source}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from leftovers import assert_lab_gone
+from test_doctor import assert_all_ok, run_doctor
 from test_spoofing import (
     ETH_P_IPV6,
     checksum,
@@ -39,7 +40,7 @@ from test_spoofing import (
     wait_counted,
 )
 
-from sknf import netlink, nsutil, stats
+from sknf import doctor, netlink, nsutil, stats
 from sknf.config import BRIDGE, VXLAN
 from sknf.datapath import link_local
 from sknf.lab import Lab, LabPod, bulk, cni_exec, ipv6_rows, who
@@ -150,6 +151,18 @@ def test_check_verifies_both_families(lab: Lab) -> None:
     finally:
         in_node(p, "ip", "-6", "route", "add", *route[:5])
     assert check(prev) == (0, None)
+
+
+def test_doctor_checks_the_gateway_of_each_family(lab: Lab) -> None:
+    n = node(lab, "n1")
+    assert_all_ok(n)
+    in_node(n, "ip", "-6", "addr", "del", f"{n.gateway_ip6}/56", "dev", BRIDGE)  # the reconcile puts it back
+    _, found = run_doctor(n)
+    assert found["pod-subnet"].status == doctor.FAIL and n.gateway_ip6 in found["pod-subnet"].message
+    deadline = time.monotonic() + 10
+    while n.gateway_ip6 not in in_node(n, "ip", "-6", "addr", "show", "dev", BRIDGE) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_all_ok(n)
 
 
 def test_stats_list_both_addresses(lab: Lab) -> None:
