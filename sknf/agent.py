@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import logging
 import signal
 import threading
@@ -23,13 +22,13 @@ import time
 from pathlib import Path
 
 from sknf import api, cni, flowlog, ipam, iptables, overlay, pod
-from sknf.config import Config, load
+from sknf.config import Config, Network, load
 from sknf.datapath import NodeNet
 from sknf.datapath.select import choose
 from sknf.health import PeerHealth
 from sknf.logbuffer import FORMAT, LogBuffer
 from sknf.metrics import Metrics, Snapshot, take_snapshot
-from sknf.peers import Node, PeerSource, StaticPeerSource
+from sknf.peers import Node, PeerSource, StaticPeerSource, join_subnets, pod_subnets
 from sknf.policy.enforcer import Enforcer, source_for
 from sknf.stats import Sampler, handle_query
 
@@ -44,21 +43,29 @@ def peer_source(cfg: Config) -> PeerSource:
     return StaticPeerSource(cfg.peers_file)
 
 
-def node_pod_cidr(cfg: Config, source: PeerSource, peers: list[Node]) -> ipaddress.IPv4Network:
-    """This node's pod subnet: configured, else what the cluster assigned, else carved without collisions."""
-    if cfg.pod_cidr is not None:
-        return cfg.pod_cidr
+def node_pod_cidrs(cfg: Config, source: PeerSource, peers: list[Node]) -> tuple[Network, ...]:
+    """This node's pod subnet of each cluster family, IPv4 first: configured, else what the cluster
+    assigned, else carved without collisions."""
+    found = {n.version: n for n in cfg.pod_cidrs}
     own = next((p for p in peers if p.name == cfg.node_name and p.pod_cidr), None)
-    if own is not None:
-        return ipaddress.IPv4Network(own.pod_cidr)
+    for net in pod_subnets(own.pod_cidr if own is not None else None):
+        found.setdefault(net.version, net)
     assigned = getattr(source, "own_pod_cidr", None)
-    if assigned is not None and (cidr := assigned()) is not None:
-        return ipaddress.IPv4Network(cidr)
-    taken = [ipaddress.IPv4Network(p.pod_cidr) for p in peers if p.pod_cidr and p.name != cfg.node_name]
-    carved = ipam.carve_subnet(cfg.cluster_cidr, cfg.node_subnet_prefix, taken, cfg.state_dir)
-    if carved.replaced is not None:
-        log.warning("pod subnet %s now collides with another node's; moved to %s", carved.replaced, carved.subnet)
-    return carved.subnet
+    if any(f not in found for f in cfg.families) and assigned is not None and (cidr := assigned()) is not None:
+        for net in pod_subnets(cidr):
+            found.setdefault(net.version, net)
+        if missing := [f for f in cfg.families if f not in found]:
+            log.warning("node %s: the cluster assigned pod subnets %s, none of IPv%s that cluster_cidr has; carving "
+                        "one", cfg.node_name, cidr, missing[0])
+    for family in cfg.families:
+        if family in found:
+            continue
+        taken = [n for p in peers if p.name != cfg.node_name for n in pod_subnets(p.pod_cidr)]
+        carved = ipam.carve_subnet(cfg.cidr(family), cfg.subnet_prefix(family), taken, cfg.state_dir)
+        if carved.replaced is not None:
+            log.warning("pod subnet %s now collides with another node's; moved to %s", carved.replaced, carved.subnet)
+        found[family] = carved.subnet
+    return tuple(found[f] for f in cfg.families)
 
 
 class Agent:
@@ -67,8 +74,9 @@ class Agent:
         self.log_buffer = log_buffer or LogBuffer()
         self.source = peer_source(cfg)
         self.peers = self.source.nodes()
-        self.pod_cidr = node_pod_cidr(cfg, self.source, self.peers)
-        self.store = ipam.Store(cfg.state_dir, self.pod_cidr)
+        self.pod_cidrs = node_pod_cidrs(cfg, self.source, self.peers)
+        self.pod_cidr = self.pod_cidrs[0]
+        self.store = ipam.Store(cfg.state_dir, self.pod_cidrs)
         self.datapath = choose(cfg)
         self.iptables = iptables.detect()  # once, as kube-proxy's wrapper does: a restart decides alike
         self.node: overlay.NodeOverlay | None = None
@@ -91,8 +99,8 @@ class Agent:
         self.recover_store()  # before anything reads leases
         if self.source.changed():
             self.peers = self.source.nodes()
-        node = overlay.ensure_node(self.cfg, self.pod_cidr)
-        skipped = overlay.ensure_neighbour_capacity(self.pod_cidr, len(self.peers))
+        node = overlay.ensure_node(self.cfg, self.pod_cidrs)
+        skipped = overlay.ensure_neighbour_tables(self.cfg, self.pod_cidr, len(self.peers))
         if skipped and self.node is None:
             log.info("%s", skipped)
         overlay.sync_peers(node, self.peers, self.cfg.node_name)
@@ -103,7 +111,8 @@ class Agent:
                                          cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
         if self.node is None or (self.node.underlay_ip, self.node.mtu) != (node.underlay_ip, node.mtu):
             # first round, DHCP moved the address, or the underlay MTU changed
-            self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, str(self.pod_cidr), mtu=node.mtu))
+            self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, join_subnets(self.pod_cidrs),
+                                          mtu=node.mtu))
         self.node = node
         self.replay_pending_dels()  # DELs the plugin queued while this agent was down or too slow
         lost = pod.sync_pods(self.net, node)
@@ -171,7 +180,7 @@ class Agent:
         flow_table = getattr(self.datapath, "flow_table", None)  # only the BPF datapath learns flows
         return {"node": self.cfg.node_name, "datapath": {"mode": self.datapath.mode, "reason": self.datapath.reason},
                 "iptables": self.iptables.mode,
-                "pod_cidr": str(self.pod_cidr), "mtu": node.mtu if node else None,
+                "pod_cidr": join_subnets(self.pod_cidrs), "mtu": node.mtu if node else None,
                 "underlay_ip": node.underlay_ip if node else None,
                 "peers": [{"name": p.name, "underlay_ip": p.underlay_ip, "pod_cidr": p.pod_cidr, "mtu": p.mtu}
                           for p in self.peers],
@@ -208,7 +217,7 @@ class Agent:
 
     def run(self) -> None:
         log.info("sknf agent on %s: cluster %s, pod subnet %s, datapath %s%s", self.cfg.node_name,
-                 self.cfg.cluster_cidr, self.pod_cidr, self.datapath.mode,
+                 join_subnets(self.cfg.cluster_cidrs), join_subnets(self.pod_cidrs), self.datapath.mode,
                  f" ({self.datapath.reason})" if self.datapath.reason else "")
         log.info("iptables backend %s (%s)", self.iptables.mode, self.iptables.reason)
         self.reconcile()  # the first one must succeed: a node without its network must not serve

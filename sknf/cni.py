@@ -325,17 +325,18 @@ def build_result(
     """An ADD success result spelled exactly as `cni_version` defines it.
 
     Entries use the spec's field names (interfaces: name, mac, mtu, sandbox; ips: address in CIDR
-    notation, gateway, interface index; routes: dst, gw). Before 1.0.0 every IP carries
-    "version": "4"; interface MTUs and route attributes beyond dst/gw exist from 1.1.0 on.
+    notation, gateway, interface index; routes: dst, gw). Before 1.0.0 every IP carries its
+    "version" ("4" or "6"); interface MTUs and route attributes beyond dst/gw exist from 1.1.0 on.
     """
     if cni_version not in SUPPORTED_VERSIONS:
         raise CniError(INCOMPATIBLE_VERSION, "incompatible CNI versions", f"cannot encode {cni_version!r}")
     spec = "1.1.0" if cni_version == "1.1.0" else "1.0.0"
-    legacy = {"version": "4"} if _vtuple(cni_version) < (1, 0, 0) else {}
+    legacy = _vtuple(cni_version) < (1, 0, 0)
     result: dict[str, Any] = {
         "cniVersion": cni_version,
         "interfaces": [_pick(i, _INTERFACE_KEYS[spec]) for i in interfaces],
-        "ips": [{**legacy, **_pick(ip, _IP_KEYS)} for ip in ips],
+        "ips": [{**({"version": "6" if ":" in str(ip["address"]) else "4"} if legacy else {}), **_pick(ip, _IP_KEYS)}
+                for ip in ips],
     }
     if routes:
         result["routes"] = [_pick(r, _ROUTE_KEYS[spec]) for r in routes]

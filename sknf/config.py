@@ -8,6 +8,11 @@ Every setting is read from `SKNF_<NAME>`: plain names such as MTU, DATAPATH or V
 anything (a Service named `vxlan` injects VXLAN_PORT=udp://... into every pod of its namespace).
 The three documented before the prefix existed (CLUSTER_CIDR, HOST_PHYSICAL_IF, NODE_NAME) are
 still read unprefixed; the SKNF_ spelling wins when both are set.
+
+Dual-stack: `cluster_cidr` (and `pod_cidr`) take one network per family, comma-separated or as a YAML
+list (`10.244.0.0/16,fd00:10:244::/56`), in either order. `cluster_cidr` then holds the first family's
+network (IPv4 when the cluster has IPv4, so IPv4-only code reads it unchanged) and `cluster_cidrs` all
+of them, IPv4 first; `cidr(6)` is the IPv6 one. An IPv6-only cluster lists just an IPv6 network.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Cluster prefix lengths accepted per family, and the longest node subnet (it must hold two pods).
+CLUSTER_PREFIX = {4: (8, 28), 6: (16, 120)}
+MAX_NODE_PREFIX = {4: 30, 6: 126}
+SUBNET_SETTING = {4: "node_subnet_prefix", 6: "node_subnet_prefix6"}
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message starts with the field name."""
 
@@ -42,10 +54,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     node_name: str
-    cluster_cidr: ipaddress.IPv4Network
+    cluster_cidr: Network  # the first family's (IPv4 in a dual-stack cluster); cluster_cidrs has all
     host_physical_if: str | None = None  # None: the interface of the default route
-    pod_cidr: ipaddress.IPv4Network | None = None  # None: from the peer source, else carved
-    node_subnet_prefix: int = 24
+    pod_cidr: Network | None = None  # None: from the peer source, else carved; pod_cidrs has all
+    node_subnet_prefix: int = 24  # IPv4 node subnets carved from the cluster CIDR
+    node_subnet_prefix6: int = 64  # IPv6 ones
     vxlan_vni: int = 1
     vxlan_port: int = 4789
     mtu: int | None = None  # pod/overlay MTU; None: underlay MTU - 50
@@ -68,7 +81,28 @@ class Config:
     log_level: str = "info"
     network_policy: bool = True  # enforce NetworkPolicy (policy_dir, else the API with peer_source kubernetes)
     policy_dir: Path | None = None  # manifests of NetworkPolicies, Namespaces, Pods (lab, bare metal)
+    cluster_cidrs: tuple[Network, ...] = ()  # every family's network, IPv4 first; () means (cluster_cidr,)
+    pod_cidrs: tuple[Network, ...] = ()  # the configured node subnets, one per family; () means (pod_cidr,)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.cluster_cidrs:
+            object.__setattr__(self, "cluster_cidrs", (self.cluster_cidr,))
+        if not self.pod_cidrs and self.pod_cidr is not None:
+            object.__setattr__(self, "pod_cidrs", (self.pod_cidr,))
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The cluster's IP versions, 4 first: (4,), (6,) or (4, 6)."""
+        return tuple(net.version for net in self.cluster_cidrs)
+
+    def cidr(self, family: int) -> Network | None:
+        """The cluster network of one family, None when the cluster has none."""
+        return next((net for net in self.cluster_cidrs if net.version == family), None)
+
+    def subnet_prefix(self, family: int) -> int:
+        """The prefix length of the node subnets carved for one family."""
+        return self.node_subnet_prefix6 if family == 6 else self.node_subnet_prefix
 
     @property
     def socket_path(self) -> Path:
@@ -103,11 +137,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     where = f"{name} (from {source})"
     try:
         if name in ("cluster_cidr", "pod_cidr"):
-            net = ipaddress.ip_network(str(raw), strict=True)
-            if not isinstance(net, ipaddress.IPv4Network):
-                raise ConfigError(f"{where}: {raw!r} is not an IPv4 network (IPv6 is not supported)")
-            return net
-        if name in ("node_subnet_prefix", "vxlan_vni", "vxlan_port", "mtu", "flow_map_capacity"):
+            return networks(raw, where)
+        if name in ("node_subnet_prefix", "node_subnet_prefix6", "vxlan_vni", "vxlan_port", "mtu", "flow_map_capacity"):
             if isinstance(raw, bool):
                 raise ValueError
             return int(raw)
@@ -133,8 +164,17 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         ftype = next(f.type for f in dataclasses.fields(Config) if f.name == name)
         want = next((v for k, v in kind.items() if k.__name__ in str(ftype)), "a valid value")
         if name.endswith("cidr"):
-            want = "an IPv4 network such as 10.244.0.0/16"
+            want = "a network such as 10.244.0.0/16, or one per family: 10.244.0.0/16,fd00:10:244::/56"
         raise ConfigError(f"{where}: {raw!r} is not {want}") from None
+
+
+def networks(raw: Any, where: str) -> tuple[Network, ...]:
+    """One network, or one per family (comma-separated text or a list), IPv4 first."""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    nets = [ipaddress.ip_network(str(item).strip(), strict=True) for item in items]
+    if not nets or len(nets) > 2 or len({n.version for n in nets}) != len(nets):
+        raise ConfigError(f"{where}: {raw!r} must be one network, or one IPv4 and one IPv6 network")
+    return tuple(sorted(nets, key=lambda n: n.version))
 
 
 def _validate(cfg: Config) -> None:
@@ -145,15 +185,20 @@ def _validate(cfg: Config) -> None:
         raise bad("node_name", "must be a DNS-1123 subdomain")
     if cfg.host_physical_if is not None and not _IFNAME.match(cfg.host_physical_if):
         raise bad("host_physical_if", "must be a Linux interface name (1-15 characters)")
-    if not 8 <= cfg.cluster_cidr.prefixlen <= 28:
-        raise bad("cluster_cidr", "prefix length must be between /8 and /28")
-    if not cfg.cluster_cidr.prefixlen < cfg.node_subnet_prefix <= 30:
-        raise bad("node_subnet_prefix", f"must be longer than the cluster prefix /{cfg.cluster_cidr.prefixlen}"
-                  " and at most 30")
-    if cfg.pod_cidr is not None and not cfg.pod_cidr.subnet_of(cfg.cluster_cidr):
-        raise bad("pod_cidr", f"must lie inside cluster_cidr {cfg.cluster_cidr}")
-    if cfg.pod_cidr is not None and cfg.pod_cidr.prefixlen > 30:
-        raise bad("pod_cidr", "must hold at least two pod addresses (/30 or shorter)")
+    for net in cfg.cluster_cidrs:
+        low, high = CLUSTER_PREFIX[net.version]
+        if not low <= net.prefixlen <= high:
+            raise bad("cluster_cidr", f"IPv{net.version} prefix length must be between /{low} and /{high}")
+        name, longest = SUBNET_SETTING[net.version], MAX_NODE_PREFIX[net.version]
+        if not net.prefixlen < getattr(cfg, name) <= longest:
+            raise bad(name, f"must be longer than the cluster prefix /{net.prefixlen} and at most {longest}")
+    for sub in cfg.pod_cidrs:
+        cluster = cfg.cidr(sub.version)
+        if cluster is None or not sub.subnet_of(cluster):
+            raise bad("pod_cidr", f"{sub} must lie inside cluster_cidr {','.join(map(str, cfg.cluster_cidrs))}")
+        if sub.prefixlen > MAX_NODE_PREFIX[sub.version]:
+            raise bad("pod_cidr", f"{sub} must hold at least two pod addresses (/{MAX_NODE_PREFIX[sub.version]} "
+                      "or shorter)")
     if not 1 <= cfg.vxlan_vni <= 0xFFFFFF:
         raise bad("vxlan_vni", "must be between 1 and 16777215")
     if not 1 <= cfg.vxlan_port <= 65535:
@@ -181,7 +226,7 @@ def _validate(cfg: Config) -> None:
         raise bad("log_level", "must be debug, info, warning or error")
 
 
-FIELDS = {f.name for f in dataclasses.fields(Config)} - {"extra"}
+FIELDS = {f.name for f in dataclasses.fields(Config)} - {"extra", "cluster_cidrs", "pod_cidrs"}
 REQUIRED = ("node_name", "cluster_cidr")
 
 
@@ -210,6 +255,10 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     for name in REQUIRED:
         if name not in values:
             raise ConfigError(f"{name}: required (set ${_env_name(name)} or '{name}' in the config file)")
+    for name in ("cluster_cidr", "pod_cidr"):
+        if name in values:
+            values[name + "s"] = values[name]
+            values[name] = values[name][0]
     cfg = Config(**values)
     _validate(cfg)
     return cfg

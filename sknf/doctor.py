@@ -705,7 +705,7 @@ def check_pod_subnet(ctx: Context) -> Finding:
         from sknf.ipam import CorruptStore, Store
 
         try:
-            used = str(Store.open_existing(ctx.cfg.state_dir).pod_cidr)
+            used = ",".join(map(str, Store.open_existing(ctx.cfg.state_dir).pod_cidrs))
         except (OSError, ValueError, CorruptStore):
             used = None
     peers = ctx.peers()
@@ -721,15 +721,15 @@ def check_pod_subnet(ctx: Context) -> Finding:
         return Finding("pod-subnet", FAIL, f"this node uses {used}, {source} says {own['pod_cidr']}: other nodes "
                        "send this node's pods' traffic to the wrong place", "make them agree (the agent takes the "
                        "Node's spec.podCIDR at start: restart it after the pods on the old subnet are gone)")
-    gateway = str(ipaddress.IPv4Network(used).network_address + 1)
+    gateways = [str(ipaddress.ip_network(net).network_address + 1) for net in used.split(",")]  # each family's
     bridge = ctx.links.get(BRIDGE)
     if bridge is not None:
         from sknf import netlink
 
         with netlink.route() as ipr:
-            addrs = {a.get("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=bridge["index"])}
-        if gateway not in addrs:
-            return Finding("pod-subnet", FAIL, f"{BRIDGE} lacks the gateway {gateway} of {used}",
+            addrs = {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=bridge["index"])}
+        if missing := [gw for gw in gateways if gw not in addrs]:
+            return Finding("pod-subnet", FAIL, f"{BRIDGE} lacks the gateway {', '.join(missing)} of {used}",
                            "the agent sets it every reconcile: start it")
     return Finding("pod-subnet", OK, f"{used}, as in {source}")
 

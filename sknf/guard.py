@@ -10,8 +10,13 @@ hands it to iptables) checks it against what the pod was given:
 - IPv4 sources and ARP sender addresses are one of the addresses leased to the same container, any of
   its attachments (set `ips`: host veth . address); ARP probes (sender 0.0.0.0) pass; the ARP sender
   MAC is the attachment's MAC too;
-- IPv6 is dropped (pods get no IPv6 until dual-stack: no RA, NDP or spoofed IPv6 source ever leaves
-  a pod), and so is every other EtherType (VLAN tags, raw protocols).
+- IPv6 only from pods that have an IPv6 lease (set `v6pods`; the others' IPv6 is dropped as `ipv6`:
+  in an IPv4-only cluster no RA, NDP or spoofed IPv6 source ever leaves a pod). Their IPv6 sources
+  are their container's IPv6 leases or the pod's link-local address, which the kernel derives from
+  its MAC (set `ips6`), or :: for ICMPv6 only (duplicate address detection, MLD); a neighbour
+  advertisement's target is one of those addresses (set `nd6`: else `spoofed_arp`, NDP being IPv6's
+  ARP); router advertisements and redirects are dropped (`ipv6`): a pod is never a router;
+- every other EtherType (VLAN tags, raw protocols) is dropped.
 
 The rules are fixed; pods are set elements (added on ADD, removed on DEL, reconciled with the rest),
 so the ruleset is the same size for any number of pods. Each reason's drop goes through a chain of its
@@ -21,12 +26,18 @@ its own, so a full counter set never lets a frame through.
 This kernel has no ebtables-legacy, and the bridge family has no `meta ibrname` or `reject`: rules
 match `iifname` (sknf's host veths) and drop.
 
-Everything goes through libnftables' JSON API (python3-nftables), one atomic transaction per change.
+Everything goes through libnftables' JSON API (python3-nftables), one atomic transaction per change,
+but for one statement: `nd6` matches the NA target as a raw payload (`@th,64,128`: nft 1.0.6 has no
+`icmpv6 taddr`), and a set keyed by a raw payload can only be declared with `typeof`, which its JSON
+does not express. So `ensure` creates the table with the NA check failing closed (chain `nd_target`
+refuses every NA), declares `nd6` in nft's own syntax, then swaps in the real check in one
+transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -44,7 +55,9 @@ TABLE = "sknf"
 CHAIN = "from_pod"
 REASONS = REFUSED_REASONS  # drop reasons (the BPF program's enum refused_reason)
 PRIORITY = -300  # before br_netfilter (0) and anything else on the bridge's prerouting hook
-POD_SETS = ("macs", "ips")
+POD_SETS = ("macs", "ips", "ips6", "nd6", "v6pods")
+ND_TARGET = {"payload": {"base": "th", "offset": 64, "len": 128}}  # a neighbour advertisement's target address
+ND_SET = f"add set {FAMILY} {TABLE} nd6 {{ typeof iifname . @th,64,128 ; }}"
 COUNTED_MAX = 65535  # pods that can be counted per reason at once (a dynamic set's size)
 
 
@@ -115,10 +128,16 @@ def _refuse(reason: str, *matches: dict) -> list[dict]:
     return [*matches, {"jump": {"target": f"refuse_{reason}"}}]
 
 
+def _icmpv6(kind: str | dict) -> list[dict]:
+    return [_match({"meta": {"key": "l4proto"}}, "ipv6-icmp"), _match(_payload("icmpv6", "type"), kind)]
+
+
 def _rules() -> list[list[dict]]:
     """The expressions of from_pod's rules, in order."""
     not_own_mac = lambda field: _match({"concat": [_iif(), field]}, "@macs", "!=")  # noqa: E731
     not_leased = lambda field: _match({"concat": [_iif(), field]}, "@ips", "!=")  # noqa: E731
+    ip6 = _ether_type("ip6")
+    saddr6 = _payload("ip6", "saddr")
     return [  # IPv4 first, as the BPF program does: a frame with a source not leased is spoofed_ip, whatever its MAC
         _refuse("spoofed_ip", _ether_type("ip"), not_leased(_payload("ip", "saddr"))),
         _refuse("spoofed_mac", not_own_mac(_payload("ether", "saddr"))),
@@ -127,9 +146,21 @@ def _rules() -> list[list[dict]]:
                 not_leased(_payload("arp", "saddr ip"))),
         [_ether_type("arp"), {"accept": None}],
         [_ether_type("ip"), {"accept": None}],
-        _refuse("ipv6", _ether_type("ip6")),
+        _refuse("ipv6", ip6, _match(_iif(), "@v6pods", "!=")),
+        _refuse("spoofed_ip", ip6, _match(saddr6, "::", "!="), _match({"concat": [_iif(), saddr6]}, "@ips6", "!=")),
+        _refuse("spoofed_ip", ip6, _match(saddr6, "::"), _match({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!=")),
+        _refuse("ipv6", ip6, *_icmpv6({"set": ["nd-router-advert", "nd-redirect"]})),
+        [ip6, *_icmpv6("nd-neighbor-advert"), {"jump": {"target": "nd_target"}}],
+        [ip6, {"accept": None}],
         _refuse("protocol"),
     ]
+
+
+def _nd_rules(closed: bool) -> list[list[dict]]:
+    """nd_target's rules: a neighbour advertisement for one of the pod's own addresses returns, any
+    other is refused; closed (while `nd6` does not exist yet): every one is."""
+    own = [] if closed else [[_match({"concat": [_iif(), ND_TARGET]}, "@nd6"), {"return": None}]]
+    return [*own, _refuse("spoofed_arp")]
 
 
 def _counting(reason: str) -> list[list[dict]]:
@@ -141,6 +172,7 @@ def _all_rules() -> list[tuple[str, list[dict]]]:
     """(chain, expressions) of every rule of the table, in listing order."""
     out = [("prerouting", [_match(_iif(), f"{HOST_VETH_PREFIX}*"), {"jump": {"target": CHAIN}}])]
     out += [(CHAIN, r) for r in _rules()]
+    out += [("nd_target", r) for r in _nd_rules(closed=False)]
     for reason in REASONS:
         out += [(f"refuse_{reason}", r) for r in _counting(reason)]
     return out
@@ -160,17 +192,32 @@ def _definition() -> list[dict]:
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"add": {"set": {**t, "name": "macs", "type": ["ifname", "ether_addr"]}}},
         {"add": {"set": {**t, "name": "ips", "type": ["ifname", "ipv4_addr"]}}},
+        {"add": {"set": {**t, "name": "ips6", "type": ["ifname", "ipv6_addr"]}}},
+        {"add": {"set": {**t, "name": "v6pods", "type": "ifname"}}},
         {"add": {"chain": {**t, "name": "prerouting", "type": "filter", "hook": "prerouting", "prio": PRIORITY,
                            "policy": "accept"}}},
         {"add": {"chain": {**t, "name": CHAIN}}},
+        {"add": {"chain": {**t, "name": "nd_target"}}},
     ]
     for reason in REASONS:
         cmds += [{"add": {"set": {**t, "name": f"refused_{reason}", "type": "ifname",
                                   "size": COUNTED_MAX, "stmt": [{"counter": None}]}}},
                  {"add": {"chain": {**t, "name": f"refuse_{reason}"}}}]
-    cmds += [{"add": {"rule": {**t, "chain": chain, "comment": comment, "expr": expr}}}
-             for comment, (chain, expr) in zip(_comments(), _all_rules(), strict=True)]
+    cmds += [_rule(chain, comment, expr) for comment, (chain, expr) in zip(_comments(), _all_rules(), strict=True)
+             if chain != "nd_target"]
     return cmds
+
+
+def _rule(chain: str, comment: str, expr: list[dict]) -> dict:
+    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "comment": comment, "expr": expr}}}
+
+
+def _nd_commands(closed: bool) -> list[dict]:
+    """Commands that make nd_target's rules (after a flush: one transaction swaps them)."""
+    comments = [c for c, (chain, _) in zip(_comments(), _all_rules(), strict=True) if chain == "nd_target"]
+    return [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": "nd_target"}}},
+            *(_rule("nd_target", c, expr) for c, expr in zip(comments[-len(_nd_rules(closed)):], _nd_rules(closed),
+                                                                 strict=True))]
 
 
 def _listed(terse: bool) -> list[dict] | None:
@@ -199,10 +246,20 @@ def ensure() -> bool:
         listed = _listed(terse=False) or []
     keep = _elements(listed or [])
     cmds = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
-            {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *_definition()]
-    cmds += _element_commands("add", {name: keep.get(name, []) for name in POD_SETS})
+            {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *_definition(), *_nd_commands(closed=True)]
+    cmds += _element_commands("add", {name: keep.get(name, []) for name in POD_SETS if name != "nd6"})
     _nft(cmds)
+    _nft_text(ND_SET)
+    _nft([*_nd_commands(closed=False), *_element_commands("add", {"nd6": keep.get("nd6", [])})])
     return True
+
+
+def _nft_text(command: str) -> None:
+    """One statement in nft's own syntax (see the module docstring for the one that needs it)."""
+    with _CONTEXT.lock:
+        rc, _, err = _CONTEXT.get().cmd(command)
+    if rc != 0:
+        raise GuardError(f"nftables: {(err or '').strip() or 'failed'}")
 
 
 def remove() -> bool:
@@ -218,9 +275,14 @@ def remove() -> bool:
 
 
 def _pod_elements(host_ifname: str, mac: str, sources: Iterable[str]) -> dict[str, list]:
-    """The elements one attachment puts in the pod sets."""
+    """The elements one attachment puts in the pod sets (sources of both families)."""
+    v4 = sorted({ip for ip in sources if ":" not in ip})
+    v6 = sorted({ipaddress.IPv6Address(ip) for ip in sources if ":" in ip})
     return {"macs": [{"concat": [host_ifname, mac]}],
-            "ips": [{"concat": [host_ifname, ip]} for ip in sorted(set(sources))]}
+            "ips": [{"concat": [host_ifname, ip]} for ip in v4],
+            "ips6": [{"concat": [host_ifname, str(ip)]} for ip in v6],
+            "nd6": [{"concat": [host_ifname, f"0x{int(ip):032x}"]} for ip in v6],  # as nft lists a raw payload
+            "v6pods": [host_ifname] if v6 else []}
 
 
 def _element_commands(verb: str, elements: dict[str, list]) -> list[dict]:

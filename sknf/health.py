@@ -18,7 +18,6 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import select
@@ -33,7 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sknf.peers import Node
+from sknf.peers import Node, pod_subnets
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,8 @@ def targets_of(peers: Iterable[Node], self_name: str) -> list[Target]:
         if p.name == self_name:
             continue
         out.append(Target(p.name, "underlay", p.underlay_ip))
-        if p.pod_cidr:
-            out.append(Target(p.name, "overlay", str(ipaddress.IPv4Network(p.pod_cidr).network_address + 1)))
+        if p.pod_cidr:  # the first family's gateway (IPv4 in a dual-stack cluster)
+            out.append(Target(p.name, "overlay", str(pod_subnets(p.pod_cidr)[0].network_address + 1)))
     return out
 
 

@@ -1,4 +1,11 @@
-"""Node-local IPAM: pod addresses from this node's pod subnet, leased per CNI attachment.
+"""Node-local IPAM: pod addresses from this node's pod subnets, leased per CNI attachment.
+
+Dual-stack: the store has one pod subnet per family, and a lease holds one address of each (`ip`, the
+IPv4 one, and `ip6`; an IPv6-only store's `ip` is IPv6). The lease file is linked under every address
+it holds, IPv4 first: the link of the last address is the commit, and a release unlinks it first. A
+lease linked under only some of its addresses is one a writer died in the middle of: it is no lease
+(lookups ignore it) and the next full read removes its names. So allocation is atomic across the
+families: exhaustion of one leaves nothing in the other.
 
 Leases are keyed by the CNI attachment (container id, ifname) and carry the whole endpoint record
 (pod, host veth, MAC): the agent rebuilds its datapath from them after a restart. One file per
@@ -6,13 +13,15 @@ lease, as the reference `host-local` plugin keeps them, so an ADD or DEL writes 
 small file whatever the number of pods (one document holding every lease made an ADD cost 1 ms
 at 30 pods and over 80 ms at 5,000; docs/performance.md). On disk, in `<state_dir>/ipam/`:
 
-    ips/<address>          the lease (JSON). The name existing IS the lease: allocation probes names.
+    ips/<address>          the lease (JSON), once per address it holds. The name existing IS the lease:
+                           allocation probes names.
     keys/<cid>@<ifname>    a hard link to the same file, so get/release open it without a scan. Live
                            only while ips/<its address> is the same inode; otherwise stale, "no lease".
                            (cid and ifname are %-quoted: no '/', and '@' only as the separator.)
-    last                   the round-robin cursor: JSON with the "ip" handed out last. A hard link to
-                           that lease's file (it outlives the lease; only "ip" is read).
-    store.json             {"version": 2, "pod_cidr": ...} for readers without the agent's config.
+    last                   the round-robin cursor: JSON with the "ip" (and "ip6") handed out last. A hard
+                           link to that lease's file (it outlives the lease; only "ip" and "ip6" are read).
+    store.json             {"version": 2, "pod_cidr": ...} for readers without the agent's config
+                           (comma-separated subnets when dual-stack).
     lock                   the flock target.  rebuilding: exists only while rebuild replaces every lease.
     leases.json            version 1 (one document for all leases): converted on first use, then removed.
 
@@ -26,12 +35,15 @@ What a crash (killed process or power loss) at each point leaves; success is rep
             2. temp linked as keys/K (replacing a stale K), keys/ fsynced: a key whose inode is not
                ips/<its address> is stale and reads as "no lease"; the next allocate of K replaces
                it, the next full read removes it.
-            3. temp linked as ips/A: the commit. The lease is complete and its key already durable.
+            3. temp linked as ips/A (then as ips/A6: the last link is the commit). The lease is complete
+               and its key already durable. A crash between the two links leaves a half lease: not a
+               lease for lookups, its name removed by the next full read.
             4. cursor linked as .last.new and renamed to last (old or new, never none), temp removed,
                ips/ fsynced, success. The runtime saw no success before this: its retried ADD gets
                LeaseExists, its DEL frees the lease. The cursor is not fsynced on its own: a power
                cut may take round-robin back a step, nothing more.
-  release   unlink ips/A (the commit), unlink keys/K, fsync ips/. In between: a stale key, as in 2.
+  release   unlink ips/A6 (the commit), ips/A, keys/K, fsync ips/. In between: a half lease or a stale key,
+            as in 3 and 2.
   rebuild   `rebuilding` is created and fsynced before the first old entry goes, and removed once
             every new entry is durable: a crash in between makes every operation raise CorruptStore,
             so the agent rebuilds from the host again instead of trusting half a set.
@@ -72,7 +84,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -82,6 +94,8 @@ from sknf.fsutil import atomic_write, fsync_dir
 
 FORMAT_VERSION = 2
 LEGACY_VERSION = 1  # leases.json: every lease in one document
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
 
 
 class IpamError(cni.CniError):
@@ -109,9 +123,9 @@ class CorruptStore(IpamError):
 
 @dataclass(frozen=True)
 class Lease:
-    """One attachment's address and endpoint record (the datapath's Endpoint is built from it)."""
+    """One attachment's addresses and endpoint record (the datapath's Endpoint is built from it)."""
 
-    ip: IPv4Address
+    ip: Address  # the IPv4 address; in an IPv6-only store the IPv6 one
     container_id: str
     ifname: str
     namespace: str = ""
@@ -120,19 +134,35 @@ class Lease:
     mac: str = ""  # the pod-side MAC (sknf chooses it before the veth exists)
     created: float = 0.0  # unix time
     netns: str = ""  # the pod's network namespace as the runtime named it (reconciling the pod's end)
+    ip6: IPv6Address | None = None  # the IPv6 address beside the IPv4 `ip` (dual-stack)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.container_id, self.ifname)
 
+    @property
+    def ips(self) -> tuple[Address, ...]:
+        """Every address of the lease, IPv4 first (the order their names are linked in)."""
+        return (self.ip,) if self.ip6 is None else (self.ip, self.ip6)
+
+    def address(self, family: int) -> Address | None:
+        return next((ip for ip in self.ips if ip.version == family), None)
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ip": str(self.ip)}
+        doc = {**asdict(self), "ip": str(self.ip), "ip6": str(self.ip6)}
+        if self.ip6 is None:  # single-stack leases are written as before dual-stack
+            del doc["ip6"]
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Lease:
         if not isinstance(doc, dict):
             raise ValueError(f"lease {doc!r} is not an object")
-        fields = {**doc, "ip": IPv4Address(doc["ip"])}
+        fields = {**doc, "ip": ip_address(doc["ip"])}
+        if doc.get("ip6") is not None:
+            fields["ip6"] = IPv6Address(doc["ip6"])
+            if fields["ip"].version != 4:
+                raise ValueError(f"lease {doc!r} has two IPv6 addresses")
         lease = cls(**fields)
         texts = [lease.container_id, lease.ifname, lease.namespace, lease.pod, lease.host_ifname, lease.mac,
                  lease.netns]
@@ -175,14 +205,51 @@ def _key_name(key: tuple[str, str]) -> str:
     return f"{cid}@{ifname}"
 
 
-class Store:
-    """The lease store for one node's pod subnet; safe across threads and processes."""
+class Pool:
+    """One family's pod subnet: network, gateway (first host, on the bridge) and broadcast (IPv4) or
+    all-ones (IPv6) are never handed out."""
 
-    def __init__(self, state_dir: Path, pod_cidr: IPv4Network) -> None:
-        if pod_cidr.num_addresses < 4:
-            raise ValueError(f"pod_cidr {pod_cidr} holds no pod address (need /30 or shorter)")
-        self.pod_cidr = pod_cidr
-        self.gateway = pod_cidr.network_address + 1
+    def __init__(self, subnet: Network) -> None:
+        if subnet.num_addresses < 4:
+            raise ValueError(f"pod_cidr {subnet} holds no pod address (need /{subnet.max_prefixlen - 2} or shorter)")
+        self.subnet = subnet
+        self.first = int(subnet.network_address) + 2
+        self.last = int(subnet.broadcast_address) - 1
+        self.capacity = self.last - self.first + 1
+        self._address = type(subnet.network_address)
+
+    def reserved(self, ip: Address) -> bool:
+        return ip in self.subnet and not self.first <= int(ip) <= self.last
+
+    def after(self, cursor: Address | None) -> Iterator[Address]:
+        """Every address of the pool, round-robin from the one after `cursor` (wrapping)."""
+        start = int(cursor) if cursor is not None and self.first - 1 <= int(cursor) <= self.last else self.first - 1
+        for step in range(1, self.capacity + 1):
+            yield self._address(self.first + (start - self.first + step) % self.capacity)
+
+
+class _Taken(Exception):
+    """_commit found the lease's address number `index` leased (by a writer behind the lock's back)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _subnets(pod_cidr: Network | Iterable[Network]) -> tuple[Network, ...]:
+    nets = (pod_cidr,) if isinstance(pod_cidr, IPv4Network | IPv6Network) else tuple(pod_cidr)
+    if not nets or len({n.version for n in nets}) != len(nets):
+        raise ValueError(f"pod subnets {nets} must be one per family")
+    return tuple(sorted(nets, key=lambda n: n.version))
+
+
+class Store:
+    """The lease store for one node's pod subnets (one per family); safe across threads and processes."""
+
+    def __init__(self, state_dir: Path, pod_cidr: Network | Iterable[Network]) -> None:
+        self.pod_cidrs = _subnets(pod_cidr)
+        self.pools = [Pool(net) for net in self.pod_cidrs]
+        self.pod_cidr = self.pod_cidrs[0]
+        self.gateway = self.pod_cidr.network_address + 1
         self.dir = Path(state_dir) / "ipam"
         self.path = self.dir / "store.json"
         self._ips = self.dir / "ips"
@@ -192,8 +259,6 @@ class Store:
         self._legacy = self.dir / "leases.json"
         self._lock_path = self.dir / "lock"
         self._mutex = threading.Lock()
-        self._first = int(pod_cidr.network_address) + 2
-        self._last = int(pod_cidr.broadcast_address) - 1
 
     @classmethod
     def open_existing(cls, state_dir: Path) -> Store:
@@ -208,21 +273,24 @@ class Store:
             except FileNotFoundError:
                 continue
             try:
-                return cls(state_dir, IPv4Network(json.loads(raw)["pod_cidr"]))
+                return cls(state_dir, [ip_network(part) for part in json.loads(raw)["pod_cidr"].split(",")])
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptStore(f"IPAM store {path} is unreadable", str(e)) from None
         raise FileNotFoundError(errno.ENOENT, "no IPAM store", str(base / "store.json"))
 
     @property
     def capacity(self) -> int:
-        """Addresses pods can get: all but network, gateway and broadcast."""
-        return self._last - self._first + 1
+        """Attachments the store can lease: the addresses of its smallest pool, all but network, gateway
+        and broadcast."""
+        return min(pool.capacity for pool in self.pools)
 
     @property
     def allocated(self) -> int:
-        """Leases held (names only: cheap enough for every STATUS)."""
+        """Leases held: addresses of the family holding most (names only: cheap enough for every STATUS)."""
         with self._locked():
-            return sum(1 for name in os.listdir(self._ips) if not name.startswith("."))
+            names = [name for name in os.listdir(self._ips) if not name.startswith(".")]
+        v6 = sum(1 for name in names if ":" in name)
+        return max(len(names) - v6, v6)
 
     # -- storage ---------------------------------------------------------------------------------
 
@@ -270,22 +338,33 @@ class Store:
             return None
         if lease.key != key:  # a key is only ever linked to its own attachment's lease
             raise CorruptStore(f"IPAM key {path} is inconsistent", f"it holds the lease of {lease.key}")
-        return lease if _inode(f"{self._ips}/{lease.ip}") == inode else None
+        return lease if all(_inode(f"{self._ips}/{ip}") == inode for ip in lease.ips) else None
 
     def _read_all(self) -> list[Lease]:
-        """Every lease, each checked; removes what dead writers left (temp files, stale keys)."""
-        found = []
+        """Every lease, each checked; removes what dead writers left (temp files, half leases, stale keys)."""
+        named = []
         for name in os.listdir(self._ips):
             if name.startswith("."):
                 os.unlink(f"{self._ips}/{name}")
             else:
-                found.append((name, *self._load(f"{self._ips}/{name}")))  # listed under the lock: it exists
+                named.append((name, *self._load(f"{self._ips}/{name}")))  # listed under the lock: it exists
+        names: dict[int, set[str]] = {}
+        for name, _, inode in named:
+            names.setdefault(inode, set()).add(name)
+        found = []
+        for name, lease, inode in named:
+            if name not in {str(ip) for ip in lease.ips}:
+                raise CorruptStore(f"IPAM store {self.dir} is inconsistent",
+                                   f"ips/{name} holds the lease of {lease.ip}")
+            if names[inode] == {str(ip) for ip in lease.ips}:
+                if str(lease.ip) == name:
+                    found.append((name, lease, inode))
+            else:  # a half lease: a writer died between its names (see the crash table)
+                os.unlink(f"{self._ips}/{name}")
         keys = set(os.listdir(self._keys))
         try:
             self._index(lease for _, lease, _ in found)
-            for name, lease, inode in found:
-                if str(lease.ip) != name:
-                    raise ValueError(f"ips/{name} holds the lease of {lease.ip}")
+            for _, lease, inode in found:
                 key = _key_name(lease.key)
                 keys.discard(key)
                 if _inode(f"{self._keys}/{key}") != inode:
@@ -294,26 +373,27 @@ class Store:
             raise CorruptStore(f"IPAM store {self.dir} is inconsistent", str(e)) from None
         for key in keys:
             os.unlink(f"{self._keys}/{key}")
-        return sorted((lease for _, lease, _ in found), key=lambda x: int(x.ip))
+        return sorted((lease for _, lease, _ in found), key=lambda x: (x.ip.version, int(x.ip)))
 
     def _index(self, leases: Iterable[Lease]) -> dict[tuple[str, str], Lease]:
         """Key the leases, refusing duplicates and reserved addresses (both mean corruption)."""
         by_key: dict[tuple[str, str], Lease] = {}
-        ips: set[IPv4Address] = set()
+        ips: set[Address] = set()
         for lease in leases:
             if lease.key in by_key:
                 raise ValueError(f"attachment {lease.key} leased twice")
-            if lease.ip in ips:
-                raise ValueError(f"{lease.ip} leased twice")
-            if lease.ip in self.pod_cidr and not self._first <= int(lease.ip) <= self._last:
-                raise ValueError(f"reserved address {lease.ip} is leased")
+            for ip in lease.ips:
+                if ip in ips:
+                    raise ValueError(f"{ip} leased twice")
+                if any(pool.reserved(ip) for pool in self.pools):
+                    raise ValueError(f"reserved address {ip} is leased")
+                ips.add(ip)
             by_key[lease.key] = lease
-            ips.add(lease.ip)
         return by_key
 
     def _commit(self, lease: Lease, durable_key: bool = True) -> None:
-        """The lease file, linked as its key, then as its address; FileExistsError (nothing stored)
-        when the address is taken.
+        """The lease file, linked as its key, then as each address; _Taken (no address stored) when one
+        is taken.
 
         durable_key=False leaves the keys/ fsync to the caller: a rebuild, behind its marker, syncs
         the directory once instead of once per lease (1.6 ms each on a busy disk).
@@ -327,27 +407,36 @@ class Store:
             _link(tmp, self._key_path(lease.key))
             if durable_key:
                 fsync_dir(self._keys)  # the key is durable before the lease it finds exists
-            os.link(tmp, self._ips / str(lease.ip))
+            linked: list[Path] = []
+            for index, ip in enumerate(lease.ips):  # the last link is the commit
+                try:
+                    os.link(tmp, self._ips / str(ip))
+                except FileExistsError:
+                    for path in linked:
+                        os.unlink(path)
+                    raise _Taken(index) from None
+                linked.append(self._ips / str(ip))
         finally:
             os.unlink(tmp)
 
-    def _free(self) -> Iterator[IPv4Address]:
-        """Unleased addresses of the subnet, round-robin from the cursor (wrapping)."""
+    def _cursor(self) -> list[Address]:
+        """The addresses handed out last (none at first)."""
         try:
-            cursor = int(IPv4Address(json.loads(self._cursor_path.read_bytes())["ip"]))
+            doc = json.loads(self._cursor_path.read_bytes())
+            return [ip_address(doc[k]) for k in ("ip", "ip6") if doc.get(k) is not None]
         except FileNotFoundError:
-            cursor = self._first - 1
-        except (ValueError, KeyError, TypeError) as e:
+            return []
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptStore(f"IPAM cursor {self._cursor_path} is unreadable", str(e)) from None
-        if not self._first - 1 <= cursor <= self._last:  # the subnet changed
-            cursor = self._first - 1
-        for step in range(1, self.capacity + 1):
-            ip = IPv4Address(self._first + (cursor - self._first + step) % self.capacity)
+
+    def _free(self, pool: Pool, cursor: list[Address]) -> Iterator[Address]:
+        """Unleased addresses of one pool, round-robin from the cursor (wrapping)."""
+        for ip in pool.after(next((c for c in cursor if c.version == pool.subnet.version), None)):
             if not os.path.lexists(self._ips / str(ip)):
                 yield ip
 
-    def _save_pod_cidr(self, pod_cidr: IPv4Network) -> None:
-        doc = json.dumps({"version": FORMAT_VERSION, "pod_cidr": str(pod_cidr)}).encode()
+    def _save_pod_cidr(self, pod_cidrs: tuple[Network, ...]) -> None:
+        doc = json.dumps({"version": FORMAT_VERSION, "pod_cidr": ",".join(map(str, pod_cidrs))}).encode()
         try:
             if self.path.read_bytes() == doc:
                 return
@@ -355,7 +444,7 @@ class Store:
             pass
         atomic_write(self.path, doc, mode=0o600)
 
-    def _replace(self, leases: Iterable[Lease], last: IPv4Address | None, pod_cidr: IPv4Network) -> None:
+    def _replace(self, leases: Iterable[Lease], last: list[Address], pod_cidrs: tuple[Network, ...]) -> None:
         """Make `leases` the whole store, behind the `rebuilding` marker (see the crash table)."""
         index = self._index(leases)  # ValueError before anything changes
         self._marker.touch()
@@ -365,11 +454,12 @@ class Store:
                 os.unlink(directory / name)
         for lease in index.values():
             self._commit(lease, durable_key=False)
-        if last is None:
+        if not last:
             self._cursor_path.unlink(missing_ok=True)
         else:  # the old document's cursor need not be a leased address
-            atomic_write(self._cursor_path, json.dumps({"ip": str(last)}).encode(), mode=0o600)
-        self._save_pod_cidr(pod_cidr)
+            cursor = dict(zip(("ip", "ip6"), map(str, last), strict=False))
+            atomic_write(self._cursor_path, json.dumps(cursor).encode(), mode=0o600)
+        self._save_pod_cidr(pod_cidrs)
         fsync_dir(self._ips)
         fsync_dir(self._keys)
         self._marker.unlink()
@@ -389,40 +479,48 @@ class Store:
             if not isinstance(doc.get("leases"), list):
                 raise ValueError("leases is not a list")
             leases = [Lease.from_json(item) for item in doc["leases"]]
-            last = IPv4Address(doc["last"]) if doc.get("last") is not None else None
-            self._replace(leases, last, IPv4Network(doc.get("pod_cidr", str(self.pod_cidr))))
+            last = [IPv4Address(doc["last"])] if doc.get("last") is not None else []
+            self._replace(leases, last, (IPv4Network(doc.get("pod_cidr", str(self.pod_cidr))),))
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptStore(f"IPAM store {self._legacy} is unreadable", str(e)) from None
 
     def _drop(self, lease: Lease) -> None:
-        """Unlink the lease (the commit), then its key (checked: this lease's); the caller fsyncs ips/."""
-        os.unlink(self._ips / str(lease.ip))
+        """Unlink the lease's names, the commit (its last address) first, then its key (checked: this
+        lease's); the caller fsyncs ips/."""
+        for ip in reversed(lease.ips):
+            os.unlink(self._ips / str(ip))
         self._key_path(lease.key).unlink(missing_ok=True)
 
     # -- operations ------------------------------------------------------------------------------
 
     def allocate(self, container_id: str, ifname: str, namespace: str = "", pod: str = "",
                  host_ifname: str = "", mac: str = "", netns: str = "") -> Lease:
-        """Lease the next free address after the last one handed out (wrapping)."""
+        """Lease the next free address of each family after the last ones handed out (wrapping)."""
         with self._locked():
             held = self._lookup((container_id, ifname))
             if held is not None:
-                raise LeaseExists(f"attachment {container_id}/{ifname} already holds {held.ip}",
-                                  "duplicate ADD without DEL")
-            self._save_pod_cidr(self.pod_cidr)
-            for ip in self._free():
-                lease = Lease(ip, container_id, ifname, namespace, pod, host_ifname, mac, created=time.time(),
-                              netns=netns)
+                raise LeaseExists(f"attachment {container_id}/{ifname} already holds "
+                                  f"{', '.join(map(str, held.ips))}", "duplicate ADD without DEL")
+            self._save_pod_cidr(self.pod_cidrs)
+            cursor = self._cursor()
+            free = [self._free(pool, cursor) for pool in self.pools]
+            picks = [next(f, None) for f in free]
+            while True:
+                for pool, ip in zip(self.pools, picks, strict=True):
+                    if ip is None:  # nothing is stored yet: the other family leaks nothing
+                        raise Exhausted(f"no free address in pod subnet {pool.subnet}",
+                                        f"all {pool.capacity} addresses are leased")
+                lease = Lease(picks[0], container_id, ifname, namespace, pod, host_ifname, mac, created=time.time(),
+                              netns=netns, ip6=picks[1] if len(picks) > 1 else None)
                 try:
                     self._commit(lease)
-                except FileExistsError:  # taken behind the lock's back: the link refused to share it
+                except _Taken as e:  # taken behind the lock's back: the link refused to share it
+                    picks[e.index] = next(free[e.index], None)
                     continue
-                _link(self._ips / str(ip), self.dir / ".last.new")  # a new name, then one rename:
+                _link(self._ips / str(lease.ip), self.dir / ".last.new")  # a new name, then one rename:
                 os.replace(self.dir / ".last.new", self._cursor_path)  # never without a cursor
                 fsync_dir(self._ips)
                 return lease
-            raise Exhausted(f"no free address in pod subnet {self.pod_cidr}",
-                            f"all {self.capacity} addresses are leased")
 
     def release(self, container_id: str, ifname: str) -> Lease | None:
         """Free the attachment's address; a second release is a no-op (DEL is idempotent)."""
@@ -471,37 +569,38 @@ class Store:
         """Replace every lease (after CorruptStore) with the leases found on the host."""
         leases = list(leases)
         with self._locked(recover=False):
-            ours = [lease.ip for lease in leases if lease.ip in self.pod_cidr]
+            ours = [lease for lease in leases if lease.ip in self.pod_cidr]
+            last = list(max(ours, key=lambda x: int(x.ip)).ips) if ours else []
             try:
-                self._replace(leases, max(ours, default=None), self.pod_cidr)
+                self._replace(leases, last, self.pod_cidrs)
             except ValueError as e:
                 raise IpamError("cannot rebuild the IPAM store", str(e)) from None
 
 
 class Carved(NamedTuple):
-    subnet: IPv4Network
-    replaced: IPv4Network | None  # the remembered subnet that now collided, or None
+    subnet: Network
+    replaced: Network | None  # the remembered subnet that now collided, or None
 
 
-def carve_subnet(cluster_cidr: IPv4Network, prefixlen: int, taken: Iterable[IPv4Network],
-                 state_dir: Path) -> Carved:
+def carve_subnet(cluster_cidr: Network, prefixlen: int, taken: Iterable[Network], state_dir: Path) -> Carved:
     """This node's pod subnet when nobody assigned one: the lowest free /prefixlen of the cluster.
 
-    The choice is remembered in `<state_dir>/ipam/subnet` so a restart keeps it (the node's pods
+    The choice is remembered in `<state_dir>/ipam/subnet` (`subnet6` for IPv6) so a restart keeps it (the node's pods
     hold addresses from it). If the remembered subnet now overlaps another node's, or no longer
     fits the cluster CIDR, a new one is carved and `replaced` names the old one: the caller must
     treat the leases from it as lost.
     """
-    taken = [t for t in taken if t.overlaps(cluster_cidr)]
-    memo = Path(state_dir) / "ipam" / "subnet"
-    remembered: IPv4Network | None = None
+    taken = [t for t in taken if t.version == cluster_cidr.version and t.overlaps(cluster_cidr)]
+    memo = Path(state_dir) / "ipam" / ("subnet6" if cluster_cidr.version == 6 else "subnet")
+    remembered: Network | None = None
     try:
-        remembered = IPv4Network(memo.read_text().strip())
+        remembered = ip_network(memo.read_text().strip())
     except FileNotFoundError:
         pass
     except ValueError as e:
         raise CorruptStore(f"remembered pod subnet {memo} is unreadable", str(e)) from None
-    if (remembered is not None and remembered.prefixlen == prefixlen and remembered.subnet_of(cluster_cidr)
+    if (remembered is not None and remembered.version == cluster_cidr.version and remembered.prefixlen == prefixlen
+            and remembered.subnet_of(cluster_cidr)
             and not any(remembered.overlaps(t) for t in taken)):
         return Carved(remembered, None)
     subnet = next((s for s in cluster_cidr.subnets(new_prefix=prefixlen)

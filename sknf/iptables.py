@@ -13,6 +13,9 @@ port) from any address but a known node's underlay address is dropped before the
 it, so nobody else can put a frame into the cluster's L2 domain or steer its FDB learning. Peers are
 RETURNed to INPUT, whose own policy still applies to them.
 
+IPv6 (dual-stack): the same FORWARD and POSTROUTING chains in ip6tables of the same backend, for the
+cluster's IPv6 network (masquerading what leaves it; the underlay is IPv4, so INPUT has no IPv6 chain).
+
 Each chain is rewritten whole and atomically with `iptables-restore --noflush` (declaring a chain
 flushes it) only when its rules differ; the jumps are checked with -C and inserted once. Commands
 are argv lists, never shell strings; -w waits for the xtables lock other agents (kube-proxy) hold.
@@ -50,13 +53,23 @@ class Backend:
     mode: str
     reason: str = ""
 
+    family: int = 4  # 6: the same backend's ip6tables
+
     @property
     def iptables(self) -> str:
-        return f"iptables-{self.mode}"
+        return f"{self._tool}-{self.mode}"
 
     @property
     def restore(self) -> str:
-        return f"iptables-{self.mode}-restore"
+        return f"{self._tool}-{self.mode}-restore"
+
+    @property
+    def _tool(self) -> str:
+        return "ip6tables" if self.family == 6 else "iptables"
+
+    def v6(self) -> Backend:
+        """The same backend's ip6tables (the host's IPv6 firewall lives where its IPv4 one does)."""
+        return Backend(self.mode, self.reason, 6)
 
     @property
     def save(self) -> str:
@@ -112,10 +125,14 @@ def desired_rules(cluster_cidr: str, node_ips: Iterable[str], masquerade: bool, 
         ["-d", cluster_cidr, *COMMENT, "-j", "ACCEPT"],
     ]
     nat: list[list[str]] = []
+    v6 = ":" in cluster_cidr
     if masquerade:
         nat.append(["-s", cluster_cidr, "-d", cluster_cidr, *COMMENT, "-j", "RETURN"])
         nat += [["-s", cluster_cidr, "-d", f"{ip}/32", *COMMENT, "-j", "RETURN"] for ip in sorted(set(node_ips))]
-        nat.append(["-s", cluster_cidr, "!", "-d", "224.0.0.0/4", *COMMENT, "-j", "MASQUERADE", "--random-fully"])
+        multicast = "ff00::/8" if v6 else "224.0.0.0/4"
+        nat.append(["-s", cluster_cidr, "!", "-d", multicast, *COMMENT, "-j", "MASQUERADE", "--random-fully"])
+    if v6:  # the underlay is IPv4: VXLAN never arrives over IPv6
+        return {FORWARD_CHAIN: forward, NAT_CHAIN: nat}
     udp = ["-p", "udp", "-m", "udp", "--dport", str(vxlan_port), *COMMENT]
     overlay = [["-s", f"{ip}/32", *udp, "-j", "RETURN"] for ip in sorted(set(peer_ips))]
     overlay.append([*udp, "-j", "DROP"])
@@ -141,6 +158,8 @@ def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquer
     changed = False
     wanted = desired_rules(cluster_cidr, node_ips, masquerade, peer_ips, vxlan_port)
     for table, parent, chain in JUMPS:
+        if chain not in wanted:
+            continue
         rules = wanted[chain]
         if _current(backend, table, chain) != _as_printed(chain, rules):
             body = "\n".join([f"*{table}", f":{chain} - [0:0]", *_as_printed(chain, rules), "COMMIT", ""])
@@ -157,7 +176,8 @@ def teardown(backend: Backend | None = None) -> None:
     """Remove the jumps and the chains from one backend, or from every installed one (uninstall: the
     backend the agent chose is not recorded, and sknf's chains are its own in either); missing ones are
     fine (uninstall, tests, mode switches)."""
-    for b in [backend] if backend else [Backend(m) for m in MODES if shutil.which(Backend(m).iptables)]:
+    backends = [backend] if backend else [Backend(m) for m in MODES]
+    for b in [x for base in backends for x in (base, base.v6()) if shutil.which(x.iptables)]:
         for table, parent, chain in JUMPS:
             while _run([b.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain],
                        check=False).returncode == 0:

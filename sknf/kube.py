@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sknf.config import Config
-from sknf.peers import Node
+from sknf.config import Config, Network, networks
+from sknf.peers import Node, join_subnets, pod_subnets
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,21 @@ def _describe(e: BaseException) -> str:
 
 
 def spec_pod_cidr(obj: dict) -> str | None:
-    """The Node's IPv4 pod subnet from spec.podCIDRs (dual-stack lists one per family) or spec.podCIDR."""
+    """The Node's pod subnets from spec.podCIDRs (dual-stack lists one per family, in the cluster's order)
+    or spec.podCIDR, as `pod_cidr` text: IPv4 first, whatever order the Node lists them in."""
     spec = obj.get("spec") or {}
+    found: dict[int, Network] = {}
     for raw in [*(spec.get("podCIDRs") or []), spec.get("podCIDR")]:
         with contextlib.suppress(ValueError, TypeError):
-            return str(ipaddress.IPv4Network(raw))
-    return None
+            net = ipaddress.ip_network(raw)
+            found.setdefault(net.version, net)
+    return join_subnets(found.values())
+
+
+def merge_subnets(first: str | None, then: str | None) -> str | None:
+    """Pod subnets per family from `first`, the families it lacks from `then`."""
+    found = {n.version: n for n in (*pod_subnets(then), *pod_subnets(first))}
+    return join_subnets(found.values())
 
 
 def internal_ip(obj: dict) -> str | None:
@@ -152,7 +161,7 @@ def _mtu(value: str) -> int:
 
 _CHECKS = {
     UNDERLAY_IP: lambda v: str(ipaddress.IPv4Address(v)),
-    POD_CIDR: lambda v: str(ipaddress.IPv4Network(v)),
+    POD_CIDR: lambda v: join_subnets(networks(v, POD_CIDR)),
     VTEP_MAC: _mac,
     MTU: _mtu,
 }
@@ -183,7 +192,7 @@ class _Parser:
         ip = self.valid(name, ours, UNDERLAY_IP) or internal_ip(obj)
         if not name or ip is None:
             return None
-        cidr = spec_pod_cidr(obj) or self.valid(name, ours, POD_CIDR)
+        cidr = merge_subnets(spec_pod_cidr(obj), self.valid(name, ours, POD_CIDR))  # a family the spec lacks: carved
         return Node(name=name, underlay_ip=ip, pod_cidr=cidr, vtep_mac=self.valid(name, ours, VTEP_MAC),
                     mtu=self.valid(name, ours, MTU))
 
@@ -292,10 +301,12 @@ class KubePeerSource:
                 return None
 
     def _check_inside_cluster(self, cidr: str) -> None:
-        if not ipaddress.IPv4Network(cidr).subnet_of(self.cfg.cluster_cidr):
-            raise KubeError(f"node {self.name}: spec.podCIDR {cidr} is outside cluster_cidr "
-                            f"{self.cfg.cluster_cidr}: set CLUSTER_CIDR in the DaemonSet to the cluster's "
-                            "pod network CIDR")
+        for net in pod_subnets(cidr):
+            cluster = self.cfg.cidr(net.version)
+            if cluster is not None and not net.subnet_of(cluster):
+                raise KubeError(f"node {self.name}: spec.podCIDR {net} is outside cluster_cidr "
+                                f"{cluster}: set CLUSTER_CIDR in the DaemonSet to the cluster's "
+                                "pod network CIDR")
 
     @staticmethod
     def _own_facts(obj: dict) -> dict:

@@ -64,6 +64,34 @@ class _UDP(socketserver.ThreadingUDPServer):
         return (data, self.socket, to), client
 
 
+class _TCP6(_TCP):
+    """The same TCP service over IPv6 (dual-stack labs); IPv6-only, so IPv4 clients keep their own server."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+class _UDP6(socketserver.ThreadingUDPServer):
+    """UDP over IPv6 (dual-stack labs). Pods hold one global IPv6 address, which the kernel picks as the
+    reply's source: no packet info needed."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    address_family = socket.AF_INET6
+    name = ""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def get_request(self):
+        data, client = self.socket.recvfrom(self.max_packet_size)
+        return (data, self.socket, None), client
+
+
 class TcpHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         line = self.rfile.readline(100).decode(errors="replace").split()
@@ -95,8 +123,12 @@ def main(argv: list[str]) -> int:
     for spec in argv[1:]:
         name, _, path = spec.partition("=")
         _setns(path)  # sockets stay in the namespace they were created in
-        for cls, handler in ((_TCP, TcpHandler), (_UDP, UdpHandler)):
-            srv = cls(("0.0.0.0", port), handler)
+        for cls, handler, addr in ((_TCP, TcpHandler, "0.0.0.0"), (_UDP, UdpHandler, "0.0.0.0"),
+                                   (_TCP6, TcpHandler, "::"), (_UDP6, UdpHandler, "::")):
+            try:
+                srv = cls((addr, port), handler)
+            except OSError:  # no IPv6 in this kernel or namespace: IPv4 only
+                continue
             srv.name = name
             servers.append(srv)
         if _libc.setns(home, CLONE_NEWNET) != 0:

@@ -8,8 +8,10 @@ never on message text.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
@@ -22,6 +24,23 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 LOOPBACK_IFINDEX = 1  # the kernel's: every namespace's loopback is registered first, as index 1
 IFALIAS_MAX = 255  # IFALIASZ (256) less the terminating NUL
+IFA_F_NODAD = 0x02  # sknf's addresses are unique by IPAM: no duplicate address detection delay
+DEFAULT_ROUTE = {4: "0.0.0.0/0", 6: "::/0"}
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def _version(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
+
+
+def _add_addr(ipr: IPRoute, index: int, ip: str, prefixlen: int) -> None:
+    """Add an address (IPv6 without DAD), tolerating one already there."""
+    try:
+        ipr.addr("add", index=index, address=ip, prefixlen=prefixlen,
+                 **({"flags": IFA_F_NODAD} if _version(ip) == 6 else {}))
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
 
 
 @contextmanager
@@ -132,21 +151,19 @@ def ensure_vxlan(ipr: IPRoute, name: str, *, vni: int, port: int, dev_index: int
     return idx
 
 
-def ensure_only_addr(ipr: IPRoute, index: int, ip: str, prefixlen: int) -> None:
-    """ip/prefixlen is the link's only IPv4 address (a stale gateway from an old subnet goes)."""
-    present = False
-    for a in ipr.get_addr(family=2, index=index):
-        addr, plen = a.get("IFA_ADDRESS"), a["prefixlen"]
-        if addr == ip and plen == prefixlen:
-            present = True
-        else:
-            ipr.addr("del", index=index, address=addr, prefixlen=plen)
-    if not present:
-        try:
-            ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
+def ensure_only_addrs(ipr: IPRoute, index: int, wanted: Sequence[tuple[str, int]]) -> None:
+    """The (address, prefixlen) pairs are the link's only IPv4 and global IPv6 addresses (a stale gateway
+    from an old subnet or family goes; the kernel's IPv6 link-local stays)."""
+    want = {(ipaddress.ip_address(ip), plen) for ip, plen in wanted}
+    present = set()
+    for a in ipr.get_addr(index=index):
+        addr, plen = ipaddress.ip_address(a.get("IFA_ADDRESS")), a["prefixlen"]
+        if (addr, plen) in want:
+            present.add((addr, plen))
+        elif not addr.is_link_local:
+            ipr.addr("del", index=index, address=str(addr), prefixlen=plen)
+    for addr, plen in sorted(want - present, key=str):
+        _add_addr(ipr, index, str(addr), plen)
 
 
 def ipv4_of(ipr: IPRoute, index: int) -> str | None:
@@ -265,25 +282,31 @@ def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: st
     return link_index(ipr, host_ifname)
 
 
-def configure_pod_interface(pod: IPRoute, ifname: str, ip: str, prefixlen: int, gateway: str) -> None:
-    """Address, link up, loopback up, and the default route unless the pod has one (a second
-    interface from a chained or meta plugin keeps the first one's default route)."""
+def configure_pod_interface(pod: IPRoute, ifname: str, addrs: Sequence[tuple[str, int, str]]) -> None:
+    """Each (address, prefixlen, gateway): the address (IPv6 without DAD), then link up, loopback up, and
+    per family the default route unless the pod has one (a second interface from a chained or meta
+    plugin keeps the first one's default route)."""
     pod.link("set", index=LOOPBACK_IFINDEX, state="up")
     idx = link_index(pod, ifname)
-    pod.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+    for ip, prefixlen, _ in addrs:
+        _add_addr(pod, idx, ip, prefixlen)
     pod.link("set", index=idx, state="up")
-    if not pod.get_default_routes(family=2):
-        pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=idx)
+    for ip, _, gateway in addrs:
+        family = _version(ip)
+        if not pod.get_default_routes(family=AF[family]):
+            pod.route("add", dst=DEFAULT_ROUTE[family], gateway=gateway, oif=idx, family=AF[family])
 
 
-def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str], str | None]:
-    """(mac, IPv4 addresses with prefix, default gateway) of the pod's interface, for CHECK."""
+def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str], dict[int, str | None]]:
+    """(mac, IPv4 and global IPv6 addresses with prefix, {family: default gateway}) of the pod's
+    interface, for CHECK."""
     link = link_info(pod, ifname)
     if link is None:
-        return None, [], None
-    addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(family=2, index=link["index"])]
-    gw = next((r.get("RTA_GATEWAY") for r in pod.get_default_routes(family=2)), None)
-    return link.get("IFLA_ADDRESS"), addrs, gw
+        return None, [], {}
+    addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(index=link["index"])
+             if not ipaddress.ip_address(a.get("IFA_ADDRESS")).is_link_local]
+    gws = {f: next((r.get("RTA_GATEWAY") for r in pod.get_default_routes(family=AF[f])), None) for f in AF}
+    return link.get("IFLA_ADDRESS"), addrs, gws
 
 
 def host_veth_links(ipr: IPRoute, prefix: str) -> dict:

@@ -36,8 +36,8 @@ import os
 from dataclasses import dataclass
 
 from sknf import iptables, netlink
-from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config
-from sknf.peers import Node
+from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, Network
+from sknf.peers import Node, subnet_of
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,12 @@ SYSCTLS = {
     f"net.ipv4.conf.{BRIDGE}.send_redirects": 0,
 }
 # A pod's router advertisement must never become the node's default route (CVE-2020-10749): the
-# overlay's devices take none (pods' IPv6 is dropped anyway, see sknf.guard). Skipped without IPv6.
+# overlay's devices take none (the datapath also drops RAs pods send, see sknf.guard). Skipped without IPv6.
 IPV6_SYSCTLS = {f"net.ipv6.conf.{dev}.accept_ra": 0 for dev in (BRIDGE, VXLAN)}
+# Dual-stack: the node routes pods' IPv6 (forwarding on every interface: the host's own interfaces then
+# ignore RAs unless their accept_ra is 2, as for any IPv6 router), and kube-proxy's ip6tables rules see
+# bridged IPv6 frames as its iptables rules see IPv4 ones.
+DUAL_STACK_SYSCTLS = {"net.ipv6.conf.all.forwarding": 1, "net.bridge.bridge-nf-call-ip6tables": 1}
 # The kernel's IPv4 neighbour table is one for the whole machine: every pod namespace's ARP entries
 # count against it too, and in one L2 domain each pod resolves every pod it talks to directly. The
 # default hard limit (gc_thresh3 = 1024) overflows at a few dozen busy pods ("neighbour table
@@ -69,6 +73,7 @@ IPV6_SYSCTLS = {f"net.ipv6.conf.{dev}.accept_ra": 0 for dev in (BRIDGE, VXLAN)}
 # Values already higher are kept. These sysctls exist only in the initial namespace.
 NEIGH_PER_POD = 16
 NEIGH_DIR = "/proc/sys/net/ipv4/neigh/default"
+NEIGH_DIR6 = "/proc/sys/net/ipv6/neigh/default"  # dual-stack: IPv6's table is a separate one, sized alike
 # Pod -> peer node routing: the rule's priority (before the main table) and its own table.
 PEER_RULE_PRIORITY = 1500
 PEER_ROUTE_TABLE = 4789
@@ -86,19 +91,27 @@ class NodeOverlay:
     underlay_ip: str
     bridge_ifindex: int
     vxlan_ifindex: int
-    gateway_ip: str
+    gateway_ip: str  # of the first family (IPv4 in a dual-stack cluster)
     gateway_mac: str
     mtu: int
-    pod_cidr: ipaddress.IPv4Network
+    pod_cidr: Network  # the first family's
+    gateway_ip6: str | None = None  # the IPv6 gateway beside an IPv4 one (dual-stack)
+
+    def gateway(self, family: int) -> str | None:
+        """The bridge's gateway address of one family."""
+        if family == ipaddress.ip_address(self.gateway_ip).version:
+            return self.gateway_ip
+        return self.gateway_ip6 if family == 6 else None
 
 
-def gateway_of(pod_cidr: ipaddress.IPv4Network) -> str:
+def gateway_of(pod_cidr: Network) -> str:
     return str(pod_cidr.network_address + 1)
 
 
 def gateway_mac_of(gateway_ip: str) -> str:
-    """0a:58 + the gateway's IPv4 bytes: locally administered, unique per node, the same after any rebuild."""
-    return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *ipaddress.IPv4Address(gateway_ip).packed))
+    """0a:58 + the gateway's last four bytes (all of an IPv4 one): locally administered, unique per node,
+    the same after any rebuild."""
+    return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *ipaddress.ip_address(gateway_ip).packed[-4:]))
 
 
 def underlay(cfg: Config) -> tuple[int, str, int]:
@@ -119,14 +132,18 @@ def underlay(cfg: Config) -> tuple[int, str, int]:
         return idx, ip, link.get("IFLA_MTU")
 
 
-def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
-    """Bridge, VXLAN device, sysctls: idempotent, safe after a crash, never disturbs running pods."""
+def ensure_node(cfg: Config, pod_cidrs: Network | tuple[Network, ...]) -> NodeOverlay:
+    """Bridge, VXLAN device, sysctls: idempotent, safe after a crash, never disturbs running pods.
+
+    The bridge holds the gateway of each family's pod subnet with that family's cluster prefix."""
+    subnets = pod_cidrs if isinstance(pod_cidrs, tuple) else (pod_cidrs,)
     dev_index, local_ip, underlay_mtu = underlay(cfg)
     mtu = cfg.mtu or underlay_mtu - VXLAN_OVERHEAD
-    gateway = gateway_of(pod_cidr)
+    gateway = gateway_of(subnets[0])
+    gateway6 = next((gateway_of(n) for n in subnets[1:] if n.version == 6), None)
     with netlink.route() as ipr:
         br = netlink.ensure_bridge(ipr, BRIDGE, mtu, gateway_mac_of(gateway))
-        netlink.ensure_only_addr(ipr, br, gateway, cfg.cluster_cidr.prefixlen)
+        netlink.ensure_only_addrs(ipr, br, [(gateway_of(n), cfg.cidr(n.version).prefixlen) for n in subnets])
         vx = netlink.ensure_vxlan(ipr, VXLAN, vni=cfg.vxlan_vni, port=cfg.vxlan_port, dev_index=dev_index,
                                   local_ip=local_ip, mtu=mtu, master=br)
         gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
@@ -135,8 +152,11 @@ def ensure_node(cfg: Config, pod_cidr: ipaddress.IPv4Network) -> NodeOverlay:
     if os.path.isdir("/proc/sys/net/ipv6"):
         for key, value in IPV6_SYSCTLS.items():
             netlink.sysctl(key, value)
+    if 6 in cfg.families:
+        for key, value in DUAL_STACK_SYSCTLS.items():
+            netlink.sysctl(key, value)
     return NodeOverlay(underlay_ifindex=dev_index, underlay_ip=local_ip, bridge_ifindex=br, vxlan_ifindex=vx,
-                       gateway_ip=gateway, gateway_mac=gateway_mac, mtu=mtu, pod_cidr=pod_cidr)
+                       gateway_ip=gateway, gateway_mac=gateway_mac, mtu=mtu, pod_cidr=subnets[0], gateway_ip6=gateway6)
 
 
 def neighbour_thresholds(pod_cidr: ipaddress.IPv4Network, nodes: int) -> dict[str, int]:
@@ -159,6 +179,16 @@ def ensure_neighbour_capacity(pod_cidr: ipaddress.IPv4Network, nodes: int, neigh
             with open(path, "w") as f:
                 f.write(str(wanted))
     return None
+
+
+def ensure_neighbour_tables(cfg: Config, pod_cidr: Network, nodes: int) -> str | None:
+    """ensure_neighbour_capacity for the table of each family the cluster has. Sized by the IPv4 subnet
+    (as many pods as addresses): an IPv6-only node's /64 gives no bound, and its tables are left alone."""
+    if pod_cidr.version != 4:
+        return None
+    dirs = [NEIGH_DIR, *([NEIGH_DIR6] if 6 in cfg.families else [])]
+    skipped = [why for d in dirs if (why := ensure_neighbour_capacity(pod_cidr, nodes, d))]
+    return skipped[0] if skipped else None
 
 
 def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[set[str], set[str]]:
@@ -184,12 +214,13 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
     underlay) until it is.
     """
     wanted = {}
-    if cfg.masquerade:
-        wanted = {p.underlay_ip: gateway_of(ipaddress.IPv4Network(p.pod_cidr)) for p in peers
-                  if p.name != self_name and p.underlay_ip != node.underlay_ip and p.pod_cidr}
+    cluster = cfg.cidr(4)  # the underlay is IPv4: only IPv4 pods reach peer node addresses this way
+    if cfg.masquerade and cluster is not None:
+        wanted = {p.underlay_ip: gateway_of(subnet) for p in peers
+                  if p.name != self_name and p.underlay_ip != node.underlay_ip and (subnet := subnet_of(p, 4))}
     with netlink.route() as ipr:
-        if cfg.masquerade:
-            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cfg.cluster_cidr), iifname=BRIDGE,
+        if cfg.masquerade and cluster is not None:
+            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cluster), iifname=BRIDGE,
                                        table=PEER_ROUTE_TABLE)
         else:
             netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
@@ -200,8 +231,13 @@ def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node], backend: ipt
     """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers; in
     the host's iptables backend (the agent detects it once at start; detected here when not given)."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
-    return iptables.ensure(backend or iptables.detect(), str(cfg.cluster_cidr), node_ips, cfg.masquerade,
-                           node_ips - {node.underlay_ip}, cfg.vxlan_port)
+    backend = backend or iptables.detect()
+    changed = False
+    for cidr in cfg.cluster_cidrs:  # IPv6 in the same backend's ip6tables; the underlay (node_ips) is IPv4
+        ips = node_ips if cidr.version == 4 else set()
+        changed |= iptables.ensure(backend if cidr.version == 4 else backend.v6(), str(cidr), ips, cfg.masquerade,
+                                   ips - {node.underlay_ip}, cfg.vxlan_port)
+    return changed
 
 
 def teardown() -> None:

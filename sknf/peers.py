@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import yaml
+
+from sknf.config import Network, networks
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,26 @@ class Node:
 
     name: str
     underlay_ip: str  # the VTEP address: VXLAN packets for this node's pods go here
-    pod_cidr: str | None = None  # the node's pod subnet, when known
+    pod_cidr: str | None = None  # the node's pod subnets when known, one per family, comma-separated, IPv4 first
     vtep_mac: str | None = None
     mtu: int | None = None  # the node's pod/overlay MTU, as it publishes it (`sknf doctor` compares them)
+
+
+def pod_subnets(text: str | None) -> tuple[Network, ...]:
+    """A Node's pod subnets from its `pod_cidr` text (one per family, comma-separated), IPv4 first."""
+    if not text:
+        return ()
+    return tuple(sorted((ipaddress.ip_network(part.strip()) for part in text.split(",")), key=lambda n: n.version))
+
+
+def join_subnets(nets: Iterable[Network]) -> str | None:
+    """The `pod_cidr` text of one subnet per family, IPv4 first; None for none."""
+    return ",".join(str(n) for n in sorted(nets, key=lambda n: n.version)) or None
+
+
+def subnet_of(node: Node, family: int) -> Network | None:
+    """The node's pod subnet of one family, None when unknown."""
+    return next((n for n in pod_subnets(node.pod_cidr) if n.version == family), None)
 
 
 class PeerSource(Protocol):
@@ -57,8 +77,8 @@ def parse_nodes(doc: object, where: str) -> list[Node]:
         try:
             ip = str(ipaddress.IPv4Address(str(entry["underlay_ip"])))
             cidr = entry.get("pod_cidr")
-            cidr = str(ipaddress.IPv4Network(str(cidr))) if cidr else None
-        except ValueError as e:
+            cidr = join_subnets(networks(cidr, "pod_cidr")) if cidr else None
+        except ValueError as e:  # ConfigError included
             raise PeersFileError(f"{where}: nodes[{i}] ({entry['name']}): {e}") from None
         mtu = entry.get("mtu")
         if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 9000):

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -124,7 +125,8 @@ def endpoint_of(lease: Lease, host_ifindex: int, siblings: tuple[str, ...] = (),
     return Endpoint(ip=str(lease.ip), mac=lease.mac, host_ifname=lease.host_ifname, host_ifindex=host_ifindex,
                     container_id=lease.container_id, ifname=lease.ifname, namespace=lease.namespace,
                     pod=lease.pod, shaped_to_pod=bool(bw and bw.ingress), shaped_from_pod=bool(bw and bw.egress),
-                    siblings=tuple(sorted({str(x) for x in siblings} - {str(lease.ip)})))
+                    siblings=tuple(sorted({str(x) for x in siblings} - {str(ip) for ip in lease.ips})),
+                    ip6=str(lease.ip6 or ""))
 
 
 def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: str = "") -> None:
@@ -133,21 +135,59 @@ def _attach_container(net: PodNetwork, ipr: IPRoute, container_id: str, skip: st
     leases = [lease for lease in net.store.of_container(container_id) if lease.ifname != skip]
     if not leases:
         return
-    ips = tuple(str(lease.ip) for lease in net.store.of_container(container_id))
+    ips = tuple(str(ip) for lease in net.store.of_container(container_id) for ip in lease.ips)
     shaped = shaping.load_records(net.cfg.state_dir)
     for lease in leases:
         if index := netlink.link_index(ipr, lease.host_ifname):
             net.datapath.attach_pod(endpoint_of(lease, index, ips, shaped.get(lease.host_ifname)))
 
 
-def disable_pod_ipv6(netns: str, ifname: str) -> None:
-    """No IPv6 on the pod's sknf interface until dual-stack (loopback keeps ::1): its kernel then sends
-    no router solicitation, DAD or MLD, and takes no router advertisement; the datapath drops any
-    IPv6 frame a pod crafts anyway."""
+# The pod interface's IPv6 settings: only with an IPv6 address (dual-stack), and then no router
+# advertisement or redirect is taken (a pod must not learn routes from other pods; the datapath drops
+# pods' RAs and redirects too). Without one, IPv6 is off (loopback keeps ::1): the kernel then sends no
+# router solicitation, DAD or MLD, and the datapath drops any IPv6 frame a pod crafts anyway.
+POD_IPV6 = {True: (("accept_ra", "0"), ("accept_redirects", "0"), ("disable_ipv6", "0")),
+            False: (("disable_ipv6", "1"),)}
+
+
+def set_pod_ipv6(netns: str, ifname: str, enabled: bool, only_if_changed: bool = False) -> bool:
+    """Apply POD_IPV6 in the pod; with only_if_changed, only when a setting differs. True if it wrote."""
     with nsutil.entered(netns):
-        if os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to turn off
-            with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:  # the path keeps dots
-                f.write("1")
+        if not os.path.isdir("/proc/sys/net/ipv6"):  # no IPv6 in this kernel at all: nothing to set
+            return False
+        paths = [(f"/proc/sys/net/ipv6/conf/{ifname}/{key}", value) for key, value in POD_IPV6[enabled]]  # dots kept
+        if only_if_changed and all(Path(path).read_text().strip() == value for path, value in paths):
+            return False
+        for path, value in paths:
+            with open(path, "w") as f:
+                f.write(value)
+        return True
+
+
+def _sync_pod_ipv6(net: PodNetwork, node: NodeOverlay, leases: list[Lease]) -> None:
+    """Each pod's IPv6 as its ADD left it. Whoever takes a pod's MTU below 1280 and back (the pod itself,
+    the reconcile's MTU change) makes the kernel recreate the device's IPv6 state with the defaults:
+    enabled, taking RAs, without its address. One namespace entry per pod, a write only when it differs."""
+    for lease in leases:
+        if not lease.netns:  # leased before sknf recorded namespaces
+            continue
+        v6 = [a for a in pod_addresses(net, node, lease) if ":" in a[0]]
+        try:
+            if set_pod_ipv6(lease.netns, lease.ifname, bool(v6), only_if_changed=True):
+                if v6:
+                    with netlink.route(lease.netns) as pod:
+                        netlink.configure_pod_interface(pod, lease.ifname, v6)
+                log.warning("%s (%s/%s): IPv6 settings restored", lease.host_ifname, lease.namespace, lease.pod)
+        except (OSError, NetlinkError) as e:  # the pod is going away: its DEL cleans up
+            log.warning("%s: cannot check IPv6 settings: %s", lease.host_ifname, e)
+
+
+def pod_addresses(net: PodNetwork, node: NodeOverlay, lease: Lease) -> list[tuple[str, int, str]]:
+    """(address, cluster prefix length, gateway) of each family the lease holds, IPv4 first; a family the
+    cluster no longer has (dual-stack turned off) is left out."""
+    return [(str(ip), cluster.prefixlen, gateway) for ip in lease.ips
+            if (cluster := net.cfg.cidr(ip.version)) is not None and (gateway := node.gateway(ip.version))]
+
 
 
 def _require_netns(req: Request) -> None:
@@ -161,9 +201,8 @@ def add(net: PodNetwork, req: Request) -> dict:
     if req.bandwidth is not None:
         shaping.plan(req.bandwidth, node.mtu)  # refused (code 7) before anything is made
     host_ifname = host_veth_name(req.container_id, req.ifname)
-    prefixlen = net.cfg.cluster_cidr.prefixlen
     with net.store_guard.shared(), netlink.route() as ipr, ExitStack() as undo:
-        # 1. An address from this node's pod subnet (raises "already exists" on a duplicate ADD).
+        # 1. An address of each family from this node's pod subnets (raises "already exists" on a duplicate ADD).
         mac = pod_mac(req.container_id, req.ifname)
         lease = net.store.allocate(req.container_id, req.ifname, req.pod_namespace, req.pod_name, host_ifname, mac,
                                    req.netns)
@@ -187,10 +226,13 @@ def add(net: PodNetwork, req: Request) -> dict:
         else:
             netlink.set_alias(ipr, host_index, record)
 
-        # 3. Inside the pod: no IPv6, address with the cluster-wide prefix, up, default route via the bridge.
-        disable_pod_ipv6(req.netns, req.ifname)
+        # 3. Inside the pod: the IPv4 address with the cluster-wide prefix, up, default route via the bridge.
+        #    IPv6 stays off until step 6: a pod's first IPv6 frames (DAD, MLD, sent as the link comes up)
+        #    would meet source validation that does not know the pod yet.
+        addrs = pod_addresses(net, node, lease)
+        set_pod_ipv6(req.netns, req.ifname, False)
         with netlink.route(req.netns) as pod:
-            netlink.configure_pod_interface(pod, req.ifname, str(lease.ip), prefixlen, node.gateway_ip)
+            netlink.configure_pod_interface(pod, req.ifname, [a for a in addrs if ":" not in a[0]])
 
         # 4. Shaping (runtimeConfig.bandwidth): the record first, so a crash midway is finished by the
         # reconcile or undone with the lease; under the lock the reconcile shapes recorded pods with.
@@ -202,24 +244,32 @@ def add(net: PodNetwork, req: Request) -> dict:
 
         # 5. Source validation, fast path and counters; the container's other attachments are allowed
         #    this address too.
-        siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
+        siblings = tuple(str(ip) for x in net.store.of_container(req.container_id) for ip in x.ips)
         endpoint = endpoint_of(lease, host_index, siblings, req.bandwidth)
         with net.datapath_lock:
             # Undo first: an attach that fails halfway (maps written, filter refused) leaves nothing behind.
             undo.callback(net.datapath.detach_pod, endpoint)
             net.datapath.attach_pod(endpoint)
-            if len(siblings) > 1:
+            if len(siblings) > len(lease.ips):
                 _attach_container(net, ipr, req.container_id, skip=req.ifname)
+
+        # 6. IPv6 (dual-stack), now that the datapath knows the pod: on (no RAs, no redirects), the address
+        #    with its cluster-wide prefix, a default route via the bridge's IPv6 gateway.
+        if v6 := [a for a in addrs if ":" in a[0]]:
+            set_pod_ipv6(req.netns, req.ifname, True)
+            with netlink.route(req.netns) as pod:
+                netlink.configure_pod_interface(pod, req.ifname, v6)
 
         result = build_result(
             req.cni_version,
             interfaces=[{"name": host_ifname, "mac": host_mac},
                         {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
-            ips=[{"address": f"{lease.ip}/{prefixlen}", "gateway": node.gateway_ip, "interface": 1}],
-            routes=[{"dst": "0.0.0.0/0", "gw": node.gateway_ip}],
+            ips=[{"address": f"{ip}/{plen}", "gateway": gw, "interface": 1} for ip, plen, gw in addrs],
+            routes=[{"dst": netlink.DEFAULT_ROUTE[ipaddress.ip_address(gw).version], "gw": gw} for _, _, gw in addrs],
         )
         undo.pop_all()
-    log.info("ADD %s/%s %s %s -> %s", req.pod_namespace, req.pod_name, req.container_id[:12], req.ifname, lease.ip)
+    log.info("ADD %s/%s %s %s -> %s", req.pod_namespace, req.pod_name, req.container_id[:12], req.ifname,
+             ", ".join(map(str, lease.ips)))
     return result
 
 
@@ -230,7 +280,7 @@ def delete(net: PodNetwork, req: Request) -> None:
         with netlink.route() as ipr:
             host_index = netlink.link_index(ipr, host_ifname)
             if lease is not None:
-                siblings = tuple(str(x.ip) for x in net.store.of_container(req.container_id))
+                siblings = tuple(str(ip) for x in net.store.of_container(req.container_id) for ip in x.ips)
                 with net.datapath_lock:
                     net.datapath.detach_pod(endpoint_of(lease, host_index or 0, siblings))
             # Deleting the host end removes the pod end too, wherever the namespace is.
@@ -253,22 +303,26 @@ def check(net: PodNetwork, req: Request) -> None:
     lease = net.store.get(req.container_id, req.ifname)
     if lease is None:
         raise CniError(CHECK_FAILED, f"no address allocated to {req.container_id}/{req.ifname}")
-    want = f"{lease.ip}/{net.cfg.cluster_cidr.prefixlen}"
+    addrs = pod_addresses(net, node, lease)
+    wanted = [f"{ip}/{plen}" for ip, plen, _ in addrs]
     for ip in (req.prev_result or {}).get("ips", []):
-        if ip.get("address") != want:
-            raise CniError(CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease {want}")
+        if ip.get("address") not in wanted:
+            raise CniError(CHECK_FAILED, f"prevResult address {ip.get('address')} is not the lease's "
+                           f"{', '.join(wanted)}")
     with netlink.route() as ipr:
         link = netlink.link_info(ipr, lease.host_ifname)
         if link is None or link.get("IFLA_MASTER") != node.bridge_ifindex:
             raise CniError(CHECK_FAILED, f"host interface {lease.host_ifname} is missing or not on {BRIDGE}")
     with netlink.route(req.netns) as pod:
-        mac, addrs, gateway = netlink.pod_interface_state(pod, req.ifname)
+        mac, have, gateways = netlink.pod_interface_state(pod, req.ifname)
     if mac is None:
         raise CniError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
-    if want not in addrs:
-        raise CniError(CHECK_FAILED, f"{req.ifname} has {addrs or 'no address'}, expected {want}")
-    if gateway != node.gateway_ip:
-        raise CniError(CHECK_FAILED, f"default route via {gateway}, expected {node.gateway_ip}")
+    for want, (ip, _, gw) in zip(wanted, addrs, strict=True):
+        if want not in have:
+            raise CniError(CHECK_FAILED, f"{req.ifname} has {have or 'no address'}, expected {want}")
+        if gateways.get(ipaddress.ip_address(ip).version) != gw:
+            raise CniError(CHECK_FAILED, f"default route via {gateways.get(ipaddress.ip_address(ip).version)}, "
+                           f"expected {gw}")
     recorded = shaping.load_records(net.cfg.state_dir).get(lease.host_ifname)
     if recorded != req.bandwidth:
         raise CniError(CHECK_FAILED, f"shaping of {lease.host_ifname} is {recorded}, the request asks {req.bandwidth}")
@@ -286,7 +340,8 @@ def gc(net: PodNetwork, req: Request) -> None:
                 net.datapath.detach_pod(endpoint_of(lease, netlink.link_index(ipr, lease.host_ifname) or 0))
                 netlink.delete_link(ipr, lease.host_ifname)
                 shaping.forget(ipr, net.cfg.state_dir, lease.host_ifname)
-                log.info("GC freed %s (%s/%s %s)", lease.ip, lease.namespace, lease.pod, lease.container_id[:12])
+                log.info("GC freed %s (%s/%s %s)", ", ".join(map(str, lease.ips)), lease.namespace, lease.pod,
+                         lease.container_id[:12])
         remove_orphan_links(net)
 
 
@@ -314,13 +369,13 @@ def _delete_orphans(ipr: IPRoute, links: dict, leases: list[Lease]) -> list[Leas
     every listed link that belongs to a live ADD already has its lease when we read them.
     """
     known = {lease.host_ifname for lease in leases}
-    taken = {lease.ip for lease in leases}
+    taken = {ip for lease in leases for ip in lease.ips}
     lost, removed = [], []
     for name, link in links.items():
         if name in known:
             continue
         lease = lease_from_record(name, link.get("IFLA_IFALIAS"))
-        if lease is not None and lease.ip not in taken:
+        if lease is not None and taken.isdisjoint(lease.ips):
             lost.append(lease)
         elif netlink.delete_link(ipr, name):
             removed.append(name)
@@ -338,8 +393,8 @@ def attachment_record(lease: Lease) -> str | None:
     long; the attachment key, address and MAC must fit (they do for real runtimes' 64-character
     container ids).
     """
-    doc = {"cid": lease.container_id, "if": lease.ifname, "ip": str(lease.ip), "mac": lease.mac,
-           "ns": lease.namespace, "pod": lease.pod}
+    doc = {"cid": lease.container_id, "if": lease.ifname, "ip": str(lease.ip),
+           **({"ip6": str(lease.ip6)} if lease.ip6 else {}), "mac": lease.mac, "ns": lease.namespace, "pod": lease.pod}
     for dropped in ((), ("pod",), ("pod", "ns")):
         text = json.dumps({k: v for k, v in doc.items() if k not in dropped}, separators=(",", ":"))
         if len(text.encode()) <= netlink.IFALIAS_MAX:
@@ -351,9 +406,9 @@ def lease_from_record(host_ifname: str, record: str | None) -> Lease | None:
     """The lease a host veth's record describes; None for no record or one that is not this link's."""
     try:
         doc = json.loads(record or "")
-        lease = Lease(ip=ipaddress.IPv4Address(doc["ip"]), container_id=str(doc["cid"]), ifname=str(doc["if"]),
+        lease = Lease(ip=ipaddress.ip_address(doc["ip"]), container_id=str(doc["cid"]), ifname=str(doc["if"]),
                       namespace=str(doc.get("ns", "")), pod=str(doc.get("pod", "")), host_ifname=host_ifname,
-                      mac=str(doc.get("mac", "")))
+                      mac=str(doc.get("mac", "")), ip6=ipaddress.IPv6Address(doc["ip6"]) if doc.get("ip6") else None)
     except (ValueError, KeyError, TypeError):
         return None
     # The link's name hashes the attachment: a record copied onto another link does not count.
@@ -375,21 +430,21 @@ def rebuild_from_host(net: PodNetwork) -> list[Lease]:
             held = net.store.leases()
         except CorruptStore:
             held = []
-        by_ip = {lease.ip: lease for lease in held}
+        by_ip = {ip: lease for lease in held for ip in lease.ips}
         keys = {lease.key for lease in held}
         added = []
         for name in sorted(links):
             lease = lease_from_record(name, links[name].get("IFLA_IFALIAS"))
             if lease is None or lease.key in keys:
                 continue
-            if lease.ip in by_ip:
-                log.error("%s records %s, which %s holds; not restoring it", name, lease.ip, by_ip[lease.ip].key)
+            if clash := next((ip for ip in lease.ips if ip in by_ip), None):
+                log.error("%s records %s, which %s holds; not restoring it", name, clash, by_ip[clash].key)
                 continue
-            by_ip[lease.ip] = lease
+            by_ip.update(dict.fromkeys(lease.ips, lease))
             keys.add(lease.key)
             added.append(lease)
-        net.store.rebuild(by_ip.values())
-    return sorted(added, key=lambda x: x.ip)
+        net.store.rebuild({lease.key: lease for lease in by_ip.values()}.values())
+    return sorted(added, key=lambda x: (x.ip.version, int(x.ip)))
 
 
 def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
@@ -428,11 +483,12 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
             rejoined.append(lease.host_ifname)
         by_container: dict[str, list[str]] = {}
         for lease in live:
-            by_container.setdefault(lease.container_id, []).append(str(lease.ip))
+            by_container.setdefault(lease.container_id, []).extend(str(ip) for ip in lease.ips)
         net.datapath.sync_endpoints([endpoint_of(lease, links[lease.host_ifname]["index"],
                                                  tuple(by_container[lease.container_id]),
                                                  shaped.get(lease.host_ifname))
                                      for lease in live if lease.mac])
+    _sync_pod_ipv6(net, node, live)  # after the datapath knows every live pod: their IPv6 frames pass
     if rejoined:
         log.warning("re-attached %d pod links to %s: %s", len(rejoined), BRIDGE, ", ".join(rejoined))
     return lost

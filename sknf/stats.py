@@ -13,11 +13,12 @@ The agent-up path imports no pyroute2, bcc or kubernetes (each costs ~0.3 s): `k
 stats` and `--watch` stay fast with thousands of pods.
 
 Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sorting):
-    {"version": 1, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
+    {"version": 2, "node": str, "source": "agent" | "bpf-pins" | "kernel-links",
      "datapath": {"mode": "bpf" | "kernel", "reason": str},
      "time": unix seconds, "rate_interval": seconds the rates span, or null,
      "ipam": {"allocated": int, "capacity": int or null}, "overlay_peers": int or null,
-     "pods": [{"namespace", "pod", "container_id", "ip", "host_ifname",
+     "pods": [{"namespace", "pod", "container_id", "ip" (the first), "ips" (every family's: IPv4 first),
+               "host_ifname",
                "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "drops",
                "fast_packets", "kernel_packets" (null in kernel mode),
                "refused" ({reason: frames source validation dropped}, see sknf.datapath.REFUSED_REASONS, and
@@ -25,7 +26,8 @@ Reply of {"op": "stats"} (also what `-o json` prints, after filtering and sortin
                "policies" ({"ingress"/"egress": [namespace/name of each NetworkPolicy selecting the pod]};
                            only from a running agent that enforces NetworkPolicy),
                "rx_bytes_rate", "tx_bytes_rate", "rx_packets_rate", "tx_packets_rate" (per second, or null)}]}
-rx is what the pod received, tx what it sent (the pod's view, as in PodCounters).
+rx is what the pod received, tx what it sent (the pod's view, as in PodCounters). Version 2 added "ips"
+(dual-stack); version 1 replies (an older agent) have "ip" only.
 """
 
 from __future__ import annotations
@@ -42,22 +44,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sknf import api
-from sknf.config import Config, ConfigError, load
+from sknf.config import Config, ConfigError, Network, load
 from sknf.datapath import PodCounters
 from sknf.ipam import Store
-from sknf.peers import PeersFileError, StaticPeerSource
+from sknf.peers import PeersFileError, StaticPeerSource, pod_subnets
 
 if TYPE_CHECKING:
     from sknf.metrics import Snapshot  # imports prometheus_client: only the agent needs it
 
 log = logging.getLogger(__name__)
 
-REPLY_VERSION = 1
+REPLY_VERSION = 2
 RATED = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 MIN_RATE_SPAN = 1.0  # seconds: a shorter span gives jumpy rates
 SORTS = ("rate", "rx", "tx", "rx-rate", "tx-rate", "packets", "drops", "fast", "name", "namespace", "ip")
@@ -71,7 +73,7 @@ def pod_rows(snap: Snapshot) -> list[dict[str, Any]]:
         c = counted or PodCounters()
         rows.append({
             "namespace": ident.namespace, "pod": ident.pod, "container_id": ident.container_id,
-            "ip": str(ident.ip), "host_ifname": ident.host_ifname,
+            "ip": str(ident.ip), "ips": [str(ip) for ip in ident.ips], "host_ifname": ident.host_ifname,
             "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "rx_packets": c.rx_packets,
             "tx_packets": c.tx_packets, "drops": c.drops,
             "fast_packets": c.fast_packets, "kernel_packets": c.kernel_packets,
@@ -207,18 +209,18 @@ def _agent_problem(socket_path: Path, e: OSError) -> str:
     return f"agent at {socket_path}: {e.strerror or e}"
 
 
-def _local_pod_cidr(cfg: Config) -> IPv4Network | None:
-    """This node's pod subnet without asking anyone: configured, or its entry in a static peers file."""
-    if cfg.pod_cidr is not None:
-        return cfg.pod_cidr
+def _local_pod_cidrs(cfg: Config) -> tuple[Network, ...]:
+    """This node's pod subnets without asking anyone: configured, or its entry in a static peers file."""
+    if cfg.pod_cidrs:
+        return cfg.pod_cidrs
     if cfg.peer_source == "static" and cfg.peers_file is not None:
         try:
             own = [n for n in StaticPeerSource(cfg.peers_file).nodes() if n.name == cfg.node_name]
         except PeersFileError:
-            return None
+            return ()
         if own and own[0].pod_cidr:
-            return IPv4Network(own[0].pod_cidr)
-    return None
+            return tuple(n for n in pod_subnets(own[0].pod_cidr) if n.version in cfg.families)
+    return ()
 
 
 def read_local(cfg: Config) -> dict[str, Any]:
@@ -227,9 +229,9 @@ def read_local(cfg: Config) -> dict[str, Any]:
     Raises OSError or SourceError saying what is missing."""
     from sknf.metrics import Snapshot, join
 
-    pod_cidr = _local_pod_cidr(cfg)
-    # Reading leases needs only a network that holds them: the cluster's does when the node's is unknown.
-    store = Store(cfg.state_dir, pod_cidr or cfg.cluster_cidr)
+    pod_cidrs = _local_pod_cidrs(cfg)
+    # Reading leases needs only networks that hold them: the cluster's do when the node's are unknown.
+    store = Store(cfg.state_dir, pod_cidrs or cfg.cluster_cidrs)
     if not store.path.exists():
         raise FileNotFoundError(errno.ENOENT, "no IPAM state (is this a sknf node?)", str(store.path))
     # pyroute2 (0.3 s) comes with either datapath module: imported only on this path.
@@ -244,7 +246,7 @@ def read_local(cfg: Config) -> dict[str, Any]:
     leases = store.leases()
     snap = Snapshot(node=cfg.node_name, datapath_mode=mode, datapath_reason="read without the agent",
                     pods=join(leases, counters), ipam_allocated=len(leases),
-                    ipam_capacity=store.capacity if pod_cidr else None, peers=None)
+                    ipam_capacity=store.capacity if pod_cidrs else None, peers=None)
     rows = pod_rows(snap)
     add_rates(rows, None, None)
     return make_reply(snap, rows, None, source)
@@ -335,11 +337,12 @@ def _rate(row: dict[str, Any], name: str) -> float:
     return row.get(f"{name}_rate") or 0.0
 
 
-def _ip_key(row: dict[str, Any]) -> int:
+def _ip_key(row: dict[str, Any]) -> tuple[int, int]:
     try:
-        return int(IPv4Address(row["ip"]))
+        ip = ip_address(row["ip"])
     except ValueError:
-        return 0
+        return (0, 0)
+    return (ip.version, int(ip))
 
 
 SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -374,7 +377,7 @@ def _columns(wide: bool) -> list[tuple[str, Callable[[dict[str, Any]], str], boo
     cols = [
         ("NAMESPACE", lambda r: r["namespace"] or "-", False),
         ("POD", lambda r: r["pod"] or r["container_id"][:12], False),
-        ("IP", lambda r: r["ip"], False),
+        ("IP", lambda r: " ".join(r.get("ips") or [r["ip"]]), False),
         ("RX", lambda r: human_bytes(r["rx_bytes"]), True),
         ("TX", lambda r: human_bytes(r["tx_bytes"]), True),
         ("RX-PKTS", lambda r: human_count(r["rx_packets"]), True),

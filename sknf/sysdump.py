@@ -151,7 +151,8 @@ def _leases(cfg: Config) -> str:
 
     try:
         store = Store.open_existing(cfg.state_dir)
-        doc: dict[str, Any] = {"pod_cidr": str(store.pod_cidr), "leases": [lease.to_json() for lease in store.leases()]}
+        doc: dict[str, Any] = {"pod_cidr": ",".join(map(str, store.pod_cidrs)),
+                               "leases": [lease.to_json() for lease in store.leases()]}
     except (OSError, CorruptStore) as e:
         doc = {"error": str(e)}
     pending = cfg.state_dir / "pending-del"

@@ -14,6 +14,7 @@
 #include <uapi/linux/if_packet.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 /* skb->mark bit on frames the fast path redirects to vxsknf, so vxsknf's egress hook can tell them
@@ -83,13 +84,21 @@ struct source_key {
 	__be32 addr;
 };
 
+/* One IPv6 source a pod may send from on one host veth (dual-stack): its container's IPv6 leases and
+ * its link-local address; an entry for the link-local one is what says the pod has IPv6 at all. */
+struct source6_key {
+	__u32 ifindex;
+	__u8 addr[16];
+};
+
 /* Why source validation refused a pod's frame; indexes pod_refused's counters. Same names, same
  * order as sknf/guard.py's REASONS (the kernel datapath's). */
 enum refused_reason {
 	REFUSED_MAC, /* Ethernet source is not the attachment's MAC (or the veth is unknown) */
-	REFUSED_ARP, /* ARP sender MAC or address not the pod's, or not Ethernet/IPv4 ARP */
-	REFUSED_IP, /* IPv4 source not leased to the pod's container */
-	REFUSED_IPV6, /* any IPv6 (no dual-stack yet: RAs, NDP, spoofed sources) */
+	REFUSED_ARP, /* ARP sender MAC or address not the pod's, not Ethernet/IPv4 ARP, or an NDP
+		      * neighbour advertisement for an address not the pod's */
+	REFUSED_IP, /* IPv4 or IPv6 source not the pod's container's */
+	REFUSED_IPV6, /* IPv6 from a pod without an IPv6 lease; a router advertisement or redirect */
 	REFUSED_PROTOCOL, /* any other EtherType, VLAN-tagged or truncated frames */
 	REFUSED_REASONS,
 };

@@ -4,9 +4,12 @@
  * believed cluster-wide. On its host veth a pod may send only: Ethernet source = the attachment's
  * MAC; IPv4 with a source leased to its container; Ethernet/IPv4 ARP whose sender MAC is its own and
  * whose sender address is its container's or 0.0.0.0 (a probe). An IPv4 frame with a source not
- * leased counts as spoofed_ip whatever its MAC. Everything else -- IPv6 (no
- * dual-stack yet), other EtherTypes, VLAN tags, frames too short to check -- is dropped, and counted
- * in pod_refused by reason. The kernel datapath applies the same rules in nftables (sknf/guard.py).
+ * leased counts as spoofed_ip whatever its MAC. IPv6 only from a pod with an IPv6 lease (dual-stack),
+ * with a source in pod_sources6 (its container's IPv6 leases, its link-local address) or :: for
+ * ICMPv6 (DAD, MLD); no router advertisement or redirect; a neighbour advertisement only for one of
+ * its own addresses (guard_ipv6). Everything else -- other EtherTypes, VLAN tags, frames too short to
+ * check, more extension headers than are walked -- is dropped, and counted in pod_refused by reason.
+ * The kernel datapath applies the same rules in nftables (sknf/guard.py).
  */
 #ifndef SKNF_GUARD_H
 #define SKNF_GUARD_H
@@ -47,6 +50,75 @@ static __always_inline struct pod_identity *source_of(__u32 ifindex, __be32 addr
 	return pod_sources.lookup(&key);
 }
 
+#define IPV6_EXT_HEADERS 4 /* extension headers walked to find the upper-layer protocol */
+#define NEXTHDR_NONE 59
+
+static __always_inline int source6_known(__u32 ifindex, const __u8 *addr)
+{
+	struct source6_key key = {.ifindex = ifindex};
+
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	return pod_sources6.lookup(&key) != NULL;
+}
+
+static __always_inline int ipv6_extension(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_FRAGMENT ||
+	       next == IPPROTO_DSTOPTS || next == IPPROTO_AH;
+}
+
+/* A pod's IPv6 frame (its MAC already checked). Whether the pod has IPv6 at all is whether its
+ * link-local address, which the kernel derives from its MAC (EUI-64), is one of its sources. */
+static __always_inline int guard_ipv6(struct __sk_buff *skb, __u32 ifindex, const struct pod_identity *id)
+{
+	__u8 ll[16] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0, id->mac[0] ^ 2, id->mac[1], id->mac[2], 0xff, 0xfe,
+		       id->mac[3], id->mac[4], id->mac[5]};
+	__u32 off = ETH_HLEN + sizeof(struct ipv6hdr);
+	struct ipv6hdr ip6;
+	__u8 next, icmp[24];
+
+	if (!source6_known(ifindex, ll))
+		return refuse(skb, REFUSED_IPV6);
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+		return refuse(skb, REFUSED_PROTOCOL);
+	next = ip6.nexthdr;
+#pragma unroll
+	for (int i = 0; i < IPV6_EXT_HEADERS; i++) {
+		__u8 ext[4];
+
+		if (!ipv6_extension(next))
+			break;
+		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+			return refuse(skb, REFUSED_PROTOCOL);
+		if (next == IPPROTO_FRAGMENT && ((ext[2] << 8 | ext[3]) & 0xfff8)) {
+			next = NEXTHDR_NONE; /* not the first fragment: no upper-layer header to check */
+			break;
+		}
+		off += next == IPPROTO_FRAGMENT ? 8 : next == IPPROTO_AH ? (ext[1] + 2) * 4 : (ext[1] + 1) * 8;
+		next = ext[0];
+	}
+	if (ipv6_extension(next))
+		return refuse(skb, REFUSED_PROTOCOL);
+	if (!(ip6.saddr.in6_u.u6_addr32[0] | ip6.saddr.in6_u.u6_addr32[1] | ip6.saddr.in6_u.u6_addr32[2] |
+	      ip6.saddr.in6_u.u6_addr32[3])) { /* :: */
+		if (next != IPPROTO_ICMPV6)
+			return refuse(skb, REFUSED_IP);
+	} else if (!source6_known(ifindex, ip6.saddr.in6_u.u6_addr8)) {
+		return refuse(skb, REFUSED_IP);
+	}
+	if (next != IPPROTO_ICMPV6)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, off, icmp, 1) < 0)
+		return refuse(skb, REFUSED_PROTOCOL);
+	if (icmp[0] == 134 || icmp[0] == 137) /* router advertisement, redirect: a pod is never a router */
+		return refuse(skb, REFUSED_IPV6);
+	if (icmp[0] == 136) { /* neighbour advertisement: its target must be the pod's own */
+		if (bpf_skb_load_bytes(skb, off, icmp, sizeof(icmp)) < 0 || !source6_known(ifindex, icmp + 8))
+			return refuse(skb, REFUSED_ARP);
+	}
+	return TC_ACT_OK;
+}
+
 /* TC_ACT_OK when the pod may send this frame, else TC_ACT_SHOT (counted). IPv4, nearly all of a pod's
  * frames, costs one lookup: its (veth, source) entry carries the veth's MAC. */
 static __always_inline int guard_source(struct __sk_buff *skb)
@@ -83,7 +155,7 @@ static __always_inline int guard_source(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return refuse(skb, REFUSED_IPV6);
+		return guard_ipv6(skb, ifindex, id);
 	return refuse(skb, REFUSED_PROTOCOL);
 }
 

@@ -32,6 +32,8 @@ BPF_TABLE_PINNED("hash", __u32, struct pod_identity, pod_identity, SKNF_MAX_ENDP
 		 SKNF_PIN_DIR "/pod_identity");
 BPF_TABLE_PINNED("hash", struct source_key, struct pod_identity, pod_sources, SKNF_MAX_ENDPOINTS * 4,
 		 SKNF_PIN_DIR "/pod_sources");
+BPF_TABLE_PINNED("hash", struct source6_key, struct pod_identity, pod_sources6, SKNF_MAX_ENDPOINTS * 4,
+		 SKNF_PIN_DIR "/pod_sources6");
 BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/pod_refused");
 /* No LRU and no timers: losing a live flow's entry would fast-path its replies un-NATed and break

@@ -11,6 +11,7 @@ kernel path, saying why once.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,7 +24,7 @@ REFUSED_REASONS = ("spoofed_mac", "spoofed_arp", "spoofed_ip", "ipv6", "protocol
 class Endpoint:
     """A pod's attachment as the datapath sees it (built from its IPAM lease and its host veth)."""
 
-    ip: str
+    ip: str  # the IPv4 address (an IPv6-only cluster's IPv6 one)
     mac: str  # the pod-side interface's MAC
     host_ifname: str
     host_ifindex: int
@@ -36,11 +37,22 @@ class Endpoint:
     # Addresses of the container's other attachments: Linux may send eth1's address out of eth0, so
     # source validation allows every address leased to the container on each of its interfaces.
     siblings: tuple[str, ...] = ()
+    ip6: str = ""  # the IPv6 address beside the IPv4 one (dual-stack)
 
     @property
     def sources(self) -> tuple[str, ...]:
-        """Every IPv4 source this attachment may send from."""
-        return tuple(sorted({self.ip, *self.siblings}))
+        """Every source this attachment may send from, both families; with IPv6, its link-local address too
+        (the kernel derives it from the MAC, see link_local)."""
+        found = {self.ip, self.ip6, *self.siblings} - {""}
+        if any(":" in ip for ip in found):
+            found.add(link_local(self.mac))
+        return tuple(sorted(found))
+
+
+def link_local(mac: str) -> str:
+    """The EUI-64 IPv6 link-local address the kernel gives an interface with this MAC (addr_gen_mode 0)."""
+    b = bytes.fromhex(mac.replace(":", ""))
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE, *b[3:]])))
 
 
 @dataclass

@@ -58,6 +58,7 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
                "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
                "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
+               "pod_sources6": (bpfmaps.Source6Key, bpfmaps.PodIdentity),
                "pod_refused": (ctypes.c_uint32, bpfmaps.RefusedValues),
                "flow_guard": (ctypes.c_uint32, ctypes.c_uint64),
                "events_enabled": (ctypes.c_uint32, ctypes.c_uint32),
@@ -151,7 +152,10 @@ class BpfDatapath:
         ident.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
         for ip in ep.sources:
-            bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
+            if ":" in ip:
+                bpfmaps.update(self.maps["pod_sources6"], _source6(ep.host_ifindex, ip), ident)
+            else:
+                bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
         with netlink.route() as ipr:
             for name, hook in POD_PROGRAMS.items():
                 program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
@@ -189,6 +193,14 @@ class BpfDatapath:
         for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner):
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
+        if ifindex:
+            self._drop_sources6(lambda key: key.ifindex == ifindex)
+
+    def _drop_sources6(self, unwanted: Callable[[bpfmaps.Source6Key], bool]) -> None:
+        """Delete the pod_sources6 entries `unwanted` picks."""
+        for key, _ in bpfmaps.read_map(self.maps["pod_sources6"], bpfmaps.Source6Key, bpfmaps.PodIdentity):
+            if unwanted(key):
+                bpfmaps.delete(self.maps["pod_sources6"], bpfmaps.Source6Key.from_buffer_copy(key))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         for ep in eps:
@@ -207,10 +219,12 @@ class BpfDatapath:
             for key, _ in bpfmaps.read_map(self.maps[name], ctypes.c_uint32, value_type):
                 if key not in live:
                     bpfmaps.delete(self.maps[name], ctypes.c_uint32(key))
-        sources = {(ep.host_ifindex, _be32(ip)) for ep in eps for ip in ep.sources}
+        sources = {(ep.host_ifindex, _be32(ip)) for ep in eps for ip in ep.sources if ":" not in ip}
         for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if (key.ifindex, key.addr) not in sources:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
+        sources6 = {bytes(_source6(ep.host_ifindex, ip)) for ep in eps for ip in ep.sources if ":" in ip}
+        self._drop_sources6(lambda key: bytes(key) not in sources6)
         if self._syncing and self._cluster is not None:
             self._finish_sync()
 
@@ -474,6 +488,12 @@ def _max_flows(configured: int | None = None) -> int:
         return int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())
     except (OSError, ValueError):
         return DEFAULT_MAX_FLOWS
+
+
+def _source6(ifindex: int, addr: str) -> bpfmaps.Source6Key:
+    key = bpfmaps.Source6Key(ifindex=ifindex)
+    key.addr[:] = ipaddress.IPv6Address(addr).packed
+    return key
 
 
 def _be32(addr: str | ipaddress.IPv4Address) -> int:

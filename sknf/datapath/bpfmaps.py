@@ -79,6 +79,12 @@ class SourceKey(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
 
+class Source6Key(ctypes.Structure):
+    """struct source6_key: the pod_sources6 map's key (value: struct pod_identity)."""
+
+    _fields_ = [("ifindex", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
 class RefusedValues(ctypes.Structure):
     """struct refused_counters: one CPU's share of a pod_refused entry (key: the host veth's ifindex)."""
 

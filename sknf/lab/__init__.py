@@ -10,6 +10,12 @@ Topology (every address lives in a namespace the lab made):
        |               ClusterIP rules; pods <p>-n<i>p<j> set up by calling the real CNI plugin chain
     pods               exactly as a container runtime does.
 
+Dual-stack (`--dual-stack`): pods also get IPv6 from fd00:10:244::/56 (a /64 per node), VXLAN stays
+on the IPv4 underlay, nodes also hold 2001:db8:100::(10+i) on it, and the Internet host also
+2001:db8:203::10 (IPv6 documentation addresses, held by lab namespaces only), and each node's ClusterIP
+an IPv6 twin (fd00:10:96::a + k); `check` runs the pod<->pod, node->pod, pod->Internet and
+pod->ClusterIP rows for IPv6 too.
+
 `check` proves the seed design's flows with real TCP/UDP and asserts who the far end saw as the
 source: pod<->pod on a node and across nodes, node<->pod, pod->Internet (SNATed to the node),
 pod->ClusterIP on the same and on another node, a bulk transfer and a full-MTU datagram over VXLAN.
@@ -47,7 +53,15 @@ UNDERLAY = ipaddress.IPv4Network("198.51.100.0/24")
 INTERNET_HOST = "203.0.113.10"
 INTERNET_GW = "203.0.113.1"
 CLUSTER_CIDR = "10.244.0.0/16"
+# Dual-stack: the cluster's IPv6 network, the underlay's IPv6 (for the nodes' egress only: VXLAN stays
+# on IPv4) and the Internet host's, all of it in lab namespaces.
+CLUSTER_CIDR6 = "fd00:10:244::/56"
+UNDERLAY6 = ipaddress.IPv6Network("2001:db8:100::/64")
+INTERNET6 = ipaddress.IPv6Network("2001:db8:203::/64")
+INTERNET_HOST6 = "2001:db8:203::10"
+INTERNET_GW6 = "2001:db8:203::1"
 SERVICE_BASE = ipaddress.IPv4Address("10.96.0.10")  # one ClusterIP per node, backed by its first pod
+SERVICE_BASE6 = ipaddress.IPv6Address("fd00:10:96::a")  # dual-stack: the same Services' IPv6 ClusterIPs
 KUBERNETES_IP = "10.96.0.1"  # the `kubernetes` Service: the API server on node 1's own address (hostNetwork)
 HOSTNET_IP = "10.96.0.2"  # a Service backed by a hostNetwork pod on the last node
 MANAGED_IP = "10.96.0.4"  # a managed control plane: the API server on an address outside the cluster
@@ -75,6 +89,7 @@ class LabPod:
     container_id: str
     ip: str = ""
     host_ifname: str = ""
+    ip6: str = ""  # dual-stack
 
 
 @dataclass
@@ -86,6 +101,8 @@ class LabNode:
     gateway_ip: str
     config: str
     agent_pid: int = 0
+    underlay_ip6: str = ""  # dual-stack: the node's IPv6 egress address, and its pods' IPv6 gateway
+    gateway_ip6: str = ""
 
 
 @dataclass
@@ -99,6 +116,7 @@ class LabState:
     kube_proxy: str = "iptables"
     server_pid: int = 0
     agent_image: str = ""  # run each agent from this image (podman) instead of the checkout
+    dual_stack: bool = False
 
 
 # -- the underlay ---------------------------------------------------------------------------------
@@ -107,18 +125,22 @@ UNDERLAY_TABLE = "lab-underlay"
 
 
 def underlay_source_check() -> dict:
-    """The underlay switch drops frames carrying pod addresses, as a cloud network's source/destination
-    check does: pods exist only inside the overlay. Counted, so the check can say it never happened."""
-    pods = {"prefix": {"addr": str(ipaddress.IPv4Network(CLUSTER_CIDR).network_address),
-                       "len": ipaddress.IPv4Network(CLUSTER_CIDR).prefixlen}}
+    """The underlay switch drops frames carrying pod addresses (of either family), as a cloud network's
+    source/destination check does: pods exist only inside the overlay. Counted, so the check can say it
+    never happened."""
     where = {"family": "bridge", "table": UNDERLAY_TABLE, "chain": "forward"}
+    rules = []
+    for proto, cidr in (("ip", CLUSTER_CIDR), ("ip6", CLUSTER_CIDR6)):
+        net = ipaddress.ip_network(cidr)
+        pods = {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+        rules += [{"add": {"rule": {**where, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": field}}, "right": pods}},
+            {"counter": None}, {"drop": None}]}}} for field in ("saddr", "daddr")]
     return {"nftables": [
         {"add": {"table": {"family": "bridge", "name": UNDERLAY_TABLE}}},
         {"add": {"chain": {"family": "bridge", "table": UNDERLAY_TABLE, "name": "forward", "type": "filter",
                            "hook": "forward", "prio": 0, "policy": "accept"}}},
-        *({"add": {"rule": {**where, "expr": [
-            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": pods}},
-            {"counter": None}, {"drop": None}]}}} for field in ("saddr", "daddr")),
+        *rules,
     ]}
 
 
@@ -136,10 +158,11 @@ class Lab:
 
     def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
                  extra_services: int = 0, kube_proxy: str = "iptables", agent_image: str = "",
-                 node_setup: Sequence[Sequence[str]] = (), shaped_pod: bool = False) -> None:
+                 node_setup: Sequence[Sequence[str]] = (), shaped_pod: bool = False, dual_stack: bool = False) -> None:
         """node_setup: commands run in every node's namespace before its agent starts (a host's own
         firewall, say); agent_image: an sknf image whose agent (and plugin) the nodes run, via podman;
-        shaped_pod: also a bandwidth-annotated pod on node 1, with its rows in the matrix."""
+        shaped_pod: also a bandwidth-annotated pod on node 1, with its rows in the matrix; dual_stack: pods
+        get IPv6 too (see the module docstring)."""
         if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
             raise LabError("nodes must be 1-50 and pods per node 1-60")
         self.prefix = prefix
@@ -148,7 +171,7 @@ class Lab:
         self.n_nodes, self.n_pods, self.shaped_pod = nodes, pods_per_node, shaped_pod
         self.root = ROOT / prefix
         self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy,
-                              agent_image=agent_image)
+                              agent_image=agent_image, dual_stack=dual_stack)
         self.node_setup = [list(argv) for argv in node_setup]
 
     # paths and names
@@ -195,7 +218,7 @@ class Lab:
         lab = cls(prefix=prefix, datapath=raw["datapath"])
         lab.state = LabState(prefix=prefix, datapath=raw["datapath"], extra_services=raw["extra_services"],
                              kube_proxy=raw["kube_proxy"], server_pid=raw["server_pid"],
-                             agent_image=raw.get("agent_image", ""),
+                             agent_image=raw.get("agent_image", ""), dual_stack=raw.get("dual_stack", False),
                              nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]],
                              shaped=[LabPod(**p) for p in raw["shaped"]])
         return lab
@@ -251,8 +274,13 @@ class Lab:
             idx = netlink.link_index(ul, "inet0")
             ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
             ul.link("set", index=idx, state="up")
+            if self.state.dual_stack:
+                _add6(ul, br, str(UNDERLAY6.network_address + 1), UNDERLAY6.prefixlen)
+                _add6(ul, idx, INTERNET_GW6, INTERNET6.prefixlen)
         with nsutil.entered(self.ul):
             netlink.sysctl("net.ipv4.ip_forward", 1)
+            if self.state.dual_stack:
+                netlink.sysctl("net.ipv6.conf.all.forwarding", 1)
         kubeproxy.run_nft(self.ul, underlay_source_check())
         with netlink.route(nsutil.netns_path(self.inet)) as inet:
             idx = netlink.link_index(inet, "eth0")
@@ -260,6 +288,9 @@ class Lab:
             inet.link("set", index=idx, state="up")
             inet.link("set", index=netlink.link_index(inet, "lo"), state="up")
             inet.route("add", dst="0.0.0.0/0", gateway=INTERNET_GW)
+            if self.state.dual_stack:
+                _add6(inet, idx, INTERNET_HOST6, INTERNET6.prefixlen)
+                inet.route("add", dst="::/0", gateway=INTERNET_GW6, family=socket.AF_INET6)
 
     def _node(self, i: int) -> None:
         name = f"n{i}"
@@ -276,11 +307,16 @@ class Lab:
             n.link("set", index=idx, state="up")
             n.link("set", index=netlink.link_index(n, "lo"), state="up")
             n.route("add", dst="0.0.0.0/0", gateway=str(UNDERLAY.network_address + 1))
+            if self.state.dual_stack:
+                _add6(n, idx, str(UNDERLAY6.network_address + 10 + i), UNDERLAY6.prefixlen)
+                n.route("add", dst="::/0", gateway=str(UNDERLAY6.network_address + 1), family=socket.AF_INET6)
         pod_cidr = f"10.244.{i}.0/24"
+        pod_cidr6 = f"fd00:10:244:{i:x}::/64"
         d = self.node_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         settings = {
-            "node_name": name, "cluster_cidr": CLUSTER_CIDR, "host_physical_if": "eth0",
+            "node_name": name, "host_physical_if": "eth0",
+            "cluster_cidr": f"{CLUSTER_CIDR},{CLUSTER_CIDR6}" if self.state.dual_stack else CLUSTER_CIDR,
             "peer_source": "static", "peers_file": str(self.root / "peers.yaml"),
             "state_dir": str(d / "state"), "run_dir": str(d / "run"),
             "bpf_pin_dir": f"/sys/fs/bpf/{self.prefix}-{name}", "datapath": self.state.datapath,
@@ -289,9 +325,14 @@ class Lab:
             "cni_conf_name": CONFLIST, "policy_dir": str(self.manifest_dir),
         }
         (d / "config.yaml").write_text(yaml.safe_dump(settings))
-        self.state.nodes.append(LabNode(name=name, netns=ns, underlay_ip=underlay_ip, pod_cidr=pod_cidr,
+        dual = self.state.dual_stack
+        self.state.nodes.append(LabNode(name=name, netns=ns, underlay_ip=underlay_ip,
+                                        pod_cidr=f"{pod_cidr},{pod_cidr6}" if dual else pod_cidr,
                                         gateway_ip=str(ipaddress.IPv4Network(pod_cidr).network_address + 1),
-                                        config=str(d / "config.yaml")))
+                                        config=str(d / "config.yaml"),
+                                        underlay_ip6=str(UNDERLAY6.network_address + 10 + i) if dual else "",
+                                        gateway_ip6=str(ipaddress.IPv6Network(pod_cidr6).network_address + 1)
+                                        if dual else ""))
         self.save()
 
     def _write_peers(self) -> None:
@@ -372,6 +413,7 @@ class Lab:
                            netns=nsutil.netns_path(ns),
                            args=f"K8S_POD_NAMESPACE={manifests.LAB_NAMESPACE};K8S_POD_NAME={name}")
         pod.ip = result["ips"][0]["address"].split("/")[0]
+        pod.ip6 = next((ip["address"].split("/")[0] for ip in result["ips"] if ":" in ip["address"]), "")
         pod.host_ifname = result["interfaces"][0]["name"]
         self.save()
         manifests.write(self.manifest_dir, f"pod-{name}", [manifests.pod(name, node.name, pod.ip, SERVER_PORT)])
@@ -387,6 +429,10 @@ class Lab:
             ip = str(SERVICE_BASE + k)
             svcs += [Service(f"pod-{b.name}", "tcp", SVC_TCP_PORT, ((b.ip, SERVER_PORT, b.node),), ip),
                      Service(f"pod-{b.name}", "udp", SVC_UDP_PORT, ((b.ip, SERVER_PORT, b.node),), ip)]
+            if self.state.dual_stack:
+                ip6 = str(SERVICE_BASE6 + k)
+                svcs += [Service(f"pod-{b.name}", proto, port, ((b.ip6, SERVER_PORT, b.node),), ip6)
+                         for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT))]
         api, host = (nodes[0].underlay_ip, SERVER_PORT, nodes[0].name), (nodes[-1].underlay_ip, SERVER_PORT,
                                                                          nodes[-1].name)
         svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), KUBERNETES_IP),
@@ -493,6 +539,11 @@ def _stop(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
         os.waitpid(pid, 0)
 
 
+def _add6(ipr, index: int, ip: str, prefixlen: int) -> None:
+    """An IPv6 address of the lab's underlay or Internet, usable at once (no duplicate address detection)."""
+    ipr.addr("add", index=index, address=ip, prefixlen=prefixlen, flags=netlink.IFA_F_NODAD)
+
+
 def _remove_netns(name: str) -> None:
     with contextlib.suppress(OSError):
         pnetns.remove(name)
@@ -511,7 +562,7 @@ class CheckResult:
 
 def _connect(netns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM) -> socket.socket:
     with nsutil.entered(netns):
-        sock = socket.socket(socket.AF_INET, kind)
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, kind)
     sock.settimeout(5)
     if kind == socket.SOCK_STREAM:
         sock.connect(addr)
@@ -533,9 +584,12 @@ def who_udp(netns: str, ip: str, port: int, size: int = 64) -> tuple[str, str, i
     from the backend's address, and an unconnected socket would take it all the same.
     """
     with _connect(netns, (ip, port), socket.SOCK_DGRAM) as s:
-        s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
+        if ":" in ip:
+            s.setsockopt(socket.IPPROTO_IPV6, 23, 2)  # IPV6_MTU_DISCOVER = IP_PMTUDISC_DO: never fragment
+        else:
+            s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
         s.sendto(b"x" * size, (ip, port))
-        data, (src_ip, src_port) = s.recvfrom(4096)
+        data, (src_ip, src_port, *_) = s.recvfrom(4096)
     seen, name, length = data.decode().split()
     return seen, name, int(length), f"{src_ip}:{src_port}"
 
@@ -614,7 +668,8 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
                (node_of[a.node].underlay_ip, "inet"))
         for svc in lab.services():
             ip, node = svc.endpoints[0][0], svc.endpoints[0][2]
-            if svc.cluster_ip is None or ip == a.ip:  # NodePorts come from the Internet; no hairpin here
+            # NodePorts come from the Internet; no hairpin here; IPv6 Services are ipv6_rows'
+            if svc.cluster_ip is None or ip == a.ip or svc.family == 6:
                 continue
             dst = f"{svc.cluster_ip}:{svc.port}({answers[ip]})"
             if svc.name == "closed":
@@ -646,6 +701,8 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
             flow = "node->pod (own)" if p.node == n.name else "node->pod (other)"
             expect(flow, n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[1], p.name)
             expect(flow + " source", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip)[0], n.gateway_ip)
+    for flow, src, dst, fn, want in ipv6_rows(lab) if st.dual_stack else ():
+        expect(flow, src, dst, fn, want)
     for shaped in st.shaped:
         peer = next(p for p in st.pods if p.node != shaped.node) if len(st.nodes) > 1 else st.pods[0]
         expect(f"bandwidth-annotated pod: egress <= 2 x {SHAPED_RATE // 10**6} Mbit/s", shaped.name, peer.name,
@@ -679,6 +736,38 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
     results.append(CheckResult("no pod address on the underlay", "pods", "underlay", leaked == 0,
                                f"{leaked} frames with a pod address dropped by the underlay switch during the check"))
     return results
+
+
+def ipv6_rows(lab: Lab) -> list[tuple]:
+    """The dual-stack rows: (flow, source, destination, probe, wanted answer) over IPv6."""
+    st = lab.state
+    node_of = {n.name: n for n in st.nodes}
+    rows = []
+    for a in st.pods:
+        for b in st.pods:
+            if a is not b:
+                where = "same node" if a.node == b.node else "across nodes"
+                rows.append((f"IPv6 pod->pod {where}", a.name, b.name, lambda a=a, b=b: who(a.netns, b.ip6),
+                             (a.ip6, b.name)))
+        rows.append(("IPv6 pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, INTERNET_HOST6),
+                     (node_of[a.node].underlay_ip6, "inet")))
+        for svc in (s for s in lab.services() if s.family == 6 and s.endpoints[0][0] != a.ip6):
+            ip, where_to = svc.endpoints[0][0], svc.endpoints[0][2]
+            flow = f"IPv6 pod->ClusterIP {svc.proto.upper()} {'same node' if a.node == where_to else 'across nodes'}"
+            backend = next(p.name for p in st.pods if p.ip6 == ip)
+            if svc.proto == "tcp":
+                rows.append((flow, a.name, f"[{svc.cluster_ip}]:{svc.port}",
+                             lambda a=a, s=svc: who(a.netns, s.cluster_ip, s.port), (a.ip6, backend)))
+            else:
+                rows.append((flow, a.name, f"[{svc.cluster_ip}]:{svc.port}",
+                             lambda a=a, s=svc: _without_length(who_udp(a.netns, s.cluster_ip, s.port)),
+                             (a.ip6, backend, f"{svc.cluster_ip}:{svc.port}")))
+    for n in st.nodes:
+        for p in st.pods:
+            flow = "IPv6 node->pod (own)" if p.node == n.name else "IPv6 node->pod (other)"
+            rows.append((flow + ", source kept", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip6),
+                         (n.gateway_ip6, p.name)))
+    return rows
 
 
 def _without_length(reply: tuple[str, str, int, str]) -> tuple[str, str, str]:
@@ -722,6 +811,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Service NAT kube-proxy would program: its iptables or its nftables mode")
     parser.add_argument("--agent-image", default="", metavar="IMAGE",
                         help="run the nodes' agents (and so their plugin) from this sknf image, with podman")
+    parser.add_argument("--dual-stack", action="store_true",
+                        help="pods get IPv6 too (fd00:10:244::/56 beside 10.244.0.0/16; the underlay stays IPv4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -737,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
             lab = Lab.load(args.prefix)
             return 0 if print_matrix(lab.check()) else 1
         lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy,
-                  args.agent_image, shaped_pod=True)
+                  args.agent_image, shaped_pod=True, dual_stack=args.dual_stack)
         if args.action == "up":
             try:
                 lab.up()
@@ -764,7 +855,7 @@ def _describe(lab: Lab) -> None:
         mode = _agent_mode(lab, n)
         print(f"  node {n.name} ({n.netns}) underlay {n.underlay_ip} pods {n.pod_cidr} datapath {mode}")
         for p in (p for p in st.pods if p.node == n.name):
-            print(f"    pod {p.name} ({p.netns}) {p.ip} host veth {p.host_ifname}")
+            print(f"    pod {p.name} ({p.netns}) {' '.join(filter(None, (p.ip, p.ip6)))} host veth {p.host_ifname}")
     for s in lab.services():
         to = ", ".join(f"{ip}:{port}" for ip, port, _ in s.endpoints)
         front = f"ClusterIP {s.cluster_ip}:{s.port}" if s.cluster_ip else f"NodePort {s.port}{' (Local)' * s.local}"

@@ -14,6 +14,8 @@ datapaths must keep working, so the lab reproduces the shapes that matter of eac
 
 iptables rules go in through `iptables-restore` (argv, rules on stdin), nftables through libnftables'
 JSON API. `install` replaces whatever mode was there before, so one lab can be checked in both.
+IPv6 Services (dual-stack labs) get the same rules in ip6tables of the same backend, or in
+`table ip6 kube-proxy`, as kube-proxy programs each family apart.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ class Service:
     def endpoints_on(self, node: str) -> list[tuple[str, int]]:
         return [(ip, port) for ip, port, where in self.endpoints if not self.local or where == node]
 
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.endpoints[0][0] else 4
+
+
+def _host(ip: str) -> str:
+    """An address as iptables writes it in a DNAT target: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _single(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
 
 def _chain_id(n: int, svc: Service) -> str:
     return f"{n:04d}{svc.proto.upper()}"
@@ -67,7 +82,8 @@ def iptables_rules(services: list[Service], node: str) -> str:
         svc_chain = f"KUBE-SVC-{_chain_id(n, svc)}"
         lines.append(f":{svc_chain} - [0:0]")
         if svc.cluster_ip:
-            lines.append(f"-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p {svc.proto} --dport {svc.port} -j {svc_chain}")
+            lines.append(f"-A KUBE-SERVICES -d {_single(svc.cluster_ip)} -p {svc.proto} --dport {svc.port} "
+                         f"-j {svc_chain}")
         else:
             lines.append(f"-A KUBE-NODEPORTS -p {svc.proto} --dport {svc.port} -j {svc_chain}")
             if not svc.local:
@@ -75,8 +91,8 @@ def iptables_rules(services: list[Service], node: str) -> str:
         eps = svc.endpoints_on(node)
         for k, (ip, port) in enumerate(eps):
             sep = f"KUBE-SEP-{_chain_id(n, svc)}{k:02d}"
-            lines += [f":{sep} - [0:0]", f"-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ",
-                      f"-A {sep} -p {svc.proto} -j DNAT --to-destination {ip}:{port}"]
+            lines += [f":{sep} - [0:0]", f"-A {sep} -s {_single(ip)} -j KUBE-MARK-MASQ",
+                      f"-A {sep} -p {svc.proto} -j DNAT --to-destination {_host(ip)}:{port}"]
             left = len(eps) - k
             pick = [] if left == 1 else ["-m", "statistic", "--mode", "random", "--probability", f"{1 / left:.5f}"]
             lines.append(" ".join([f"-A {svc_chain}", *pick, f"-j {sep}"]))
@@ -93,14 +109,15 @@ def _l4(proto: str, port: int) -> list[dict]:
                                                                  port)]
 
 
-def nftables_ruleset(services: list[Service], node: str) -> dict:
-    """libnftables JSON for kube-proxy's nftables mode (`table ip kube-proxy`), for one node."""
-    table = {"family": "ip", "table": NFT_TABLE}
+def nftables_ruleset(services: list[Service], node: str, family: str = "ip") -> dict:
+    """libnftables JSON for kube-proxy's nftables mode (`table ip kube-proxy`, or `ip6` for IPv6
+    Services), for one node."""
+    table = {"family": family, "table": NFT_TABLE}
     mark = {"meta": {"key": "mark"}}
-    cmds: list[dict] = [{"add": {"table": {"family": "ip", "name": NFT_TABLE}}}]
+    cmds: list[dict] = [{"add": {"table": {"family": family, "name": NFT_TABLE}}}]
 
     def chain(name: str, **hook) -> None:
-        cmds.append({"add": {"chain": {"family": "ip", "table": NFT_TABLE, "name": name, **hook}}})
+        cmds.append({"add": {"chain": {"family": family, "table": NFT_TABLE, "name": name, **hook}}})
 
     def rule(chain_name: str, *expr: dict) -> None:
         cmds.append({"add": {"rule": {**table, "chain": chain_name, "expr": list(expr)}}})
@@ -121,7 +138,7 @@ def nftables_ruleset(services: list[Service], node: str) -> dict:
         svc_chain = f"service-{_chain_id(n, svc)}"
         chain(svc_chain)
         if svc.cluster_ip:
-            rule("services", _match({"payload": {"protocol": "ip", "field": "daddr"}}, svc.cluster_ip),
+            rule("services", _match({"payload": {"protocol": family, "field": "daddr"}}, svc.cluster_ip),
                  *_l4(svc.proto, svc.port), {"goto": {"target": svc_chain}})
         else:
             rule("nodeports", *_l4(svc.proto, svc.port), {"goto": {"target": svc_chain}})
@@ -131,7 +148,7 @@ def nftables_ruleset(services: list[Service], node: str) -> dict:
         for k, (ip, port) in enumerate(eps):
             ep_chain = f"endpoint-{_chain_id(n, svc)}{k:02d}"
             chain(ep_chain)
-            rule(ep_chain, _match({"payload": {"protocol": "ip", "field": "saddr"}}, ip),
+            rule(ep_chain, _match({"payload": {"protocol": family, "field": "saddr"}}, ip),
                  {"jump": {"target": "mark-for-masquerade"}})
             rule(ep_chain, _match({"meta": {"key": "l4proto"}}, svc.proto), {"dnat": {"addr": ip, "port": port}})
         if eps:
@@ -151,16 +168,23 @@ def install(netns: str, mode: str, services: list[Service], node: str) -> None:
     if mode == "iptables":
         with nsutil.entered(netns):
             backend = iptables.detect()  # the host's backend, as kube-proxy's iptables-wrapper picks it
-        _iptables(netns, [backend.restore, "-w", "--noflush"], iptables_rules(services, node))
-        for parent, chain in IPT_JUMPS:
-            _iptables(netns, [backend.iptables, "-w", "-t", "nat", "-A", parent, "-j", chain])
-    else:
-        run_nft(netns, nftables_ruleset(services, node))
+    for family in (4, 6):
+        ours = [svc for svc in services if svc.family == family]
+        if family == 6 and not ours:
+            continue
+        if mode == "iptables":
+            tool = backend if family == 4 else backend.v6()
+            _iptables(netns, [tool.restore, "-w", "--noflush"], iptables_rules(ours, node))
+            for parent, chain in IPT_JUMPS:
+                _iptables(netns, [tool.iptables, "-w", "-t", "nat", "-A", parent, "-j", chain])
+        else:
+            run_nft(netns, nftables_ruleset(ours, node, "ip" if family == 4 else "ip6"))
 
 
 def remove(netns: str) -> None:
     """Both modes' rules gone from the node, from either iptables backend (missing ones are fine)."""
-    for binary in (iptables.Backend(mode).iptables for mode in iptables.MODES):
+    backends = [iptables.Backend(mode) for mode in iptables.MODES]
+    for binary in (tool.iptables for b in backends for tool in (b, b.v6())):
         for parent, chain in IPT_JUMPS:
             while _iptables(netns, [binary, "-w", "-t", "nat", "-D", parent, "-j", chain], check=False) == 0:
                 pass
@@ -170,9 +194,10 @@ def remove(netns: str) -> None:
         for flag in ("-F", "-X"):
             for chain in ours:
                 _iptables(netns, [binary, "-w", "-t", "nat", flag, chain], check=False)
-    tables = run_nft(netns, {"nftables": [{"list": {"tables": {"family": "ip"}}}]})
-    if any(t.get("table", {}).get("name") == NFT_TABLE for t in tables):
-        run_nft(netns, {"nftables": [{"delete": {"table": {"family": "ip", "name": NFT_TABLE}}}]})
+    for family in ("ip", "ip6"):
+        tables = run_nft(netns, {"nftables": [{"list": {"tables": {"family": family}}}]})
+        if any(t.get("table", {}).get("name") == NFT_TABLE for t in tables):
+            run_nft(netns, {"nftables": [{"delete": {"table": {"family": family, "name": NFT_TABLE}}}]})
 
 
 def _iptables(netns: str, argv: list[str], stdin: str | None = None, check: bool = True) -> int:

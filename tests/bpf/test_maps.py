@@ -58,6 +58,8 @@ def test_structs_mirror_what_bcc_generates(node: Node, bcc) -> None:
     assert layout(bpfmaps.PodIdentity) == layout(bcc[b"pod_identity"].Leaf)
     assert layout(bpfmaps.SourceKey) == layout(bcc[b"pod_sources"].Key)
     assert layout(bpfmaps.PodIdentity) == layout(bcc[b"pod_sources"].Leaf)
+    assert layout(bpfmaps.Source6Key) == layout(bcc[b"pod_sources6"].Key)
+    assert layout(bpfmaps.PodIdentity) == layout(bcc[b"pod_sources6"].Leaf)
     assert ctypes.sizeof(bpfmaps.RefusedValues) == ctypes.sizeof(bcc[b"pod_refused"].sLeaf)  # packets[reason]
     assert ctypes.sizeof(bcc[b"flow_guard"].Leaf) == ctypes.sizeof(ctypes.c_uint64)
     with pytest.raises(bpfmaps.LayoutMismatch):  # a map read as the wrong struct fails, never misreads

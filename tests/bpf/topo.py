@@ -197,7 +197,7 @@ class Cluster:
                 netlink.set_port(ipr, pod.host_ifindex, node.net.bridge_ifindex)
         node.call(plug)
         with netlink.route(nsutil.netns_path(pod.netns)) as ipr:
-            netlink.configure_pod_interface(ipr, "eth0", pod.ip, CLUSTER.prefixlen, node.net.gateway_ip)
+            netlink.configure_pod_interface(ipr, "eth0", [(pod.ip, CLUSTER.prefixlen, node.net.gateway_ip)])
         node.pods.append(pod)
         return pod
 

@@ -47,13 +47,14 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> agent_mod.Agent:
     a = agent_mod.Agent.__new__(agent_mod.Agent)
     a.cfg = Config(node_name="n1", cluster_cidr=ipaddress.IPv4Network("10.244.0.0/16"), state_dir=tmp_path)
     a.source, a.peers, a.pod_cidr, a.datapath, a.node = Source(), [], POD_CIDR, Datapath(), None
+    a.pod_cidrs = (POD_CIDR,)
     a.underlay = built
     a.iptables = None  # the backend the agent detects at start; ensure_rules is replaced below
     a.policy = None  # no NetworkPolicy source (tests/unit/test_enforcer.py covers it)
     monkeypatch.setattr(a, "recover_store", lambda: None)
     monkeypatch.setattr(a, "replay_pending_dels", lambda: None)
     monkeypatch.setattr(overlay, "ensure_node", lambda cfg, cidr: a.underlay)
-    for step in ("ensure_neighbour_capacity", "sync_peers", "sync_peer_routes", "ensure_rules"):
+    for step in ("ensure_neighbour_tables", "sync_peers", "sync_peer_routes", "ensure_rules"):
         monkeypatch.setattr(overlay, step, lambda *args, **kw: None)
     monkeypatch.setattr(pod, "sync_pods", lambda net, node: [])
     a.net = None

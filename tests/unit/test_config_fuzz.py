@@ -36,11 +36,11 @@ ENVS = st.dictionaries(st.sampled_from(sorted(FIELDS)).map(str.upper) | st.sampl
 
 def assert_sane(cfg: Config) -> None:
     assert isinstance(cfg, Config)
-    assert cfg.node_name and cfg.cluster_cidr.version == 4
+    assert cfg.node_name and cfg.cluster_cidr == cfg.cluster_cidrs[0]
     assert math.isfinite(cfg.reconcile_interval) and cfg.reconcile_interval > 0
     assert cfg.mtu is None or 576 <= cfg.mtu <= 9000
     assert 1 <= cfg.vxlan_port <= 65535 and 1 <= cfg.vxlan_vni <= 0xFFFFFF
-    assert cfg.pod_cidr is None or cfg.pod_cidr.subnet_of(cfg.cluster_cidr)
+    assert all(any(p.version == c.version and p.subnet_of(c) for c in cfg.cluster_cidrs) for p in cfg.pod_cidrs)
     assert cfg.flow_map_capacity is None or 1 <= cfg.flow_map_capacity <= MAX_FLOW_MAP_CAPACITY
 
 

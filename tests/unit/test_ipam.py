@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -343,15 +343,15 @@ def killed_at(n: int, op) -> bool:
     return code == CRASHED
 
 
-def crash_sweep(tmp_path: Path, prepare, op, check) -> int:
+def crash_sweep(tmp_path: Path, prepare, op, check, net=NET) -> int:
     """prepare(store) once; then for each n: a copy, op killed at n, check(fresh store, died)."""
     template = tmp_path / "template"
-    prepare(Store(template, NET))
+    prepare(Store(template, net))
     for n in itertools.count():
         run = tmp_path / f"run{n}"
         subprocess.run(["cp", "-a", template, run], check=True)  # keeps the hard links (copytree does not)
-        died = killed_at(n, lambda run=run: op(Store(run, NET)))
-        check(Store(run, NET), died)
+        died = killed_at(n, lambda run=run: op(Store(run, net)))
+        check(Store(run, net), died)
         if not died:
             return n
 
@@ -590,3 +590,127 @@ def test_carve_detects_a_corrupt_memory(tmp_path: Path) -> None:
     (tmp_path / "ipam" / "subnet").write_text("not a subnet")
     with pytest.raises(CorruptStore):
         carve_subnet(CLUSTER, 24, [], tmp_path)
+
+
+# -- dual-stack: one address per family per attachment ---------------------------------------------
+
+NET6 = IPv6Network("fd00:10:244:1::/64")
+DUAL = (NET, NET6)
+
+
+def test_dual_stack_leases_one_address_per_family(tmp_path: Path) -> None:
+    store = Store(tmp_path, (NET6, NET))  # either order
+    a = store.allocate("a", "eth0", mac="02:00:00:00:00:01")
+    assert (a.ip, a.ip6, a.ips) == (IPv4Address("10.244.1.2"), IPv6Address("fd00:10:244:1::2"), (a.ip, a.ip6))
+    b = store.allocate("b", "eth0")
+    assert (b.ip, b.ip6) == (IPv4Address("10.244.1.3"), IPv6Address("fd00:10:244:1::3"))
+    assert store.get("a", "eth0") == a and store.leases() == [a, b]
+    assert sorted(p.name for p in (store.dir / "ips").iterdir()) == [
+        "10.244.1.2", "10.244.1.3", "fd00:10:244:1::2", "fd00:10:244:1::3"]
+    assert (store.allocated, store.capacity) == (2, 253)
+    assert json.loads((store.dir / "ips" / "fd00:10:244:1::2").read_text())["ip6"] == "fd00:10:244:1::2"
+    reader = Store.open_existing(tmp_path)
+    assert reader.pod_cidrs == DUAL and reader.leases() == [a, b]
+    assert store.release("a", "eth0") == a and store.leases() == [b]
+    assert not (store.dir / "ips" / "fd00:10:244:1::2").exists()
+    c = store.allocate("c", "eth0")  # round-robin in both families
+    assert (c.ip, c.ip6) == (IPv4Address("10.244.1.4"), IPv6Address("fd00:10:244:1::4"))
+    assert store.gc({("c", "eth0")}) == [b] and store.leases() == [c]
+
+
+def test_single_stack_leases_are_written_as_before(store: Store) -> None:
+    lease = store.allocate("a", "eth0")
+    assert "ip6" not in json.loads((store.dir / "ips" / str(lease.ip)).read_text()) and lease.ip6 is None
+
+
+def test_ipv6_only_store(tmp_path: Path) -> None:
+    store = Store(tmp_path, NET6)
+    lease = store.allocate("a", "eth0")
+    assert (lease.ip, lease.ip6, lease.address(4)) == (IPv6Address("fd00:10:244:1::2"), None, None)
+    assert store.leases() == [lease] and Store.open_existing(tmp_path).pod_cidr == NET6
+
+
+@pytest.mark.parametrize(("small", "full"), [
+    ((IPv4Network("10.244.1.0/30"), IPv6Network("fd00:10:244:1::/120")), 0),
+    ((IPv4Network("10.244.1.0/29"), IPv6Network("fd00:10:244:1::/126")), 1),
+])
+def test_exhausting_one_family_leaks_nothing_in_the_other(tmp_path: Path, small: tuple, full: int) -> None:
+    """A /30 or a /126 holds one pod; a second gets a clear error and no address of either family."""
+    store = Store(tmp_path, small)
+    held = [store.allocate(c, "eth0") for c in "a"]
+    files = sorted(p.name for p in (store.dir / "ips").iterdir())
+    with pytest.raises(Exhausted, match=f"no free address in pod subnet {small[full]}") as err:
+        store.allocate("c", "eth0")
+    assert err.value.code == cni.IPAM_EXHAUSTED
+    assert store.leases() == held and sorted(p.name for p in (store.dir / "ips").iterdir()) == files
+    assert store.get("c", "eth0") is None and sorted(os.listdir(store.dir / "keys")) == ["a@eth0"]
+    store.release("a", "eth0")
+    family = small[full].version
+    assert store.allocate("c", "eth0").address(family) == held[0].address(family)  # the one address there is
+
+
+def test_an_address_taken_behind_the_locks_back_is_skipped_in_its_family_only(tmp_path: Path) -> None:
+    store = Store(tmp_path, DUAL)
+    os.makedirs(store.dir / "ips", exist_ok=True)
+    os.link(__file__, store.dir / "ips" / "fd00:10:244:1::2")  # not via lexists: the probe sees it, pick ::3
+    lease = store.allocate("a", "eth0")
+    assert (lease.ip, lease.ip6) == (IPv4Address("10.244.1.2"), IPv6Address("fd00:10:244:1::3"))
+
+
+def test_a_half_lease_is_no_lease_and_the_full_read_removes_it(tmp_path: Path) -> None:
+    store = Store(tmp_path, DUAL)
+    a = store.allocate("a", "eth0")
+    b = store.allocate("b", "eth0")
+    os.unlink(store.dir / "ips" / str(b.ip6))  # a writer died between b's two links
+    assert store.get("b", "eth0") is None
+    assert store.leases() == [a] and not (store.dir / "ips" / str(b.ip)).exists()
+    assert store.allocate("b", "eth0").ip == IPv4Address("10.244.1.4")  # the retried ADD
+
+
+def test_a_lease_named_under_a_foreign_address_is_corrupt(tmp_path: Path) -> None:
+    store = Store(tmp_path, DUAL)
+    a = store.allocate("a", "eth0")
+    os.link(store.dir / "ips" / str(a.ip), store.dir / "ips" / "10.244.1.9")
+    with pytest.raises(CorruptStore, match="inconsistent"):
+        store.leases()
+
+
+def test_dual_stack_rebuild_keeps_both_addresses_and_the_cursor(tmp_path: Path) -> None:
+    store = Store(tmp_path, DUAL)
+    found = [Lease(IPv4Address("10.244.1.7"), "a", "eth0", ip6=IPv6Address("fd00:10:244:1::9")),
+             Lease(IPv4Address("10.244.1.3"), "b", "eth0", ip6=IPv6Address("fd00:10:244:1::3"))]
+    store.rebuild(found)
+    assert store.leases() == sorted(found, key=lambda x: int(x.ip))
+    nxt = store.allocate("c", "eth0")
+    assert (nxt.ip, nxt.ip6) == (IPv4Address("10.244.1.8"), IPv6Address("fd00:10:244:1::a"))
+    with pytest.raises(IpamError, match="cannot rebuild"):
+        store.rebuild([found[0], Lease(IPv4Address("10.244.1.8"), "z", "eth0", ip6=IPv6Address("fd00:10:244:1::9"))])
+
+
+def test_dual_stack_allocate_killed_at_every_point(tmp_path: Path) -> None:
+    def prepare(store: Store) -> None:
+        store.allocate("a", "eth0")
+
+    def check(store: Store, died: bool) -> None:
+        leases = store.leases()
+        assert [x.key for x in leases] in ([("a", "eth0")], [("a", "eth0"), ("d", "eth0")])
+        if store.get("d", "eth0") is None:
+            store.allocate("d", "eth0")
+        d = store.get("d", "eth0")
+        assert (d.ip, d.ip6) == (IPv4Address("10.244.1.3"), IPv6Address("fd00:10:244:1::3"))
+        assert len(os.listdir(store.dir / "ips")) == 4
+
+    assert crash_sweep(tmp_path, prepare, lambda s: s.allocate("d", "eth0"), check, DUAL) >= 9
+
+
+def test_dual_stack_release_killed_at_every_point(tmp_path: Path) -> None:
+    def prepare(store: Store) -> None:
+        store.allocate("a", "eth0")
+        store.allocate("b", "eth0")
+
+    def check(store: Store, died: bool) -> None:
+        assert [x.key for x in store.leases()] in ([("a", "eth0")], [("a", "eth0"), ("b", "eth0")])
+        store.release("b", "eth0")  # the runtime's retry
+        assert store.get("b", "eth0") is None and len(os.listdir(store.dir / "ips")) == 2
+
+    assert crash_sweep(tmp_path, prepare, lambda s: s.release("b", "eth0"), check, DUAL) >= 4

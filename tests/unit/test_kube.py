@@ -218,7 +218,7 @@ def test_own_pod_cidr_waits_for_the_controller_manager(api, make_source, server,
         eventually(lambda: len(server.requests("fetch v1/nodes")) >= 3, what="polling")
         api.patch_node(ME, {"spec": {"podCIDR": "10.244.5.0/24", "podCIDRs": ["10.244.5.0/24", "fd00:5::/64"]}})
         waiter.join(30)
-    assert got == ["10.244.5.0/24"]
+    assert got == ["10.244.5.0/24,fd00:5::/64"]  # both families; the agent takes those the cluster has
     assert f"node {ME} has no spec.podCIDR yet" in caplog.text
     assert "--pod-network-cidr" in caplog.text
     assert caplog.text.count("has no spec.podCIDR yet") == 1  # said once, not at every poll

@@ -45,3 +45,20 @@ def test_outside_the_initial_namespace_nothing_is_written(tmp_path: Path) -> Non
     why = ensure_neighbour_capacity(POD_CIDR, 10, str(tmp_path / "absent"))
     assert why is not None and "initial network namespace" in why
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dual_stack_node_sizes_both_tables(tmp_path: Path, monkeypatch) -> None:
+    from sknf import overlay
+    from sknf.config import Config
+
+    for family in ("4", "6"):
+        (tmp_path / family).mkdir()
+    v4, v6 = fake_neigh(tmp_path / "4"), fake_neigh(tmp_path / "6")
+    monkeypatch.setattr(overlay, "NEIGH_DIR", str(v4))
+    monkeypatch.setattr(overlay, "NEIGH_DIR6", str(v6))
+    dual = (POD_CIDR.supernet(8), ipaddress.IPv6Network("fd00:10:244::/56"))
+    cfg = Config(node_name="n1", cluster_cidr=dual[0], cluster_cidrs=dual)
+    assert overlay.ensure_neighbour_tables(cfg, POD_CIDR, 10) is None
+    assert read(v4) == read(v6) == neighbour_thresholds(POD_CIDR, 10)
+    only6 = Config(node_name="n1", cluster_cidr=dual[1])
+    assert overlay.ensure_neighbour_tables(only6, ipaddress.IPv6Network("fd00:10:244::/64"), 10) is None

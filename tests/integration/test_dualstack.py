@@ -1,0 +1,285 @@
+"""Dual-stack in both datapaths: one lab per datapath whose pods have IPv4 and IPv6 (IPv4 underlay). The
+whole matrix runs, IPv6 rows included (pod<->pod on a node and across, node->pod with its source kept,
+pod->Internet masqueraded, pod->IPv6 ClusterIP TCP and UDP through kube-proxy-style ip6tables NAT); the
+pods' IPv6 settings are as sknf made them; IPv6 traffic is counted; and IPv6 impersonation fails and is
+counted: a forged IPv6 source, a neighbour advertisement for another pod's address, a router
+advertisement. One negative control removes the guard and shows all three succeeding; the agent's
+reconcile then restores it.
+
+Cast (a 2-node lab, 2 pods per node): the attacker is n2p1; its victim is n1p1 (another node); the
+observer n2p2 shares the attacker's node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leftovers import assert_lab_gone
+from test_doctor import assert_all_ok, run_doctor
+from test_spoofing import (
+    ETH_P_IPV6,
+    checksum,
+    defence_removed,
+    ether,
+    in_node,
+    listening,
+    mac_of,
+    marker,
+    node,
+    pod,
+    refused,
+    remove_pod_guard,
+    router_advertisement,
+    send,
+    wait_counted,
+)
+
+from sknf import doctor, netlink, nsutil, stats
+from sknf.config import BRIDGE, VXLAN
+from sknf.datapath import link_local
+from sknf.lab import Lab, LabPod, bulk, cni_exec, ipv6_rows, who
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+PREFIX = "sk6"
+PORT = 9
+
+
+def ip6(src: str, dst: str, nh: int, body: bytes, hops: int = 64) -> bytes:
+    """An IPv6 packet around an upper-layer body whose checksum is at `at` (UDP 6, ICMPv6 2): filled in."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    at = 6 if nh == 17 else 2
+    pseudo = s + d + struct.pack("!I3xB", len(body), nh)
+    body = body[:at] + struct.pack("!H", checksum(pseudo + body[:at] + b"\0\0" + body[at + 2:])) + body[at + 2:]
+    return struct.pack("!IHBB16s16s", 0x60000000, len(body), nh, hops, s, d) + body
+
+
+def udp6(src: str, dst: str, payload: bytes) -> bytes:
+    return ip6(src, dst, 17, struct.pack("!HHHH", 40000, PORT, 8 + len(payload), 0) + payload)
+
+
+def neighbour_advertisement(src: str, dst: str, target: str, mac: str) -> bytes:
+    """An unsolicited NA with the override flag: `target` is at `mac` (its target link-layer address option)."""
+    body = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, socket.inet_pton(socket.AF_INET6, target))
+    body += struct.pack("!BB6s", 2, 1, bytes.fromhex(mac.replace(":", "")))
+    return ip6(src, dst, 58, body, hops=255)
+
+
+def neighbour_mac6(netns: str, ip: str) -> str | None:
+    with netlink.route(nsutil.netns_path(netns)) as ipr:
+        for n in ipr.get_neighbours(family=socket.AF_INET6, dst=ip):
+            return n.get("NDA_LLADDR")
+    return None
+
+
+def forget_neighbour(p: LabPod, ip: str) -> None:
+    with netlink.route(nsutil.netns_path(p.netns)) as ipr, contextlib.suppress(Exception):
+        ipr.neigh("del", dst=ip, ifindex=netlink.link_index(ipr, "eth0"), family=socket.AF_INET6)
+
+
+@pytest.fixture(scope="module", params=["kernel", "bpf"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    pids: list[int] = []
+    try:
+        with Lab(prefix=PREFIX, nodes=2, pods_per_node=2, datapath=request.param, dual_stack=True) as built:
+            pids = [n.agent_pid for n in built.state.nodes]
+            yield built
+            pids += [n.agent_pid for n in built.state.nodes]
+    finally:
+        assert_lab_gone(PREFIX, pids)
+
+
+def test_the_whole_matrix_runs_for_both_families(lab: Lab) -> None:
+    results = lab.check(bulk_bytes=1 << 20)
+    bad = [r for r in results if not r.ok]
+    assert not bad, "\n".join(f"{r.flow}: {r.src} -> {r.dst}: {r.detail}" for r in bad)
+    flows = {r.flow for r in results}
+    assert {"IPv6 pod->pod same node", "IPv6 pod->pod across nodes", "IPv6 pod->Internet (SNAT)",
+            "IPv6 node->pod (own), source kept", "IPv6 node->pod (other), source kept",
+            "IPv6 pod->ClusterIP TCP same node", "IPv6 pod->ClusterIP UDP across nodes"} <= flows
+    assert len(ipv6_rows(lab)) == 12 + 4 + 12 + 8  # pairs, Internet per pod, Services not its own, node x pod
+    # Nothing honest was refused: not the kernel's own IPv6 (DAD, MLD, NDP) since each pod came up, either.
+    for p in lab.state.pods:
+        assert not any(refused(lab, p).values()), (p.name, refused(lab, p))
+
+
+def test_pods_and_nodes_are_set_up_for_both_families(lab: Lab) -> None:
+    p, n = pod(lab, "n1p1"), node(lab, "n1")
+    assert p.ip.startswith("10.244.1.") and p.ip6.startswith("fd00:10:244:1::")
+    with nsutil.entered(p.netns):
+        conf = Path("/proc/sys/net/ipv6/conf/eth0")
+        assert [(conf / k).read_text().strip() for k in ("disable_ipv6", "accept_ra", "accept_redirects")] == \
+            ["0", "0", "0"]
+    with netlink.route(nsutil.netns_path(p.netns)) as ipr:
+        eth0 = netlink.link_index(ipr, "eth0")
+        addrs = {f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=socket.AF_INET6, index=eth0)}
+        gws = [r.get("RTA_GATEWAY") for r in ipr.get_default_routes(family=socket.AF_INET6)]
+    assert addrs == {f"{p.ip6}/56", f"{link_local(mac_of(p))}/64"}  # the guard's link-local is the kernel's
+    assert gws == [n.gateway_ip6]
+    assert f"inet6 {n.gateway_ip6}/56" in in_node(n, "ip", "-6", "addr", "show", "dev", BRIDGE)
+    with nsutil.entered(n.netns):
+        for dev in (BRIDGE, VXLAN):
+            assert Path(f"/proc/sys/net/ipv6/conf/{dev}/accept_ra").read_text().strip() == "0"
+    assert "MASQUERADE" in in_node(n, "ip6tables-nft", "-t", "nat", "-S", "SKNF-POSTROUTING")
+
+
+def test_check_verifies_both_families(lab: Lab) -> None:
+    """CHECK passes with both addresses in prevResult, and fails once the pod lost its IPv6 route."""
+    p = pod(lab, "n2p2")
+    sknf = lab.conflist(node(lab, p.node))["plugins"][0]
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": f"{p.ip}/16"}, {"address": f"{p.ip6}/56"}]}
+
+    def check(previous: dict) -> tuple[int, dict | None]:
+        netconf = {**sknf, "cniVersion": "1.0.0", "name": "sknf", "prevResult": previous}
+        return cni_exec(lab.plugin_dir, "CHECK", netconf, container_id=p.container_id,
+                        netns=nsutil.netns_path(p.netns))
+
+    assert check(prev) == (0, None)
+    code, out = check({**prev, "ips": [{"address": "fd00:10:244:2::99/56"}]})
+    assert (code, out["code"]) == (1, 110), out
+    route = in_node(p, "ip", "-6", "route", "show", "default").split()
+    in_node(p, "ip", "-6", "route", "del", "default")
+    try:
+        code, out = check(prev)
+        assert (code, out["code"]) == (1, 110) and "default route via None" in out["msg"], out
+    finally:
+        in_node(p, "ip", "-6", "route", "add", *route[:5])
+    assert check(prev) == (0, None)
+
+
+def test_doctor_checks_the_gateway_of_each_family(lab: Lab) -> None:
+    n = node(lab, "n1")
+    assert_all_ok(n)
+    in_node(n, "ip", "-6", "addr", "del", f"{n.gateway_ip6}/56", "dev", BRIDGE)  # the reconcile puts it back
+    _, found = run_doctor(n)
+    assert found["pod-subnet"].status == doctor.FAIL and n.gateway_ip6 in found["pod-subnet"].message
+    deadline = time.monotonic() + 10
+    while n.gateway_ip6 not in in_node(n, "ip", "-6", "addr", "show", "dev", BRIDGE) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_all_ok(n)
+
+
+def test_stats_list_both_addresses(lab: Lab) -> None:
+    p = pod(lab, "n1p1")
+    reply = stats.query_agent(lab.node_dir(p.node) / "run" / "sknf.sock")
+    (row,) = [r for r in reply["pods"] if r["host_ifname"] == p.host_ifname]
+    assert row["ips"] == [p.ip, p.ip6]
+
+
+def rows(lab: Lab, node_name: str) -> dict[str, dict]:
+    reply = stats.query_agent(lab.node_dir(node_name) / "run" / "sknf.sock")
+    return {r["pod"]: r for r in reply["pods"]}
+
+
+def test_ipv6_traffic_is_counted_like_ipv4(lab: Lab) -> None:
+    """The IPv4 counter tests' tolerance: payload plus headers, a few percent more, never less."""
+    a, b = pod(lab, "n1p1"), pod(lab, "n2p1")
+    before_a, before_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+    nbytes = 16 << 20
+    ok, detail = bulk(a.netns, b.ip6, nbytes)
+    assert ok, detail
+    after_a, after_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+    sent = after_a["tx_bytes"] - before_a["tx_bytes"]
+    received = after_b["rx_bytes"] - before_b["rx_bytes"]
+    assert nbytes <= sent <= nbytes * 1.08, (sent, nbytes)
+    assert nbytes <= received <= nbytes * 1.08, (received, nbytes)
+
+
+def test_the_reconcile_restores_ipv6_after_the_mtu_went_below_1280(lab: Lab) -> None:
+    """Below 1280 the kernel drops a device's IPv6; back above, it recreates it with its defaults (taking
+    RAs, no address). The agent's next reconcile makes it what the ADD made."""
+    p, peer = pod(lab, "n1p2"), pod(lab, "n2p2")
+    conf = Path("/proc/sys/net/ipv6/conf/eth0/accept_ra")
+    with netlink.route(nsutil.netns_path(p.netns)) as ipr:
+        eth0 = netlink.link_index(ipr, "eth0")
+        mtu = ipr.link("get", index=eth0)[0].get("IFLA_MTU")
+        ipr.link("set", index=eth0, mtu=1200)
+        ipr.link("set", index=eth0, mtu=mtu)
+        with nsutil.entered(p.netns):
+            assert conf.read_text().strip() == "1"  # the kernel's default: what the agent must undo
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with nsutil.entered(p.netns):
+                restored = conf.read_text().strip() == "0"
+            if restored and ipr.get_default_routes(family=socket.AF_INET6):
+                break
+            time.sleep(0.2)
+    with nsutil.entered(p.netns):
+        assert conf.read_text().strip() == "0"
+    assert who(p.netns, peer.ip6) == (p.ip6, peer.name)
+    assert who(peer.netns, p.ip6) == (peer.ip6, p.name)
+
+
+def attacks(lab: Lab) -> tuple[list[bytes], list[bytes], bytes, bytes]:
+    """(forged-source frames and their markers, the NA hijacking the victim's address, the RA), from n2p1."""
+    attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
+    me, ll = mac_of(attacker), link_local(mac_of(attacker))
+    as_victim, as_node = marker("v6pod"), marker("v6node")
+    forged = [ether(mac_of(observer), me, ETH_P_IPV6, udp6(victim.ip6, observer.ip6, as_victim)),
+              ether(mac_of(observer), me, ETH_P_IPV6, udp6(node(lab, "n1").gateway_ip6, observer.ip6, as_node))]
+    na = ether(mac_of(observer), me, ETH_P_IPV6, neighbour_advertisement(ll, observer.ip6, victim.ip6, me))
+    ra = ether("33:33:00:00:00:01", me, ETH_P_IPV6, router_advertisement(me))
+    return forged, [as_victim, as_node], na, ra
+
+
+def test_ipv6_impersonation_is_refused_and_counted(lab: Lab) -> None:
+    attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
+    forged, markers, na, ra = attacks(lab)
+    before = refused(lab, attacker)
+    honest = marker("v6own")
+    with listening(observer.netns) as seen:
+        send(attacker.netns, ether(mac_of(observer), mac_of(attacker), ETH_P_IPV6,
+                                   udp6(attacker.ip6, observer.ip6, honest)), *forged)
+        assert seen(honest), "the attacker's own IPv6 frame must arrive (or this test proves nothing)"
+        assert not any(seen(m) for m in markers), "a frame with another's IPv6 source was delivered"
+    wait_counted(lab, attacker, "spoofed_ip", before["spoofed_ip"], 2)
+
+    assert who(observer.netns, victim.ip6) == (observer.ip6, victim.name)  # the observer has a neighbour entry
+    assert neighbour_mac6(observer.netns, victim.ip6) == mac_of(victim)
+    own_na = ether(mac_of(observer), mac_of(attacker), ETH_P_IPV6,
+                   neighbour_advertisement(attacker.ip6, observer.ip6, attacker.ip6, mac_of(attacker)))
+    with listening(observer.netns) as seen:
+        send(attacker.netns, na, own_na, ra)
+        assert seen(own_na[14 + 40:]), "an NA for the pod's own address must pass"
+        assert not seen(na[14 + 40:]) and not seen(ra[14 + 40:])
+    assert neighbour_mac6(observer.netns, victim.ip6) == mac_of(victim), "the NA took over the victim's address"
+    wait_counted(lab, attacker, "spoofed_arp", before["spoofed_arp"])
+    wait_counted(lab, attacker, "ipv6", before["ipv6"])
+    for where in (observer, *lab.state.nodes):  # nobody took the RA's prefix or route
+        assert "2001:db8:bad" not in in_node(where, "ip", "-6", "addr")
+        assert "proto ra" not in in_node(where, "ip", "-6", "route")
+    assert who(attacker.netns, observer.ip6) == (attacker.ip6, observer.name)
+
+
+def test_negative_control_without_the_guard(lab: Lab) -> None:
+    """The same attacks succeed with the guard removed; the restarted agent's reconcile brings it back."""
+    attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
+    forged, markers, na, ra = attacks(lab)
+    assert who(observer.netns, victim.ip6) == (observer.ip6, victim.name)
+    try:
+        with defence_removed(lab, node(lab, attacker.node), remove_pod_guard(lab, attacker)):
+            with listening(observer.netns) as seen:
+                send(attacker.netns, *forged, ra)
+                assert all(seen(m) for m in markers), "negative control: forged IPv6 sources arrive"
+                assert seen(ra[14 + 40:]), "negative control: the RA reaches the other pod"
+            send(attacker.netns, na)
+            deadline = time.monotonic() + 3
+            while neighbour_mac6(observer.netns, victim.ip6) != mac_of(attacker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert neighbour_mac6(observer.netns, victim.ip6) == mac_of(attacker), \
+                "negative control: without the guard the NA takes over the victim's address"
+            # accept_ra=0: the RA that got through made no route in the pod
+            assert "proto ra" not in in_node(observer, "ip", "-6", "route")
+    finally:
+        forget_neighbour(observer, victim.ip6)
+    forged, markers, _, _ = attacks(lab)
+    with listening(observer.netns) as seen:
+        send(attacker.netns, *forged)
+        assert not any(seen(m) for m in markers), "the restarted agent did not restore the guard"
+    assert who(observer.netns, victim.ip6) == (observer.ip6, victim.name)
