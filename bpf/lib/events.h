@@ -124,13 +124,19 @@ static __always_inline void event_canonical(struct flow_key *key, struct flow_ke
 /* A frame the programs dropped, with what can be read of its addresses (even a forged header). */
 static __always_inline void event_drop(struct __sk_buff *skb, int hook, int reason)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
+	void *data, *data_end;
+	struct ethhdr *eth;
 	struct flow_event *ev;
 
 	if (!events_on() || !(ev = event_reserve(skb, EVENT_DROP, hook)))
 		return;
+	/* Inlined at every refusal, clang may otherwise read data and data_end through one offset ctx
+	 * pointer, which the verifier rejects ("dereference of modified ctx ptr"). */
+	asm volatile("" : "+r"(skb));
+	data = (void *)(long)skb->data;
+	asm volatile("" : "+r"(skb));
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
 	ev->path = PATH_DROPPED;
 	ev->reason = reason;
 	if ((void *)(eth + 1) <= data_end) {
