@@ -7,7 +7,8 @@ Start-up order matters and is the contract with kubelet:
 4. the CNI socket and the metrics/health endpoints start serving;
 5. only then, if configured, the plugin and its conflist are installed: kubelet reports the node
    NotReady until a conflist exists, so no pod is scheduled before its network can be built.
-Then it reconciles on a timer and whenever the peer source changes. Stopping the agent leaves the
+Then it reconciles on a timer and as soon as the peer source changes (inotify on the peers file's
+directory, or the Node watch pokes it: `sknf.wakeup`). Stopping the agent leaves the
 network as it is: running pods keep forwarding, and the next agent picks everything up.
 """
 
@@ -31,8 +32,11 @@ from sknf.logbuffer import FORMAT, LogBuffer
 from sknf.metrics import Metrics, Snapshot, take_snapshot
 from sknf.peers import Node, PeerSource, StaticPeerSource
 from sknf.stats import Sampler, handle_query
+from sknf.wakeup import Wakeup
 
 log = logging.getLogger("sknf.agent")
+
+SAMPLE_PERIOD = 1.0  # seconds between the stats sampler's ticks
 
 
 def peer_source(cfg: Config) -> PeerSource:
@@ -76,6 +80,7 @@ class Agent:
         self.sampler = Sampler()
         self.health = PeerHealth(cfg.node_name, lambda: self.peers, self.metrics.registry)
         self.stop = threading.Event()
+        self.wakeup = Wakeup()
         self.serving = False
         self._servers: list = []
 
@@ -158,6 +163,10 @@ class Agent:
                 "flows": dataclasses.asdict(flow_table()) if flow_table is not None else None,
                 "probes": self.health.report(fresh=bool(req.get("probe")))}
 
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.wakeup.poke()
+
     def ready(self) -> bool:
         return self.node is not None and self.serving
 
@@ -188,15 +197,23 @@ class Agent:
 
             install.install(self.cfg)
         log.info("ready: serving CNI on %s, metrics on %s", self.cfg.socket_path, self.cfg.metrics_bind)
+        self.source.watch(self.wakeup)
         next_full = time.monotonic() + self.cfg.reconcile_interval
-        while not self.stop.wait(1.0):
-            try:
-                self.sampler.tick(self.snapshot())
-            except ipam.CorruptStore:
-                next_full = 0.0  # reconcile now: it rebuilds the store
+        next_tick = time.monotonic() + SAMPLE_PERIOD
+        while not self.stop.is_set():
+            self.wakeup.sleep(next_tick - time.monotonic())  # early when the peers changed, or to stop
+            if self.stop.is_set():
+                break
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + SAMPLE_PERIOD
+                try:
+                    self.sampler.tick(self.snapshot())
+                except ipam.CorruptStore:
+                    next_full = 0.0  # reconcile now: it rebuilds the store
             if self.source.changed() or time.monotonic() >= next_full:
                 self._reconcile_logged()
                 next_full = time.monotonic() + self.cfg.reconcile_interval
+        self.wakeup.close()
         self.health.close()
         for server in self._servers:
             server.shutdown()
@@ -215,6 +232,6 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().addHandler(buffer)
     agent = Agent(cfg, buffer)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop.set())
+        signal.signal(sig, lambda *_: agent.request_stop())
     agent.run()
     return 0

@@ -112,7 +112,7 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
     """What a scrape and the agent's stats reply show: one read of the counters, then of the leases
     (a pod added in between shows zeros, one deleted in between is not shown)."""
     counters = datapath.read_counters()
-    leases = store.leases()
+    leases = store.current()
     flow_table = getattr(datapath, "flow_table", None)  # only the BPF datapath learns flows
     return Snapshot(node=node, datapath_mode=datapath.mode, datapath_reason=datapath.reason,
                     pods=join(leases, counters), ipam_allocated=len(leases), ipam_capacity=store.capacity,

@@ -34,6 +34,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_GETTFILTER = 46
 AF_BRIDGE = 7
 NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
@@ -45,6 +46,8 @@ NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT_NOARP = 0x80 | 0x40  # what `bridge fdb append` (and pyroute2) set on a static entry
 NTF_SELF = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_NAME, TCA_BPF_ID = 7, 11
 RT_TABLE_COMPAT = 252  # rtm_table for ids above 255 (RTA_TABLE holds the real one)
 RTPROT_STATIC, RTN_UNICAST = 4, 1
 RCVBUF = 8 << 20
@@ -57,9 +60,11 @@ _NLA = struct.Struct("=HH")
 _NDMSG = struct.Struct("=BBHiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _IFINFO = struct.Struct("=BBHiII")
+_TCMSG = struct.Struct("=BBHiIII")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _U32_LINK_FIELDS = {IFLA_MTU: "IFLA_MTU", IFLA_MASTER: "IFLA_MASTER", IFLA_LINK: "IFLA_LINK"}
+_LINK_ATTRS = frozenset((IFLA_IFNAME, IFLA_ADDRESS, IFLA_IFALIAS, IFLA_LINKINFO, *_U32_LINK_FIELDS))
 
 Request = tuple[Hashable, int, int, bytes]  # (key for errors, message type, extra flags, body)
 
@@ -68,13 +73,18 @@ def attr(kind: int, payload: bytes) -> bytes:
     return _NLA.pack(_NLA.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
-def attrs(data: memoryview, start: int) -> Iterator[tuple[int, memoryview]]:
+def attrs(data: memoryview, start: int, wanted: frozenset[int] | None = None) -> Iterator[tuple[int, memoryview]]:
+    """(type, payload) of each attribute from start on; with `wanted`, only those types (the others are
+    skipped without slicing: a link message carries ~45 attributes, sknf reads 7)."""
     end = len(data)
+    unpack = _NLA.unpack_from
     while start + _NLA.size <= end:
-        length, kind = _NLA.unpack_from(data, start)
+        length, kind = unpack(data, start)
         if length < _NLA.size:
             return
-        yield kind & ~NLA_F_NESTED, data[start + _NLA.size: start + length]
+        kind &= ~NLA_F_NESTED
+        if wanted is None or kind in wanted:
+            yield kind, data[start + _NLA.size: start + length]
         start += (length + 3) & ~3
 
 
@@ -108,18 +118,18 @@ def route_request(op: str, table: int, dst: str, gateway: str | None = None, oif
     address = ipaddress.ip_address(dst)
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     plen = address.max_prefixlen if dst_len is None else dst_len
-    tail = attr(RTA_TABLE, _U32.pack(table))
+    nlas = attr(RTA_DST, address.packed)
     if op == "replace":
         kind, flags = RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE
         head = _RTMSG.pack(family, plen, 0, 0, _rtm_table(table), RTPROT_STATIC, 0, RTN_UNICAST, 0)
         if gateway is not None:
-            tail += attr(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
+            nlas += attr(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
         if oif:
-            tail += attr(RTA_OIF, _U32.pack(oif))
+            nlas += attr(RTA_OIF, _U32.pack(oif))
     else:
         kind, flags = RTM_DELROUTE, 0
         head = _RTMSG.pack(family, plen, 0, 0, _rtm_table(table), 0, 0, 0, 0)
-    return kind, flags, head + attr(RTA_DST, address.packed) + tail
+    return kind, flags, head + nlas + attr(RTA_TABLE, _U32.pack(table))
 
 
 class BulkError(OSError):
@@ -281,7 +291,7 @@ class Rtnl:
             _fam, _pad, _type, index, flags, _change = _IFINFO.unpack_from(msg, _NLMSG.size)
             link: dict = {"index": index, "state": "up" if flags & IFF_UP else "down"}
             got_kind = None
-            for k, payload in attrs(msg, start):
+            for k, payload in attrs(msg, start, _LINK_ATTRS):
                 if k == IFLA_IFNAME:
                     link["IFLA_IFNAME"] = bytes(payload).rstrip(b"\0").decode()
                 elif k in _U32_LINK_FIELDS:
@@ -297,3 +307,29 @@ class Rtnl:
             if got_kind == want:  # a kernel that ignores the filter still answers correctly
                 yield link
 
+    def bpf_filters(self, ifindex: int, parent: int) -> list[tuple[str, int]]:
+        """(name, program id) of the cls_bpf filters on one hook of a link; [] when the link or its
+        qdisc is gone."""
+        body = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, ifindex, 0, parent, 0)
+        start = _NLMSG.size + _TCMSG.size
+        out = []
+        try:
+            msgs = list(self.dump(RTM_GETTFILTER, body))
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                return out
+            raise
+        for msg in msgs:
+            kind = name = prog = None
+            for k, payload in attrs(msg, start):
+                if k == TCA_KIND:
+                    kind = bytes(payload).rstrip(b"\0")
+                elif k == TCA_OPTIONS:
+                    for ok, opayload in attrs(payload, 0):
+                        if ok == TCA_BPF_NAME:
+                            name = bytes(opayload).rstrip(b"\0").decode(errors="replace")
+                        elif ok == TCA_BPF_ID:
+                            prog = _U32.unpack(opayload)[0]
+            if kind == b"bpf" and name is not None and prog is not None:
+                out.append((name, prog))
+        return out

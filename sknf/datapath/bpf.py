@@ -38,7 +38,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 import sknf
-from sknf import guard, netlink
+from sknf import guard, netlink, rtbulk
 from sknf.config import Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, flows, pins, tc
 from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
@@ -93,6 +93,7 @@ class BpfDatapath:
             for name, (key_type, value_type) in MAP_LAYOUTS.items():
                 self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
                 bpfmaps.check_layout(self.maps[name], key_type, value_type)
+            self._prog_ids = {name: bpfmaps.prog_id(fd) for name, fd in self.fds.items()}
             _probe_tc(self.fds["from_pod"])
             self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
             self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
@@ -131,18 +132,24 @@ class BpfDatapath:
         if guard.remove():
             log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
 
-    def attach_pod(self, ep: Endpoint) -> None:
+    def attach_pod(self, ep: Endpoint, nl: rtbulk.Rtnl | None = None) -> None:
         """Identity and sources first (the filter drops everything from a veth it has no identity for), then
-        the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted."""
+        the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted.
+        With `nl` (the reconcile), filters already running the right program are left as they are."""
         ident = bpfmaps.PodIdentity()
         ident.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
         for ip in ep.sources:
             bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
-        with netlink.route() as ipr:
-            for name, hook in POD_PROGRAMS.items():
-                program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
-                tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
+        wrong = []
+        for name, hook in POD_PROGRAMS.items():
+            program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
+            if nl is None or not tc.running(nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]):
+                wrong.append((hook, program))
+        if wrong:
+            with netlink.route() as ipr:
+                for hook, program in wrong:
+                    tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
                                     flags=bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
         leaf.mac[:] = _mac(ep.mac)
@@ -177,8 +184,9 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
-        for ep in eps:
-            self.attach_pod(ep)
+        with rtbulk.Rtnl() as nl:
+            for ep in eps:
+                self.attach_pod(ep, nl)
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps}
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
