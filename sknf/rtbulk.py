@@ -34,7 +34,8 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTM_GETTFILTER = 46
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 37, 44, 45, 46
+RTMGRP_TC = 0x8  # the multicast group of tc changes (RTNLGRP_TC)
 AF_BRIDGE = 7
 NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
@@ -333,3 +334,44 @@ class Rtnl:
             if kind == b"bpf" and name is not None and prog is not None:
                 out.append((name, prog))
         return out
+
+
+class TcEvents:
+    """The links whose tc qdiscs or filters changed since the last drain (the RTNLGRP_TC notifications):
+    the reconcile re-checks only those instead of dumping every pod's filters each round."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sock.bind((0, RTMGRP_TC))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def drain(self) -> set[int] | None:
+        """Ifindexes of the links touched since the last call; None when notifications were lost (the
+        receive buffer overflowed): then anything may have changed."""
+        touched: set[int] = set()
+        lost = False
+        while True:
+            try:
+                data = memoryview(self.sock.recv(1 << 16))
+            except BlockingIOError:
+                return None if lost else touched
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                lost = True
+                continue
+            offset = 0
+            while offset + _NLMSG.size + _TCMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size:
+                    break
+                if kind in (RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER):
+                    touched.add(_TCMSG.unpack_from(data, offset + _NLMSG.size)[3])
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()

@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class BpfDatapath:
             raise BpfUnavailable(str(e)) from None
         self.fds: dict[str, int] = {}  # programs
         self.maps: dict[str, int] = {}
+        self._tc_events: rtbulk.TcEvents | None = None
         try:
             for name in PROGRAMS:
                 self.fds[name] = bpfmaps.open_pinned(self.pin_dir / f"prog_{name}")
@@ -94,6 +95,7 @@ class BpfDatapath:
                 self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
                 bpfmaps.check_layout(self.maps[name], key_type, value_type)
             self._prog_ids = {name: bpfmaps.prog_id(fd) for name, fd in self.fds.items()}
+            self._tc_events = rtbulk.TcEvents()  # before any filter is checked
             _probe_tc(self.fds["from_pod"])
             self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
             self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
@@ -102,6 +104,7 @@ class BpfDatapath:
         except (OSError, bpfmaps.LayoutMismatch, BpfUnavailable) as e:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
+        self._filters_verified: set[int] = set()  # pod veths whose filters were right, as of the last sync
         self._cluster: ipaddress.IPv4Network | None = None
         self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
@@ -132,10 +135,10 @@ class BpfDatapath:
         if guard.remove():
             log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
 
-    def attach_pod(self, ep: Endpoint, nl: rtbulk.Rtnl | None = None) -> None:
+    def attach_pod(self, ep: Endpoint, in_place: Callable[[int, str], bool] | None = None) -> None:
         """Identity and sources first (the filter drops everything from a veth it has no identity for), then
         the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted.
-        With `nl` (the reconcile), filters already running the right program are left as they are."""
+        With `in_place(hook, program)` (the reconcile), filters it vouches for are left as they are."""
         ident = bpfmaps.PodIdentity()
         ident.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
@@ -144,7 +147,7 @@ class BpfDatapath:
         wrong = []
         for name, hook in POD_PROGRAMS.items():
             program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
-            if nl is None or not tc.running(nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]):
+            if in_place is None or not in_place(hook, program):
                 wrong.append((hook, program))
         if wrong:
             with netlink.route() as ipr:
@@ -184,9 +187,16 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
+        """Pods' filters are dumped and checked only where tc changed since the last round (tc's
+        notifications: a filter or clsact removed by hand, a new pod), or everywhere when notifications
+        were lost; each check is one lean dump per hook, each repair three pyroute2 requests."""
+        touched = self._tc_events.drain() if self._tc_events is not None else None
+        verified = set() if touched is None else self._filters_verified - touched
         with rtbulk.Rtnl() as nl:
             for ep in eps:
-                self.attach_pod(ep, nl)
+                self.attach_pod(ep, lambda hook, program, ep=ep: ep.host_ifindex in verified or tc.running(
+                    nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]))
+        self._filters_verified = {ep.host_ifindex for ep in eps}
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps}
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
@@ -228,6 +238,9 @@ class BpfDatapath:
         for fd in (*self.fds.values(), *self.maps.values()):
             os.close(fd)
         self.fds, self.maps = {}, {}
+        if self._tc_events is not None:
+            self._tc_events.close()
+            self._tc_events = None
 
     def _finish_sync(self) -> None:
         """Every filter runs these programs now, and they learn every new flow: take over the retired
