@@ -277,7 +277,7 @@ def _notrack(node: LabNode, on: bool) -> None:
     cfg = load_config(node.config)
     with nsutil.entered(nsutil.netns_path(node.netns)):
         backend = iptables.detect()
-    chains = iptables.desired_rules(str(cfg.cluster_cidr), [], vxlan_port=cfg.vxlan_port)
+    chains = iptables.desired_rules(str(cfg.cluster_cidr), [], cfg.masquerade, vxlan_port=cfg.vxlan_port)
     lines = ["*raw"]
     for chain in (iptables.RAW_PREROUTING_CHAIN, iptables.RAW_OUTPUT_CHAIN):
         lines += [f":{chain} - [0:0]", *(" ".join(["-A", chain, *r]) for r in chains[chain] if on)]

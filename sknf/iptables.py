@@ -157,15 +157,17 @@ def _as_printed(chain: str, rules: list[list[str]]) -> list[str]:
 def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquerade: bool = True,
            peer_ips: Iterable[str] = (), vxlan_port: int = 4789) -> bool:
     """Reconcile every chain and its jump in the host's backend; True if anything was changed."""
-    changed = False
     wanted = desired_rules(cluster_cidr, node_ips, masquerade, peer_ips, vxlan_port)
     have = _saved(backend)
+    stale: dict[str, list[str]] = {}  # table -> restore lines of its chains that differ
+    for table, _parent, chain in JUMPS:
+        if have.get((table, chain)) != _as_printed(chain, wanted[chain]):
+            stale.setdefault(table, []).extend([f":{chain} - [0:0]", *_as_printed(chain, wanted[chain])])
+    if stale:  # one restore for every table: one exec, one commit per table
+        _run([backend.restore, "-w", "--noflush"],
+             stdin="".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in stale.items()))
+    changed = bool(stale)
     for table, parent, chain in JUMPS:
-        rules = wanted[chain]
-        if have.get((table, chain)) != _as_printed(chain, rules):
-            body = "\n".join([f"*{table}", f":{chain} - [0:0]", *_as_printed(chain, rules), "COMMIT", ""])
-            _run([backend.restore, "-w", "--noflush"], stdin=body)
-            changed = True
         jump = [parent, *COMMENT, "-j", chain]
         if " ".join(["-A", *jump]) not in have.get((table, parent), []):
             _run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
