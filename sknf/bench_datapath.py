@@ -10,12 +10,14 @@ What runs, all in namespaces this command makes (nothing touches the host's netw
 - the cross-node limit: node to node over the lab's underlay, through both nodes' conntrack and rules
   (its MTU is the underlay's 1500; pods get 1450, the rest is VXLAN's overhead).
 
-The lab's nodes are switched between four datapaths; the pods, veths and rules stay the same:
-- bridge: no sknf program anywhere, exactly what the kernel datapath runs;
+The lab's nodes are switched between five datapaths; the pods, veths and rules stay the same:
+- bridge: no sknf program anywhere, and the outer VXLAN packets through conntrack (sknf's raw-table
+  NOTRACK chains emptied): the unmodified Flannel-like baseline;
 - counting: sknf's programs attached, vxlan_ifindex 0 in the nodes' config map. That is the programs'
   own "not set up yet" state: every frame takes the bridge path and is still counted per pod, and no
-  flow is learned (the cost of counting alone);
-- fast path: as the agent set it up, flow events off (events_enabled 0);
+  flow is learned (the cost of counting alone; NOTRACK off, as for bridge);
+- fast path: as the agent set it up (NOTRACK on), flow events off (events_enabled 0);
+- fast path, tracked: the same with NOTRACK off, to show what skipping conntrack buys;
 - fast path + flow events: the same with flow events on (the agent's default, `flow_events: true`):
   each frame also looks its flow up in events_seen, each new flow is queued in the ring buffer (which
   nobody drains while the agents are stopped: past 4,096 events, queuing fails and is counted lost,
@@ -25,9 +27,10 @@ because a running agent's reconcile would put back within seconds what the switc
 restarted before the lab is torn down. The switch re-attaches the agent's own pinned programs.
 
 Each round measures throughput (iperf3, one TCP stream, the receiver's rate), then RTT (sockperf UDP
-ping-pong, p50), client and server pinned to one CPU: first the five same-node paths back to back
-(limit, bridge, counting, fast path, fast path + events, in an order that rotates between rounds), then
-the five cross-node ones. Other work on the machine moves one-stream throughput by tens of percent within a minute, so
+ping-pong, p50), client and server pinned to one CPU: first the six same-node paths back to back
+(limit, bridge, counting, fast path, fast path tracked, fast path + events, in an order that rotates between
+rounds), then
+the six cross-node ones. Other work on the machine moves one-stream throughput by tens of percent within a minute, so
 tests are short and rounds many, and each ratio pairs figures taken seconds apart in the same round:
 printed are the median of the per-round ratios and their range; absolute figures are medians of rounds.
 This is a benchmark, not a test: it prints PASS/MISS per target and exits 0 whatever they say.
@@ -52,7 +55,7 @@ from pathlib import Path
 
 from pyroute2 import netns as pnetns
 
-from sknf import netlink, nsutil
+from sknf import iptables, netlink, nsutil
 from sknf.config import VXLAN
 from sknf.config import load as load_config
 from sknf.datapath import bpfmaps, tc
@@ -62,8 +65,10 @@ from sknf.lab import Lab, LabError, LabNode, LabPod
 IPERF_PORT, SOCKPERF_PORT = 5201, 11111
 DIRECT_CLIENT, DIRECT_SERVER, DIRECT_PREFIXLEN = "10.250.0.1", "10.250.0.2", 24
 
-BRIDGE, COUNTING, FAST, EVENTS = "bridge", "counting", "fast path", "fast path + flow events"
-STATES = (BRIDGE, COUNTING, FAST, EVENTS)
+BRIDGE, COUNTING, FAST, FAST_TRACKED = "bridge", "counting", "fast path", "fast path, tracked"
+EVENTS = "fast path + flow events"
+STATES = (BRIDGE, COUNTING, FAST, FAST_TRACKED, EVENTS)
+NOTRACK_STATES = (FAST, EVENTS)  # the others run as Flannel does: the outer VXLAN packets through conntrack
 LIMITS = "limits"
 GROUPS = (LIMITS, *STATES)  # measured in this order, rotated by one each round
 
@@ -72,6 +77,7 @@ BRIDGE_SAME, BRIDGE_CROSS = "bridge, same node", "bridge+VXLAN, cross node"
 COUNT_SAME, COUNT_CROSS = "counting, same node", "counting, cross node"
 FAST_SAME, FAST_CROSS = "fast path, same node", "fast path, cross node"
 EVENTS_SAME, EVENTS_CROSS = "fast path + events, same node", "fast path + events, cross node"
+TRACKED_SAME, TRACKED_CROSS = "fast path+conntrack, same node", "fast path+conntrack, cross node"
 
 
 class BenchError(RuntimeError):
@@ -114,7 +120,9 @@ TARGETS = (
     Target("same-node fast path RTT p50 / direct veth", "rtt", FAST_SAME, DIRECT, 1.10),
     Target("same-node fast path RTT p50 / bridge", "rtt", FAST_SAME, BRIDGE_SAME, 0.85),
     Target("cross-node fast path throughput / bridge+VXLAN", "gbit", FAST_CROSS, BRIDGE_CROSS, 1.25),
-    Target("cross-node fast path throughput / underlay", "gbit", FAST_CROSS, UNDERLAY, 0.90),
+    Target("cross-node fast path throughput / underlay", "gbit", FAST_CROSS, UNDERLAY, 0.95),
+    Target("cross-node fast path throughput / fast path+conntrack", "gbit", FAST_CROSS, TRACKED_CROSS, 1.00),
+    Target("cross-node fast path RTT p50 / fast path+conntrack", "rtt", FAST_CROSS, TRACKED_CROSS, 1.00),
     Target("cross-node fast path RTT p50 / bridge+VXLAN", "rtt", FAST_CROSS, BRIDGE_CROSS, 0.85),
     Target("counting cost, same node: throughput / bridge", "gbit", COUNT_SAME, BRIDGE_SAME, 0.97),
     Target("counting cost, same node: RTT p50 / bridge", "rtt", COUNT_SAME, BRIDGE_SAME, 1.03),
@@ -256,6 +264,7 @@ class Switch:
 
     def set(self, state: str) -> None:
         for pins in self.nodes.values():
+            _notrack(pins.node, state in NOTRACK_STATES)
             with netlink.route(nsutil.netns_path(pins.node.netns)) as ipr:
                 for ifindex, programs in pins.hooks:
                     if state == BRIDGE:
@@ -275,6 +284,20 @@ class Switch:
         with nsutil.entered(pins.node.netns):
             c = read_pinned_counters(pins.pin_dir)[pod.host_ifname]
         return c.fast_packets + c.kernel_packets, c.fast_packets
+
+
+def _notrack(node: LabNode, on: bool) -> None:
+    """sknf's raw-table NOTRACK for the VXLAN port as the agent writes it (on), or the chains emptied
+    (off: the outer packets through conntrack, as with Flannel)."""
+    cfg = load_config(node.config)
+    with nsutil.entered(nsutil.netns_path(node.netns)):
+        backend = iptables.detect()
+    chains = iptables.desired_rules(str(cfg.cluster_cidr), [], cfg.masquerade, vxlan_port=cfg.vxlan_port)
+    lines = ["*raw"]
+    for chain in (iptables.RAW_PREROUTING_CHAIN, iptables.RAW_OUTPUT_CHAIN):
+        lines += [f":{chain} - [0:0]", *(" ".join(["-A", chain, *r]) for r in chains[chain] if on)]
+    subprocess.run([backend.restore, "-w", "--noflush"], input="\n".join([*lines, "COMMIT", ""]), text=True,
+                   check=True, capture_output=True, preexec_fn=nsutil.preexec_enter(node.netns))
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -314,7 +337,8 @@ def lab_pairs(lab: Lab, direct: tuple[str, str]) -> list[Pair]:
     pairs = [Pair(DIRECT, LIMITS, direct[0], direct[1], DIRECT_SERVER, DIRECT),
              Pair(UNDERLAY, LIMITS, n1.netns, n2.netns, n2.underlay_ip, UNDERLAY)]
     for state, same_name, cross_name in ((BRIDGE, BRIDGE_SAME, BRIDGE_CROSS), (COUNTING, COUNT_SAME, COUNT_CROSS),
-                                         (FAST, FAST_SAME, FAST_CROSS), (EVENTS, EVENTS_SAME, EVENTS_CROSS)):
+                                         (FAST, FAST_SAME, FAST_CROSS), (FAST_TRACKED, TRACKED_SAME, TRACKED_CROSS),
+                                         (EVENTS, EVENTS_SAME, EVENTS_CROSS)):
         pairs += [Pair(same_name, state, src.netns, same.netns, same.ip, DIRECT),
                   Pair(cross_name, state, src.netns, cross.netns, cross.ip, UNDERLAY)]
     return pairs

@@ -93,6 +93,10 @@ from sknf import cni
 from sknf.fsutil import atomic_write, fsync_dir
 
 FORMAT_VERSION = 2
+# A directory's mtime is stamped from a coarse clock: two changes within one tick share it. A read is
+# trusted as current only when the directories were last changed longer ago than this (as git does
+# for racily clean files); until then every call reads again.
+MTIME_SLACK_NS = 1_000_000_000
 LEGACY_VERSION = 1  # leases.json: every lease in one document
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -259,6 +263,7 @@ class Store:
         self._legacy = self.dir / "leases.json"
         self._lock_path = self.dir / "lock"
         self._mutex = threading.Lock()
+        self._seen: tuple[tuple[tuple[int, int], ...] | None, list[Lease]] = (None, [])  # current()'s last read
 
     @classmethod
     def open_existing(cls, state_dir: Path) -> Store:
@@ -553,6 +558,27 @@ class Store:
     def leases(self) -> list[Lease]:
         with self._locked():
             return self._read_all()
+
+    def current(self) -> list[Lease]:
+        """The leases, read again only when the store's directories changed since the last call: for
+        the 1 s stats sampler and scrapes (reading every lease cost ~15 ms at 1,000 pods, 90 ms at
+        5,000). Every change to the store adds, removes or renames an entry in them, which stamps
+        their mtime; a lease file edited in place by hand goes unseen here until the reconcile's full
+        read (`leases()`) finds it."""
+        stamp = self._dir_stamp()  # before the read: a change during it makes the next call read again
+        seen, leases = self._seen  # one attribute: scrapes and the sampler call from several threads
+        if stamp is not None and stamp == seen:
+            return list(leases)
+        leases = self.leases()
+        trusted = stamp is not None and time.time_ns() - max(mtime for _, mtime in stamp) > MTIME_SLACK_NS
+        self._seen = (stamp if trusted else None, leases)
+        return list(leases)
+
+    def _dir_stamp(self) -> tuple[tuple[int, int], ...] | None:
+        try:
+            return tuple((st.st_ino, st.st_mtime_ns) for st in map(os.stat, (self.dir, self._ips, self._keys)))
+        except FileNotFoundError:
+            return None
 
     def gc(self, valid: Iterable[tuple[str, str]]) -> list[Lease]:
         """Free every lease whose (container id, ifname) is not in `valid`; return the freed ones."""

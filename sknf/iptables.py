@@ -16,8 +16,15 @@ RETURNed to INPUT, whose own policy still applies to them.
 IPv6 (dual-stack): the same FORWARD and POSTROUTING chains in ip6tables of the same backend, for the
 cluster's IPv6 network (masquerading what leaves it; the underlay is IPv4, so INPUT has no IPv6 chain).
 
+raw/SKNF-RAW-PREROUTING and raw/SKNF-RAW-OUTPUT: the overlay's outer packets (UDP to the VXLAN port,
+both directions) skip conntrack (`CT --notrack`): they are never NATed, and tracking them cost a
+lookup and an entry update per packet on both nodes. SKNF-INPUT matches addresses and the port only,
+never conntrack state, so it filters untracked packets alike; the inner (pod) packets are tracked as
+before, on the bridge.
+
 Each chain is rewritten whole and atomically with `iptables-restore --noflush` (declaring a chain
-flushes it) only when its rules differ; the jumps are checked with -C and inserted once. Commands
+flushes it) only when its rules differ from one `iptables-save`; the jumps are looked up there too
+and inserted once. Commands
 are argv lists, never shell strings; -w waits for the xtables lock other agents (kube-proxy) hold.
 
 The backend: a host's firewall lives in iptables-legacy (x_tables) or in nf_tables (iptables-nft);
@@ -38,7 +45,10 @@ from dataclasses import dataclass
 FORWARD_CHAIN = "SKNF-FORWARD"
 NAT_CHAIN = "SKNF-POSTROUTING"
 INPUT_CHAIN = "SKNF-INPUT"
-JUMPS = (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN), ("filter", "INPUT", INPUT_CHAIN))
+RAW_PREROUTING_CHAIN = "SKNF-RAW-PREROUTING"
+RAW_OUTPUT_CHAIN = "SKNF-RAW-OUTPUT"
+JUMPS = (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN), ("filter", "INPUT", INPUT_CHAIN),
+         ("raw", "PREROUTING", RAW_PREROUTING_CHAIN), ("raw", "OUTPUT", RAW_OUTPUT_CHAIN))
 COMMENT = ["-m", "comment", "--comment", "sknf"]
 
 
@@ -52,7 +62,6 @@ class Backend:
 
     mode: str
     reason: str = ""
-
     family: int = 4  # 6: the same backend's ip6tables
 
     @property
@@ -73,7 +82,7 @@ class Backend:
 
     @property
     def save(self) -> str:
-        return f"iptables-{self.mode}-save"
+        return f"{self._tool}-{self.mode}-save"
 
 
 MODES = ("nft", "legacy")  # kube-proxy's wrapper looks at nft first
@@ -136,15 +145,24 @@ def desired_rules(cluster_cidr: str, node_ips: Iterable[str], masquerade: bool, 
     udp = ["-p", "udp", "-m", "udp", "--dport", str(vxlan_port), *COMMENT]
     overlay = [["-s", f"{ip}/32", *udp, "-j", "RETURN"] for ip in sorted(set(peer_ips))]
     overlay.append([*udp, "-j", "DROP"])
-    return {FORWARD_CHAIN: forward, NAT_CHAIN: nat, INPUT_CHAIN: overlay}
+    notrack = [[*udp, "-j", "CT", "--notrack"]]
+    return {FORWARD_CHAIN: forward, NAT_CHAIN: nat, INPUT_CHAIN: overlay, RAW_PREROUTING_CHAIN: notrack,
+            RAW_OUTPUT_CHAIN: notrack}
 
 
-def _current(backend: Backend, table: str, chain: str) -> list[str] | None:
-    """The chain's rules as `iptables -S` prints them, or None if the chain does not exist."""
-    proc = _run([backend.iptables, "-w", "-t", table, "-S", chain], check=False)
-    if proc.returncode != 0:
-        return None
-    return [line for line in proc.stdout.splitlines() if line.startswith("-A ")]
+def _saved(backend: Backend) -> dict[tuple[str, str], list[str]]:
+    """{(table, chain): its rules as `iptables -S` prints them} of every table, from one iptables-save
+    (ten `iptables -S`/`-C` execs per reconcile cost more than the rest of an idle node's reconcile)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for line in _run([backend.save]).stdout.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            out[(table, line[1:].split()[0])] = []
+        elif line.startswith("-A "):
+            out.setdefault((table, line.split(maxsplit=2)[1]), []).append(line)
+    return out
 
 
 def _as_printed(chain: str, rules: list[list[str]]) -> list[str]:
@@ -155,18 +173,21 @@ def _as_printed(chain: str, rules: list[list[str]]) -> list[str]:
 def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquerade: bool = True,
            peer_ips: Iterable[str] = (), vxlan_port: int = 4789) -> bool:
     """Reconcile every chain and its jump in the host's backend; True if anything was changed."""
-    changed = False
     wanted = desired_rules(cluster_cidr, node_ips, masquerade, peer_ips, vxlan_port)
+    have = _saved(backend)
+    stale: dict[str, list[str]] = {}  # table -> restore lines of its chains that differ
+    for table, _parent, chain in JUMPS:
+        if chain in wanted and have.get((table, chain)) != _as_printed(chain, wanted[chain]):
+            stale.setdefault(table, []).extend([f":{chain} - [0:0]", *_as_printed(chain, wanted[chain])])
+    if stale:  # one restore for every table: one exec, one commit per table
+        _run([backend.restore, "-w", "--noflush"],
+             stdin="".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in stale.items()))
+    changed = bool(stale)
     for table, parent, chain in JUMPS:
         if chain not in wanted:
             continue
-        rules = wanted[chain]
-        if _current(backend, table, chain) != _as_printed(chain, rules):
-            body = "\n".join([f"*{table}", f":{chain} - [0:0]", *_as_printed(chain, rules), "COMMIT", ""])
-            _run([backend.restore, "-w", "--noflush"], stdin=body)
-            changed = True
         jump = [parent, *COMMENT, "-j", chain]
-        if _run([backend.iptables, "-w", "-t", table, "-C", *jump], check=False).returncode != 0:
+        if " ".join(["-A", *jump]) not in have.get((table, parent), []):
             _run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
             changed = True
     return changed

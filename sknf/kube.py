@@ -32,11 +32,13 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sknf.config import Config, Network, networks
 from sknf.peers import Node, join_subnets, pod_subnets
+from sknf.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,7 @@ class KubePeerSource:
         self._unaddressed: set[str] = set()  # Nodes without a usable address: not peers (`sknf doctor` says so)
         self._version = 0  # bumped whenever the peer set changes
         self._returned = 0  # the version nodes() last returned
+        self._on_change: Callable[[], None] = lambda: None  # watch(): the agent's wake-up
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._resp: Any = None  # the open watch response, so close() can cut it
@@ -246,6 +249,9 @@ class KubePeerSource:
     def changed(self) -> bool:
         with self._lock:
             return self._version != self._returned
+
+    def watch(self, wakeup: Wakeup) -> None:
+        self._on_change = wakeup.poke
 
     def unaddressed(self) -> list[str]:
         """Nodes left out of the peers because they have neither an InternalIP nor a valid sknf.io/underlay-ip."""
@@ -429,3 +435,4 @@ class KubePeerSource:
                 else:
                     self._peers[name] = node
                 self._version += 1
+                self._on_change()

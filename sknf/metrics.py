@@ -115,7 +115,7 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
     (a pod added in between shows zeros, one deleted in between is not shown). policy_drops: frames
     NetworkPolicy dropped per pod address (sknf.policy.nft), reason `policy` beside the refused ones."""
     counters = datapath.read_counters()
-    leases = store.leases()
+    leases = store.current()
     for lease in leases if policy_drops else ():
         if n := policy_drops.get(str(lease.ip)):
             c = counters.setdefault(lease.host_ifname, PodCounters())

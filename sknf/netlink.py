@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from sknf import nsutil
+from sknf import nsutil, rtbulk
 
 ZERO_MAC = "00:00:00:00:00:00"
 NUD_PERMANENT = 0x80
@@ -181,7 +181,10 @@ def default_route_ifindex(ipr: IPRoute) -> int | None:
 
 
 def flood_entries(ipr: IPRoute, vxlan_index: int) -> set[str]:
-    """Remote VTEPs in the VXLAN device's all-zeros FDB entries (the head-end replication list)."""
+    """Remote VTEPs in the VXLAN device's all-zeros FDB entries (the head-end replication list).
+
+    Through pyroute2, for the readers outside the reconcile (`sknf doctor`, tests): a decoder
+    independent of the one `sync_flood_list` uses."""
     out = set()
     for f in ipr.fdb("dump", ifindex=vxlan_index):
         if f.get("NDA_LLADDR") == ZERO_MAC and f.get("NDA_DST") and f["ifindex"] == vxlan_index:
@@ -189,34 +192,22 @@ def flood_entries(ipr: IPRoute, vxlan_index: int) -> set[str]:
     return out
 
 
-def add_flood_entry(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
-    try:
-        ipr.fdb("append", ifindex=vxlan_index, lladdr=ZERO_MAC, dst=remote_ip)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise
+def sync_flood_list(vxlan_index: int, wanted: set[str]) -> tuple[set[str], set[str]]:
+    """The VXLAN device floods to exactly the `wanted` VTEPs; returns (added, removed).
 
-
-def del_flood_entry(ipr: IPRoute, vxlan_index: int, remote_ip: str) -> None:
-    try:
-        ipr.fdb("del", ifindex=vxlan_index, lladdr=ZERO_MAC, dst=remote_ip)
-    except NetlinkError as e:
-        if e.code not in (errno.ENOENT, errno.ENODEV):
-            raise
-
-
-def flush_learned_fdb(ipr: IPRoute, vxlan_index: int, remote_ips: set[str]) -> None:
-    """Forget MACs learned behind removed VTEPs, so nothing keeps pointing at a gone node.
-
-    One dump for all of them: a dump per removed node made removing 5,000 nodes quadratic (minutes).
+    A removed VTEP loses its flood entry and every MAC learned behind it, so nothing keeps pointing at
+    a gone node. One dump, then the changes in bulk (`sknf.rtbulk`): one pyroute2 request per entry
+    took 1-4 s for 5,000 peers.
     """
-    for f in ipr.fdb("dump", ifindex=vxlan_index):
-        if f["ifindex"] == vxlan_index and f.get("NDA_DST") in remote_ips and f.get("NDA_LLADDR") != ZERO_MAC:
-            try:
-                ipr.fdb("del", ifindex=vxlan_index, lladdr=f.get("NDA_LLADDR"), dst=f.get("NDA_DST"))
-            except NetlinkError as e:
-                if e.code not in (errno.ENOENT, errno.ENODEV):
-                    raise
+    with rtbulk.Rtnl() as nl:
+        entries = list(nl.fdb(vxlan_index))
+        have = {dst for mac, dst in entries if mac == ZERO_MAC}
+        added, removed = wanted - have, have - wanted
+        nl.apply(((f"flood entry {ip}", *rtbulk.fdb_request("append", vxlan_index, ZERO_MAC, ip))
+                  for ip in sorted(added)), benign=(errno.EEXIST,))
+        nl.apply(((f"fdb {mac} dst {dst}", *rtbulk.fdb_request("del", vxlan_index, mac, dst))
+                  for mac, dst in entries if dst in removed), benign=(errno.ENOENT, errno.ENODEV))
+    return added, removed
 
 
 def ensure_source_rule(ipr: IPRoute, *, priority: int, src: str, iifname: str, table: int) -> None:
@@ -244,22 +235,16 @@ def remove_rules(ipr: IPRoute, priority: int) -> None:
                 raise
 
 
-def sync_host_routes(ipr: IPRoute, table: int, oif: int, wanted: dict[str, str]) -> None:
-    """Table holds exactly the host routes {destination: gateway} via oif (an empty wanted empties it)."""
-    have = {}
-    for r in ipr.get_routes(family=2, table=table):
-        if r.get("RTA_TABLE") == table:
-            have[(r.get("RTA_DST"), r["dst_len"])] = (r.get("RTA_GATEWAY"), r.get("RTA_OIF"))
-    for dst, gateway in wanted.items():
-        if have.get((dst, 32)) != (gateway, oif):
-            ipr.route("replace", family=2, dst=dst, dst_len=32, gateway=gateway, oif=oif, table=table)
-    for dst, dst_len in have:
-        if dst_len != 32 or dst not in wanted:
-            try:
-                ipr.route("del", family=2, dst=dst, dst_len=dst_len, table=table)
-            except NetlinkError as e:
-                if e.code not in (errno.ESRCH, errno.ENOENT):
-                    raise
+def sync_host_routes(table: int, oif: int, wanted: dict[str, str]) -> None:
+    """Table holds exactly the IPv4 host routes {destination: gateway} via oif (an empty wanted empties it).
+
+    In bulk (`sknf.rtbulk`): one route per peer node, 5,000 of them in well under a second."""
+    with rtbulk.Rtnl() as nl:
+        have = nl.routes(socket.AF_INET, table)
+        nl.apply(((f"route {dst} via {gateway}", *rtbulk.route_request("replace", table, dst, gateway, oif))
+                  for dst, gateway in wanted.items() if have.get((dst, 32)) != (gateway, oif)))
+        nl.apply(((f"route {dst}/{plen}", *rtbulk.route_request("del", table, dst, dst_len=plen))
+                  for dst, plen in have if plen != 32 or dst not in wanted), benign=(errno.ESRCH, errno.ENOENT))
 
 
 def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: str, mtu: int,
@@ -309,19 +294,18 @@ def pod_interface_state(pod: IPRoute, ifname: str) -> tuple[str | None, list[str
     return link.get("IFLA_ADDRESS"), addrs, gws
 
 
-def host_veth_links(ipr: IPRoute, prefix: str) -> dict:
-    """Host-side pod veths (those whose name starts with prefix): name -> link message."""
-    out = {}
-    for link in ipr.get_links():
-        name = link.get("IFLA_IFNAME") or ""
-        if name.startswith(prefix) and link_kind(link) == "veth":
-            out[name] = link
-    return out
+def host_veth_links(prefix: str) -> dict:
+    """Host-side pod veths (those whose name starts with prefix) of the current namespace: name -> link
+    fields, as `sknf.rtbulk` decodes them (the reconcile's dump: pyroute2 decoded ~0.3 ms per link)."""
+    with rtbulk.Rtnl() as nl:
+        return {link["IFLA_IFNAME"]: link for link in nl.links("veth")
+                if link.get("IFLA_IFNAME", "").startswith(prefix)}
 
 
 def host_veths(ipr: IPRoute, prefix: str) -> dict[str, int]:
-    """Host-side pod veths by name: their ifindex."""
-    return {name: link["index"] for name, link in host_veth_links(ipr, prefix).items()}
+    """Host-side pod veths by name: their ifindex (in ipr's namespace, for uninstall and diagnostics)."""
+    return {link.get("IFLA_IFNAME"): link["index"] for link in ipr.get_links()
+            if (link.get("IFLA_IFNAME") or "").startswith(prefix) and link_kind(link) == "veth"}
 
 
 def set_port(ipr: IPRoute, index: int, master: int) -> None:

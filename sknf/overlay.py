@@ -194,17 +194,10 @@ def ensure_neighbour_tables(cfg: Config, pod_cidr: Network, nodes: int) -> str |
 def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[set[str], set[str]]:
     """Make the VXLAN flood list exactly the other nodes' underlay addresses; returns (added, removed)."""
     wanted = {p.underlay_ip for p in peers if p.name != self_name and p.underlay_ip != node.underlay_ip}
-    with netlink.route() as ipr:
-        have = netlink.flood_entries(ipr, node.vxlan_ifindex)
-        for ip in sorted(wanted - have):
-            netlink.add_flood_entry(ipr, node.vxlan_ifindex, ip)
-        for ip in sorted(have - wanted):
-            netlink.del_flood_entry(ipr, node.vxlan_ifindex, ip)
-        if have - wanted:
-            netlink.flush_learned_fdb(ipr, node.vxlan_ifindex, have - wanted)
-    if wanted - have or have - wanted:
-        log.info("overlay peers: +%s -%s", sorted(wanted - have) or "none", sorted(have - wanted) or "none")
-    return wanted - have, have - wanted
+    added, removed = netlink.sync_flood_list(node.vxlan_ifindex, wanted)
+    if added or removed:
+        log.info("overlay peers: +%s -%s", sorted(added) or "none", sorted(removed) or "none")
+    return added, removed
 
 
 def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_name: str) -> None:
@@ -224,7 +217,7 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
                                        table=PEER_ROUTE_TABLE)
         else:
             netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
-        netlink.sync_host_routes(ipr, PEER_ROUTE_TABLE, node.bridge_ifindex, wanted)
+    netlink.sync_host_routes(PEER_ROUTE_TABLE, node.bridge_ifindex, wanted)
 
 
 def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node], backend: iptables.Backend | None = None) -> bool:
@@ -244,7 +237,7 @@ def teardown() -> None:
     """Remove the peer routing, the bridge, the VXLAN device and every pod host veth (uninstall)."""
     with netlink.route() as ipr:
         netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
-        netlink.sync_host_routes(ipr, PEER_ROUTE_TABLE, 0, {})
+        netlink.sync_host_routes(PEER_ROUTE_TABLE, 0, {})
         for name in netlink.host_veths(ipr, HOST_VETH_PREFIX):
             netlink.delete_link(ipr, name)
         netlink.delete_link(ipr, VXLAN)

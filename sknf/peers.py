@@ -12,11 +12,14 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
 
 from sknf.config import Network, networks
+
+if TYPE_CHECKING:
+    from sknf.wakeup import Wakeup
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class PeerSource(Protocol):
     def publish_self(self, node: Node) -> None:
         """Make this node's facts visible to the others (no-op where the source is read-only)."""
 
+    def watch(self, wakeup: Wakeup) -> None:
+        """From now on, wake `wakeup` whenever changed() may have become true."""
+
 
 # libyaml's safe loader when PyYAML has it: 0.1 s instead of 0.6 s for a 5,000-node file.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -89,18 +95,18 @@ def parse_nodes(doc: object, where: str) -> list[Node]:
 
 
 class StaticPeerSource:
-    """Nodes from a YAML file; re-read when its mtime or size changes."""
+    """Nodes from a YAML file; re-read when it is replaced (inode) or its mtime or size changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
 
-    def _current_stamp(self) -> tuple[int, int] | None:
+    def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def changed(self) -> bool:
         return self._current_stamp() != self._stamp
@@ -117,3 +123,7 @@ class StaticPeerSource:
 
     def publish_self(self, node: Node) -> None:
         """The file is written by whoever lays out the cluster; nothing to publish."""
+
+    def watch(self, wakeup: Wakeup) -> None:
+        """inotify on the file's directory: writers rename into place, a ConfigMap swaps a symlink there."""
+        wakeup.watch_dir(self.path.parent)

@@ -355,7 +355,7 @@ def status(net: PodNetwork, req: Request) -> None:
 def remove_orphan_links(net: PodNetwork) -> list[Lease]:
     """Host veths no lease accounts for are deleted (see _delete_orphans); returns the lost leases."""
     with netlink.route() as ipr:
-        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+        links = netlink.host_veth_links(HOST_VETH_PREFIX)
         return _delete_orphans(ipr, links, net.store.leases())
 
 
@@ -424,8 +424,7 @@ def rebuild_from_host(net: PodNetwork) -> list[Lease]:
     naming an address or attachment the store (or an earlier link by name) holds is ignored.
     """
     with net.store_guard.exclusive():
-        with netlink.route() as ipr:
-            links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+        links = netlink.host_veth_links(HOST_VETH_PREFIX)
         try:
             held = net.store.leases()
         except CorruptStore:
@@ -462,7 +461,7 @@ def sync_pods(net: PodNetwork, node: NodeOverlay) -> list[Lease]:
     with net.datapath_lock, netlink.route() as ipr:
         # Records before links and leases: an ADD saves its record after both exist.
         shaped = shaping.load_records(net.cfg.state_dir)
-        links = netlink.host_veth_links(ipr, HOST_VETH_PREFIX)
+        links = netlink.host_veth_links(HOST_VETH_PREFIX)
         leases = net.store.leases()  # after the dump, see _delete_orphans
         lost = _delete_orphans(ipr, links, leases)
         live = [lease for lease in (*leases, *lost) if lease.host_ifname in links]  # lost: still live pods

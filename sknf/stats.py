@@ -66,10 +66,13 @@ SORTS = ("rate", "rx", "tx", "rx-rate", "tx-rate", "packets", "drops", "fast", "
 OUTPUTS = ("table", "wide", "json", "yaml")
 
 
-def pod_rows(snap: Snapshot) -> list[dict[str, Any]]:
-    """One reply row per pod, rates not yet filled in."""
+def pod_rows(snap: Snapshot, refused_only: bool = False) -> list[dict[str, Any]]:
+    """One reply row per pod, rates not yet filled in; refused_only: just the pods refused anything
+    (all the refusal log needs: the sampler's tick then builds a handful of rows, not one per pod)."""
     rows = []
     for ident, counted in snap.pods:
+        if refused_only and not (counted and any(counted.refused.values())):
+            continue
         c = counted or PodCounters()
         rows.append({
             "namespace": ident.namespace, "pod": ident.pod, "container_id": ident.container_id,
@@ -113,7 +116,8 @@ class RefusalLog:
 
     At most one line per pod and reason each `interval` seconds, however fast a pod spoofs; a line
     sums everything refused since the last one. The first sample after start is the baseline (a
-    restarted agent does not re-report old drops); a pod that is gone is forgotten.
+    restarted agent does not re-report old drops); a pod that is gone (or, fed only the refused pods,
+    refused nothing: its counters were reset) is forgotten.
     """
 
     def __init__(self, interval: float = 60.0) -> None:
@@ -157,22 +161,22 @@ class Sampler:
     """
 
     def __init__(self, refusals: RefusalLog | None = None) -> None:
-        self._samples: deque[tuple[float, list[dict[str, Any]]]] = deque(maxlen=2)
+        self._samples: deque[Snapshot] = deque(maxlen=2)
         self._lock = threading.Lock()
         self.refusals = refusals or RefusalLog()
 
     def tick(self, snap: Snapshot) -> None:
-        rows = pod_rows(snap)
+        """Keep the snapshot as it is (rows are made only when a query needs them)."""
         with self._lock:
-            self._samples.append((snap.taken, rows))
-        self.refusals.observe(rows, time.monotonic())
+            self._samples.append(snap)
+        self.refusals.observe(pod_rows(snap, refused_only=True), time.monotonic())
 
     def base(self, now: float) -> tuple[float, list[dict[str, Any]]] | None:
         """The sample to measure rates against at `now`: the newest one old enough, else the oldest."""
         with self._lock:
-            samples = [s for s in self._samples if s[0] < now]
-        older = [s for s in samples if now - s[0] >= MIN_RATE_SPAN] or samples[:1]
-        return older[-1] if older else None
+            samples = [s for s in self._samples if s.taken < now]
+        older = [s for s in samples if now - s.taken >= MIN_RATE_SPAN] or samples[:1]
+        return (older[-1].taken, pod_rows(older[-1])) if older else None
 
 
 def handle_query(sampler: Sampler, snap: Snapshot) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 import sknf
-from sknf import guard, netlink
+from sknf import guard, netlink, rtbulk
 from sknf.config import Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, events, flows, pins, tc
 from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
@@ -92,6 +92,7 @@ class BpfDatapath:
             raise BpfUnavailable(str(e)) from None
         self.fds: dict[str, int] = {}  # programs
         self.maps: dict[str, int] = {}
+        self._tc_events: rtbulk.TcEvents | None = None
         try:
             for name in PROGRAMS:
                 self.fds[name] = bpfmaps.open_pinned(self.pin_dir / f"prog_{name}")
@@ -99,6 +100,8 @@ class BpfDatapath:
                 self.maps[name] = bpfmaps.open_pinned(self.pin_dir / name)
                 bpfmaps.check_layout(self.maps[name], key_type, value_type)
             self.maps["events"] = bpfmaps.open_pinned(self.pin_dir / "events")  # a ring buffer: no layout
+            self._prog_ids = {name: bpfmaps.prog_id(fd) for name, fd in self.fds.items()}
+            self._tc_events = rtbulk.TcEvents()  # before any filter is checked
             _probe_tc(self.fds["from_pod"])
             self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
             self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
@@ -107,6 +110,7 @@ class BpfDatapath:
         except (OSError, bpfmaps.LayoutMismatch, BpfUnavailable) as e:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
+        self._filters_verified: set[int] = set()  # pod veths whose filters were right, as of the last sync
         self._cluster: ipaddress.IPv4Network | None = None
         # Endpoints a NetworkPolicy selects (set_policy_endpoints); at start, what the pinned entries say,
         # so re-attaching pods before the policy source has answered keeps them on the kernel path.
@@ -145,9 +149,10 @@ class BpfDatapath:
         if guard.remove():
             log.info("removed the kernel datapath's nftables guard: the tc programs validate pod frames")
 
-    def attach_pod(self, ep: Endpoint) -> None:
+    def attach_pod(self, ep: Endpoint, in_place: Callable[[int, str], bool] | None = None) -> None:
         """Identity and sources first (the filter drops everything from a veth it has no identity for), then
-        the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted."""
+        the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted.
+        With `in_place(hook, program)` (the reconcile), filters it vouches for are left as they are."""
         ident = bpfmaps.PodIdentity()
         ident.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
@@ -156,10 +161,15 @@ class BpfDatapath:
                 bpfmaps.update(self.maps["pod_sources6"], _source6(ep.host_ifindex, ip), ident)
             else:
                 bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
-        with netlink.route() as ipr:
-            for name, hook in POD_PROGRAMS.items():
-                program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
-                tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
+        wrong = []
+        for name, hook in POD_PROGRAMS.items():
+            program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
+            if in_place is None or not in_place(hook, program):
+                wrong.append((hook, program))
+        if wrong:
+            with netlink.route() as ipr:
+                for hook, program in wrong:
+                    tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
                                     flags=(bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
                                     | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._policy else 0))
@@ -203,8 +213,16 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources6"], bpfmaps.Source6Key.from_buffer_copy(key))
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
-        for ep in eps:
-            self.attach_pod(ep)
+        """Pods' filters are dumped and checked only where tc changed since the last round (tc's
+        notifications: a filter or clsact removed by hand, a new pod), or everywhere when notifications
+        were lost; each check is one lean dump per hook, each repair three pyroute2 requests."""
+        touched = self._tc_events.drain() if self._tc_events is not None else None
+        verified = set() if touched is None else self._filters_verified - touched
+        with rtbulk.Rtnl() as nl:
+            for ep in eps:
+                self.attach_pod(ep, lambda hook, program, ep=ep: ep.host_ifindex in verified or tc.running(
+                    nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]))
+        self._filters_verified = {ep.host_ifindex for ep in eps}
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps}
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
@@ -262,6 +280,9 @@ class BpfDatapath:
         for fd in (*self.fds.values(), *self.maps.values()):
             os.close(fd)
         self.fds, self.maps = {}, {}
+        if self._tc_events is not None:
+            self._tc_events.close()
+            self._tc_events = None
 
     def _finish_sync(self) -> None:
         """Every filter runs these programs now, and they learn every new flow: take over the retired

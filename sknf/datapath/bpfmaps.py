@@ -104,6 +104,12 @@ class _MapInfo(ctypes.Structure):
                 ("type", "id", "key_size", "value_size", "max_entries", "map_flags")]
 
 
+class _ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info (linux/bpf.h)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
 class LayoutMismatch(RuntimeError):
     """A map's entries are not the size of the struct sknf reads them as (agent and reader differ)."""
 
@@ -183,6 +189,14 @@ def map_info(fd: int) -> _MapInfo:
     if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
         raise _oserror("cannot read map info")
     return info
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of a loaded program (what a tc filter dump names it by)."""
+    info, size = _ProgInfo(), ctypes.c_uint32(ctypes.sizeof(_ProgInfo))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
+        raise _oserror("cannot read program info")
+    return info.id
 
 
 def count(fd: int) -> int:

@@ -44,10 +44,17 @@ class KernelDatapath:
     def __init__(self, cfg: Config, reason: str = "") -> None:
         self.cfg = cfg
         self.reason = reason
+        self._generation: int | None = None  # nf_tables' generation as this reconcile began
+        self._verified: tuple[int, list] | None = None  # (generation, pods) the guard last matched
 
     def setup_node(self, node: NodeNet) -> None:
-        """The source-validation table (the overlay sets the br_netfilter sysctl Service NAT needs)."""
-        guard.ensure()
+        """The source-validation table (the overlay sets the br_netfilter sysctl Service NAT needs).
+
+        Read before anything is listed: any change after it (by hand, another tool) bumps it, so a
+        reconcile that finds the generation it last verified, and the same pods, has nothing to check."""
+        self._generation = guard.generation()
+        if (self._verified is None or self._verified[0] != self._generation) and guard.ensure():
+            self._verified = None
 
     def attach_pod(self, ep: Endpoint) -> None:
         """The pod's guard elements: the bridge port the overlay made is the rest of the datapath."""
@@ -59,7 +66,12 @@ class KernelDatapath:
         guard.remove_pod(ep.host_ifname, ep.mac, ep.sources, ep.ip if ep.siblings else None)
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
-        guard.sync([(ep.host_ifname, ep.mac, ep.sources) for ep in eps])
+        pods = [(ep.host_ifname, ep.mac, tuple(ep.sources)) for ep in eps]
+        gen = self._generation
+        if gen is not None and self._verified == (gen, pods):
+            return
+        changed = guard.sync(pods)
+        self._verified = None if changed or gen is None else (gen, pods)
 
     def read_counters(self) -> dict[str, PodCounters]:
         links = host_veth_stats()

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from sknf import rtbulk
+
 INGRESS = 0xFFFFFFF2  # clsact's ingress hook (tc's ffff:fff2)
 EGRESS = 0xFFFFFFF3  # clsact's egress hook (ffff:fff3)
 HOOKS = {INGRESS: "ingress", EGRESS: "egress"}
@@ -36,6 +38,15 @@ def attach(ipr: IPRoute, ifindex: int, hook: int, fd: int, name: str) -> None:
     ensure_clsact(ipr, ifindex)
     ipr.tc("replace-filter", "bpf", ifindex, handle=HANDLE, prio=PRIO, parent=hook, fd=fd, name=name,
            classid=1, direct_action=True)
+
+
+def running(nl: rtbulk.Rtnl, ifindex: int, hook: int, name: str, prog_id: int) -> bool:
+    """The hook's only sknf filter is `name` running program prog_id (what attach() would make it).
+
+    The reconcile asks this of every pod veth instead of re-attaching: one lean dump per hook, where
+    attach() costs three pyroute2 requests (3 s per reconcile at 1,000 pods in BPF mode)."""
+    ours = [f for f in nl.bpf_filters(ifindex, hook) if f[0].startswith(FILTER_PREFIX)]
+    return ours == [(name, prog_id)]
 
 
 def filter_name(msg) -> str | None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
@@ -714,3 +715,47 @@ def test_dual_stack_release_killed_at_every_point(tmp_path: Path) -> None:
         assert store.get("b", "eth0") is None and len(os.listdir(store.dir / "ips")) == 2
 
     assert crash_sweep(tmp_path, prepare, lambda s: s.release("b", "eth0"), check, DUAL) >= 4
+
+
+# -- current(): the sampler's read, again only when the store changed ---------------------------------
+
+def age(store: Store, seconds: float) -> None:
+    """Stamp the store's directories as changed `seconds` ago (past the mtime slack)."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for d in (store.dir, store.dir / "ips", store.dir / "keys"):
+        os.utime(d, ns=(then, then))
+
+
+def test_current_reads_again_only_after_a_change(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = store.allocate("a", "eth0")
+    age(store, 5)
+    reads = []
+    full = store.leases
+    monkeypatch.setattr(store, "leases", lambda: reads.append(1) or full())
+    assert store.current() == [a] and len(reads) == 1
+    assert store.current() == [a] and len(reads) == 1  # unchanged directories: no read
+    b = store.allocate("b", "eth0")  # stamps the directories now
+    assert store.current() == [a, b] and len(reads) == 2
+    assert store.current() == [a, b] and len(reads) == 3  # changed within the slack: not trusted yet
+    age(store, 5)
+    store.current()
+    assert store.current() == [a, b] and len(reads) == 4
+    store.release("a", "eth0")
+    assert store.current() == [b] and len(reads) == 5
+
+
+def test_current_sees_a_rebuild_marker_and_a_lost_store(store: Store) -> None:
+    store.allocate("a", "eth0")
+    age(store, 5)
+    store.current()
+    (store.dir / "rebuilding").touch()  # a rebuild interrupted: the directory's stamp moves
+    with pytest.raises(CorruptStore):
+        store.current()
+    (store.dir / "rebuilding").unlink()
+    age(store, 5)
+    assert len(store.current()) == 1
+    for d in ("ips", "keys"):
+        for name in os.listdir(store.dir / d):
+            os.unlink(store.dir / d / name)
+        os.rmdir(store.dir / d)
+    assert store.current() == []  # recreated empty: a new directory, a new stamp
