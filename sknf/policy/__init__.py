@@ -62,6 +62,7 @@ class LocalEndpoint:
     ip: str
     namespace: str
     pod: str
+    ip6: str = ""  # dual-stack: its IPv6 address, held to the same rules
 
 
 @dataclass
@@ -289,7 +290,8 @@ class _World:
                 self.pods[(pod.namespace, pod.name)] = pod
         # Local attachments: their lease is the truth for their address; labels come from the Pod.
         self.local: dict[str, _Pod] = {}
-        for ep in local:
+        self.endpoints = list(local)
+        for ep in self.endpoints:
             known = self.pods.get((ep.namespace, ep.pod))
             pod = _Pod(ep.namespace, ep.pod, known.labels if known else {}, (ep.ip,), known.ports if known else {})
             self.local[ep.ip] = pod
@@ -445,6 +447,9 @@ def compile_policies(policies: Iterable[dict], pods: Iterable[dict], namespaces:
         table = getattr(compiled, direction)
         for ip, rules in table.items():
             table[ip] = Rules(_simplify(rules.allows), rules.policies)
+        for ep in world.endpoints:  # a selected pod's IPv6 address: the same direction, the same rules
+            if ep.ip6 and ep.ip in table:
+                table[ep.ip6] = table[ep.ip]
     return compiled
 
 

@@ -186,8 +186,9 @@ def test_endpoints_with_the_same_rules_share_one_chain() -> None:
 
     compiled = compile_policies([DENY_ALL_INGRESS], PODS, NAMESPACES, ENDPOINTS)
     chains, maps = policy_nft.desired(compiled)
-    assert maps == {"ingress": {IPS["x/a"]: next(iter(chains)), IPS["x/b"]: next(iter(chains))}, "egress": {}}
-    assert len(policy_nft.chain_rules(*chains[next(iter(chains))])) == 2  # nothing allowed: count, then drop
+    assert maps == {"ingress": {IPS["x/a"]: next(iter(chains)), IPS["x/b"]: next(iter(chains))}, "egress": {},
+                    "ingress6": {}, "egress6": {}}
+    assert len(policy_nft.chain_rules(*chains[next(iter(chains))])) == 3  # nothing allowed: count (per family), drop
 
 
 def test_rules_render_peers_protocols_and_port_ranges() -> None:
@@ -206,5 +207,10 @@ def test_rules_render_peers_protocols_and_port_ranges() -> None:
         [peer, l4("tcp"), {"match": {"op": "==", "left": dport, "right": {"set": [80, {"range": [8000, 8100]}]}}},
          {"return": None}],
         [peer, l4("udp"), {"return": None}]]  # every UDP port: no port match at all
-    assert rules[2:] == [[{"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                   "set": "@dropped"}}], [{"drop": None}]]
+    nfproto = lambda f: {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": f}}  # noqa: E731
+    assert rules[2:] == [
+        [nfproto("ipv4"), {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                   "set": "@dropped"}}],
+        [nfproto("ipv6"), {"set": {"op": "update", "elem": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                                   "set": "@dropped6"}}],
+        [{"drop": None}]]
