@@ -72,7 +72,7 @@ class Enforcer:
                 mark(compiled.selected())
             if compiled.selected() != self.compiled.selected():
                 log.info("network policy: %d of %d local endpoints selected (%d policies)",
-                         len(compiled.selected()), len(local), len(objects.policies))
+                         sum(ep.ip in compiled.selected() for ep in local), len(local), len(objects.policies))
             self.compiled, self._inputs = compiled, (objects, local)
 
     def drops(self) -> dict[str, int]:

@@ -61,12 +61,12 @@ def map_name(direction: str, address: str) -> str:
     return direction + "6" if ":" in address else direction
 
 
-def _addr(n: int) -> str:
-    return str(ipaddress.IPv4Address(n))
+def _addr(n: int, version: int) -> str:
+    return str(ipaddress.IPv4Address(n) if version == 4 else ipaddress.IPv6Address(n))
 
 
-def _interval(lo: int, hi: int) -> Any:
-    return _addr(lo) if lo == hi else {"range": [_addr(lo), _addr(hi)]}
+def _interval(lo: int, hi: int, version: int) -> Any:
+    return _addr(lo, version) if lo == hi else {"range": [_addr(lo, version), _addr(hi, version)]}
 
 
 def _port(lo: int, hi: int) -> Any:
@@ -114,18 +114,22 @@ def chain_rules(direction: str, rules: Rules) -> list[list[dict]]:
     peer = _ip("saddr" if direction == "ingress" else "daddr")
     local = _ip("daddr" if direction == "ingress" else "saddr")
     local6 = _ip("daddr" if direction == "ingress" else "saddr", "ip6")
+    peer6 = _ip("saddr" if direction == "ingress" else "daddr", "ip6")
     out = []
-    for allow in rules.allows:
-        who = [] if allow.peers is None else [_match(peer, {"set": [_interval(*i) for i in allow.peers]})]
-        if allow.ports is None:
-            out.append([*who, {"return": None}])
-            continue
-        for proto in sorted({r.protocol for r in allow.ports}):
-            ports = [_port(r.first, r.last) for r in allow.ports if r.protocol == proto]
-            full = ports == [{"range": [0, 65535]}]
-            out.append([*who, _match({"meta": {"key": "l4proto"}}, L4[proto]),
-                        *([] if full else [_match({"payload": {"protocol": "th", "field": "dport"}}, {"set": ports})]),
-                        {"return": None}])
+    for allow in rules.allows:  # each family's peers a rule of their own (IPv4 first, as before dual-stack)
+        whos = [[]] if allow.peers is None else \
+            [[_match(field, {"set": [_interval(lo, hi, version) for lo, hi in peers]})]
+             for field, peers, version in ((peer, allow.peers, 4), (peer6, allow.peers6, 6)) if peers]
+        for who in whos:
+            if allow.ports is None:
+                out.append([*who, {"return": None}])
+                continue
+            for proto in sorted({r.protocol for r in allow.ports}):
+                ports = [_port(r.first, r.last) for r in allow.ports if r.protocol == proto]
+                full = ports == [{"range": [0, 65535]}]
+                dport = {"payload": {"protocol": "th", "field": "dport"}}
+                out.append([*who, _match({"meta": {"key": "l4proto"}}, L4[proto]),
+                            *([] if full else [_match(dport, {"set": ports})]), {"return": None}])
     out.append([_match({"meta": {"key": "nfproto"}}, "ipv4"),
                 {"set": {"op": "update", "elem": local, "set": "@dropped"}}])
     out.append([_match({"meta": {"key": "nfproto"}}, "ipv6"),
