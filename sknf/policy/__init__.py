@@ -12,6 +12,9 @@ Why it works this way:
   cannot be compiled still selects its pods, in its directions, with no allow from it (default deny):
   with a podSelector that cannot be read either, it selects every pod of its namespace. Problems are
   returned, not logged, so the caller can say each one once.
+- Both families: a pod is every address it has (status.podIPs; a local pod's lease, ip and ip6), and an
+  allow keeps IPv4 and IPv6 intervals apart, so an IPv4 peer never admits IPv6 and the reverse. A local
+  pod's IPv6 address gets the same rules as its IPv4 one (fail closed over both).
 - Traffic from the pod's own node is not a peer here: the node's own packets never cross the hooks
   the rules sit on (see docs/network-policy.md).
 """
