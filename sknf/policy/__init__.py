@@ -216,17 +216,15 @@ def _ip_block(raw: Any, where: str) -> tuple[int, Intervals]:
     return cidr.version, _merge(kept)
 
 
-def _points(ips: Iterable[str], version: int) -> Intervals:
-    return _merge((int(a),) * 2 for a in map(ipaddress.ip_address, ips) if a.version == version)
-
-
 Addresses = tuple[Intervals, Intervals]  # (IPv4, IPv6)
 
 
 def _addresses(ips: Iterable[str], blocks: Mapping[int, Iterable[tuple[int, int]]] | None = None) -> Addresses:
-    ips = list(ips)
-    blocks = blocks or {}
-    return _merge([*blocks.get(4, ()), *_points(ips, 4)]), _merge([*blocks.get(6, ()), *_points(ips, 6)])
+    """Pod addresses (each parsed once) and ipBlock intervals, per family."""
+    found: dict[int, list[tuple[int, int]]] = {v: list((blocks or {}).get(v, ())) for v in (4, 6)}
+    for a in map(ipaddress.ip_address, ips):
+        found[a.version].append((int(a), int(a)))
+    return _merge(found[4]), _merge(found[6])
 
 
 def _allow(addresses: Addresses | None, ports: tuple[PortRange, ...] | None) -> Allow:
