@@ -117,7 +117,7 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
     counters = datapath.read_counters()
     leases = store.current()
     for lease in leases if policy_drops else ():
-        if n := policy_drops.get(str(lease.ip)):
+        if n := sum(policy_drops.get(str(ip), 0) for ip in lease.ips):  # IPv6 drops count for the same pod
             c = counters.setdefault(lease.host_ifname, PodCounters())
             c.refused = {**c.refused, "policy": n}
             c.drops += n

@@ -416,7 +416,8 @@ class Lab:
         pod.ip6 = next((ip["address"].split("/")[0] for ip in result["ips"] if ":" in ip["address"]), "")
         pod.host_ifname = result["interfaces"][0]["name"]
         self.save()
-        manifests.write(self.manifest_dir, f"pod-{name}", [manifests.pod(name, node.name, pod.ip, SERVER_PORT)])
+        manifests.write(self.manifest_dir, f"pod-{name}",
+                        [manifests.pod(name, node.name, pod.ip, SERVER_PORT, pod.ip6)])
 
     def services(self, extra: bool = False) -> list[Service]:
         """What a real cluster has: a ClusterIP per node backed by its first pod, the `kubernetes` Service

@@ -16,13 +16,13 @@ LAB_NAMESPACE = "lab"  # every lab pod's (K8S_POD_NAMESPACE)
 NAMED_PORTS = (("http", "TCP"), ("echo", "UDP"))
 
 
-def pod(name: str, node: str, ip: str, port: int) -> dict[str, Any]:
-    """A lab pod as a Pod object: labels pod=<name>, node=<node>."""
+def pod(name: str, node: str, ip: str, port: int, ip6: str = "") -> dict[str, Any]:
+    """A lab pod as a Pod object: labels pod=<name>, node=<node>; status.podIPs both addresses in dual-stack."""
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"namespace": LAB_NAMESPACE, "name": name, "labels": {"pod": name, "node": node}},
             "spec": {"nodeName": node, "containers": [{"name": "server", "ports": [
                 {"name": n, "containerPort": port, "protocol": proto} for n, proto in NAMED_PORTS]}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": a} for a in (ip, ip6) if a]}}
 
 
 def write(directory: Path, name: str, docs: list[dict[str, Any]]) -> Path:

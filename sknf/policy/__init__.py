@@ -12,6 +12,9 @@ Why it works this way:
   cannot be compiled still selects its pods, in its directions, with no allow from it (default deny):
   with a podSelector that cannot be read either, it selects every pod of its namespace. Problems are
   returned, not logged, so the caller can say each one once.
+- Both families: a pod is every address it has (status.podIPs; a local pod's lease, ip and ip6), and an
+  allow keeps IPv4 and IPv6 intervals apart, so an IPv4 peer never admits IPv6 and the reverse. A local
+  pod's IPv6 address gets the same rules as its IPv4 one (fail closed over both).
 - Traffic from the pod's own node is not a peer here: the node's own packets never cross the hooks
   the rules sit on (see docs/network-policy.md).
 """
@@ -39,12 +42,17 @@ class PortRange:
     last: int
 
 
+Intervals = tuple[tuple[int, int], ...]  # sorted, merged address intervals of one family
+
+
 @dataclass(frozen=True)
 class Allow:
-    """Peers (sorted, merged IPv4 intervals; None: any address) on ports (None: any protocol and port)."""
+    """Peers (IPv4 intervals, IPv6 intervals in peers6; peers None: any address of either family) on ports
+    (None: any protocol and port)."""
 
-    peers: tuple[tuple[int, int], ...] | None
+    peers: Intervals | None
     ports: tuple[PortRange, ...] | None
+    peers6: Intervals = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class LocalEndpoint:
     ip: str
     namespace: str
     pod: str
+    ip6: str = ""  # dual-stack: its IPv6 address, held to the same rules (the leases' ip6)
 
 
 @dataclass
@@ -104,9 +113,9 @@ def _labels(raw: Any, where: str) -> dict[str, str]:
     return dict(raw)
 
 
-def _ipv4(raw: Any) -> str | None:
+def _address(raw: Any) -> str | None:
     try:
-        return str(ipaddress.IPv4Address(raw))
+        return str(ipaddress.ip_address(raw))
     except (ValueError, TypeError):
         return None
 
@@ -120,7 +129,7 @@ def _pod(obj: dict) -> _Pod | None:
     if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     raw_ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict)] + [status.get("podIP")]
-    ips = tuple(dict.fromkeys(ip for ip in map(_ipv4, raw_ips) if ip))
+    ips = tuple(dict.fromkeys(ip for ip in map(_address, raw_ips) if ip))  # both families (status.podIPs)
     ports: dict[tuple[str, str], int] = {}
     for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         for port in (container or {}).get("ports") or []:
@@ -191,8 +200,8 @@ def _net(raw: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise PolicyError(f"{where}: {raw!r} is not a CIDR") from None
 
 
-def _ip_block(raw: Any, where: str) -> tuple[tuple[int, int], ...]:
-    """cidr minus every except, as intervals (an IPv6 block matches nothing: pods are IPv4 only)."""
+def _ip_block(raw: Any, where: str) -> tuple[int, Intervals]:
+    """(IP version, cidr minus every except as intervals)."""
     if not isinstance(raw, dict) or "cidr" not in raw:
         raise PolicyError(f"{where}: needs a cidr")
     cidr = _net(raw["cidr"], f"{where}.cidr")
@@ -200,17 +209,26 @@ def _ip_block(raw: Any, where: str) -> tuple[tuple[int, int], ...]:
     for e in excepts:
         if e.version != cidr.version or not e.subnet_of(cidr):  # type: ignore[arg-type]
             raise PolicyError(f"{where}.except: {e} is not inside {cidr}")
-    if cidr.version != 4:
-        return ()
     kept = [(int(cidr.network_address), int(cidr.broadcast_address))]
     for e in _merge((int(x.network_address), int(x.broadcast_address)) for x in excepts):
         kept = [piece for lo, hi in kept for piece in ((lo, min(hi, e[0] - 1)), (max(lo, e[1] + 1), hi))
                 if piece[0] <= piece[1]]
-    return _merge(kept)
+    return cidr.version, _merge(kept)
 
 
-def _points(ips: Iterable[str]) -> tuple[tuple[int, int], ...]:
-    return _merge((int(ipaddress.IPv4Address(ip)),) * 2 for ip in ips)
+Addresses = tuple[Intervals, Intervals]  # (IPv4, IPv6)
+
+
+def _addresses(ips: Iterable[str], blocks: Mapping[int, Iterable[tuple[int, int]]] | None = None) -> Addresses:
+    """Pod addresses (each parsed once) and ipBlock intervals, per family."""
+    found: dict[int, list[tuple[int, int]]] = {v: list((blocks or {}).get(v, ())) for v in (4, 6)}
+    for a in map(ipaddress.ip_address, ips):
+        found[a.version].append((int(a), int(a)))
+    return _merge(found[4]), _merge(found[6])
+
+
+def _allow(addresses: Addresses | None, ports: tuple[PortRange, ...] | None) -> Allow:
+    return Allow(None, ports) if addresses is None else Allow(addresses[0], ports, addresses[1])
 
 
 # -- ports ---------------------------------------------------------------------------------------------
@@ -289,12 +307,14 @@ class _World:
                 self.pods[(pod.namespace, pod.name)] = pod
         # Local attachments: their lease is the truth for their address; labels come from the Pod.
         self.local: dict[str, _Pod] = {}
-        for ep in local:
+        self.endpoints = list(local)
+        for ep in self.endpoints:
             known = self.pods.get((ep.namespace, ep.pod))
             pod = _Pod(ep.namespace, ep.pod, known.labels if known else {}, (ep.ip,), known.ports if known else {})
             self.local[ep.ip] = pod
             self.pods[(ep.namespace, ep.pod)] = _Pod(pod.namespace, pod.name, pod.labels,
-                                                     tuple(dict.fromkeys((*(known.ips if known else ()), ep.ip))),
+                                                     tuple(dict.fromkeys((*(known.ips if known else ()), ep.ip,
+                                                                         *filter(None, [ep.ip6])))),
                                                      pod.ports)
 
     def namespace_labels(self, name: str) -> dict[str, str]:
@@ -312,14 +332,14 @@ def _describe(obj: Any) -> str:
 
 
 def _peer_pods(world: _World, namespace: str, peers: Any,
-               where: str) -> tuple[list[_Pod], tuple[tuple[int, int], ...]] | None:
-    """(pods, ipBlock intervals) a rule's from/to names; None: every address (no peers listed)."""
+               where: str) -> tuple[list[_Pod], dict[int, list[tuple[int, int]]]] | None:
+    """(pods, {IP version: ipBlock intervals}) a rule's from/to names; None: every address (no peers listed)."""
     if not peers:
         return None
     if not isinstance(peers, list):
         raise PolicyError(f"{where}: must be a list")
     pods: dict[tuple[str, str], _Pod] = {}
-    blocks: list[tuple[int, int]] = []
+    blocks: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     for i, peer in enumerate(peers):
         at = f"{where}[{i}]"
         if not isinstance(peer, dict) or not peer.keys() & {"podSelector", "namespaceSelector", "ipBlock"}:
@@ -327,7 +347,8 @@ def _peer_pods(world: _World, namespace: str, peers: Any,
         if "ipBlock" in peer:
             if peer.keys() & {"podSelector", "namespaceSelector"}:
                 raise PolicyError(f"{at}: ipBlock cannot be combined with a selector")
-            blocks += _ip_block(peer["ipBlock"], f"{at}.ipBlock")
+            version, intervals = _ip_block(peer["ipBlock"], f"{at}.ipBlock")
+            blocks[version] += intervals
             continue
         pod_sel = _selector(peer.get("podSelector"), f"{at}.podSelector")
         if "namespaceSelector" in peer:
@@ -337,7 +358,7 @@ def _peer_pods(world: _World, namespace: str, peers: Any,
             spaces = {namespace}
         pods.update(((p.namespace, p.name), p) for p in world.pods.values()
                     if p.namespace in spaces and pod_sel(p.labels))
-    return list(pods.values()), _merge(blocks)
+    return list(pods.values()), blocks
 
 
 def _allows(world: _World, direction: str, namespace: str, rule: Any, where: str,
@@ -351,27 +372,28 @@ def _allows(world: _World, direction: str, namespace: str, rule: Any, where: str
     numeric = _numeric(ports) if ports is not None else None
     named = [p for p in ports or [] if p.name is not None]
     if peers is None:
-        addresses: tuple[tuple[int, int], ...] | None = None
+        addresses: Addresses | None = None
         peer_pods = list(world.pods.values())
     else:
         peer_pods, blocks = peers
-        addresses = _merge([*blocks, *_points(ip for p in peer_pods for ip in p.ips)])
+        addresses = _addresses((ip for p in peer_pods for ip in p.ips), blocks)
+    some = addresses is None or any(addresses)
     common = []
-    if (ports is None or numeric) and (addresses is None or addresses):
-        common.append(Allow(addresses, numeric if ports is not None else None))
+    if (ports is None or numeric) and some:
+        common.append(_allow(addresses, numeric if ports is not None else None))
     if direction == "egress":  # each destination pod's own port of that name
         for p in named:
             by_number: dict[int, list[str]] = {}
             for peer in peer_pods:
                 if (number := peer.ports.get((p.name, p.protocol))) is not None:
                     by_number.setdefault(number, []).extend(peer.ips)
-            common += [Allow(_points(ips), (PortRange(p.protocol, n, n),))
+            common += [_allow(_addresses(ips), (PortRange(p.protocol, n, n),))
                        for n, ips in sorted(by_number.items()) if ips]
         return {pod.ips[0]: list(common) for pod in local}
     out: dict[str, list[Allow]] = {}
     for pod in local:  # ingress: the selected pod's own port of that name
-        out[pod.ips[0]] = common + [Allow(addresses, (PortRange(p.protocol, n, n),)) for p in named
-                                    if (n := pod.ports.get((p.name, p.protocol))) is not None and addresses != ()]
+        out[pod.ips[0]] = common + [_allow(addresses, (PortRange(p.protocol, n, n),)) for p in named
+                                    if (n := pod.ports.get((p.name, p.protocol))) is not None and some]
     return out
 
 
@@ -445,6 +467,9 @@ def compile_policies(policies: Iterable[dict], pods: Iterable[dict], namespaces:
         table = getattr(compiled, direction)
         for ip, rules in table.items():
             table[ip] = Rules(_simplify(rules.allows), rules.policies)
+        for ep in world.endpoints:  # a selected pod's IPv6 address: the same direction, the same rules
+            if ep.ip6 and ep.ip in table:
+                table[ep.ip6] = table[ep.ip]
     return compiled
 
 
@@ -461,9 +486,11 @@ def allows(rules: Rules | None, peer: str, protocol: str, port: int) -> bool:
     """Would this direction's rules let a new flow with this peer address, protocol and port through?"""
     if rules is None:
         return True
-    addr = int(ipaddress.IPv4Address(peer))
+    address = ipaddress.ip_address(peer)
+    addr = int(address)
     for a in rules.allows:
-        if a.peers is not None and not any(lo <= addr <= hi for lo, hi in a.peers):
+        if a.peers is not None and not any(lo <= addr <= hi for lo, hi in (a.peers if address.version == 4
+                                                                            else a.peers6)):
             continue
         if a.ports is None or any(r.protocol == protocol and r.first <= port <= r.last for r in a.ports):
             return True

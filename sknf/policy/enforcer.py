@@ -52,7 +52,7 @@ class Enforcer:
 
     def sync(self, leases: Iterable[Lease]) -> None:
         """Compile what the source holds for these local endpoints and enforce it."""
-        local = [LocalEndpoint(str(lease.ip), lease.namespace, lease.pod) for lease in leases]
+        local = [LocalEndpoint(str(lease.ip), lease.namespace, lease.pod, str(lease.ip6 or "")) for lease in leases]
         with self.lock:
             if self._inputs is not None and self._inputs[1] == local and not self.source.changed():
                 objects, compiled = self._inputs[0], self.compiled  # same inputs: only repair the table
@@ -66,13 +66,13 @@ class Enforcer:
                         log.warning("network policy: %s", problem)
                 self._said = set(compiled.problems)
             if policy_nft.apply(compiled):
-                policy_nft.forget_drops({ep.ip for ep in local})
+                policy_nft.forget_drops({ip for ep in local for ip in (ep.ip, ep.ip6) if ip})
             mark = getattr(self.datapath, "set_policy_endpoints", None)
             if mark is not None:
                 mark(compiled.selected())
             if compiled.selected() != self.compiled.selected():
                 log.info("network policy: %d of %d local endpoints selected (%d policies)",
-                         len(compiled.selected()), len(local), len(objects.policies))
+                         sum(ep.ip in compiled.selected() for ep in local), len(local), len(objects.policies))
             self.compiled, self._inputs = compiled, (objects, local)
 
     def drops(self) -> dict[str, int]:

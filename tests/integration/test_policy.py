@@ -68,23 +68,26 @@ def only(pod: str) -> dict:
 
 # -- probes ---------------------------------------------------------------------------------------------
 
-def _target(lab: Lab, dst: str, proto: str) -> tuple[str, int]:
+def _target(lab: Lab, dst: str, proto: str, family: int) -> tuple[str, int]:
     if dst == "svc":
         return SERVICE, SVC_TCP_PORT if proto == "tcp" else SVC_UDP_PORT
     if node := next((n for n in lab.state.nodes if n.name == dst), None):
-        return node.underlay_ip, SERVER_PORT
-    return next(p.ip for p in lab.state.pods if p.name == dst), SERVER_PORT
+        return node.underlay_ip if family == 4 else node.underlay_ip6, SERVER_PORT
+    pod = next(p for p in lab.state.pods if p.name == dst)
+    return pod.ip if family == 4 else pod.ip6, SERVER_PORT
 
 
 def _netns(lab: Lab, src: str) -> str:
     return next(x.netns for x in [*lab.state.pods, *lab.state.nodes] if x.name == src)
 
 
-def reaches(lab: Lab, src: str, dst: str, proto: str) -> bool:
-    """One new flow: a TCP connection answered, or a UDP datagram answered, within PROBE_TIMEOUT."""
-    addr = _target(lab, dst, proto)
+def reaches(lab: Lab, src: str, dst: str, proto: str, family: int = 4) -> bool:
+    """One new flow: a TCP connection answered, or a UDP datagram answered, within PROBE_TIMEOUT (to the
+    destination's IPv6 address with family 6: test_policy6)."""
+    addr = _target(lab, dst, proto, family)
     with nsutil.entered(_netns(lab, src)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6,
+                             socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(PROBE_TIMEOUT)
         try:
@@ -101,22 +104,23 @@ def reaches(lab: Lab, src: str, dst: str, proto: str) -> bool:
 Flows = dict[tuple[str, str, str], bool]
 
 
-def matrix(lab: Lab, want: Flows) -> Flows:
+def matrix(lab: Lab, want: Flows, family: int = 4) -> Flows:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        got = pool.map(lambda k: reaches(lab, *k), want)
+        got = pool.map(lambda k: reaches(lab, *k, family), want)
         return dict(zip(want, got, strict=True))
 
 
-def assert_flows(lab: Lab, want: Flows) -> float:
+def assert_flows(lab: Lab, want: Flows, family: int = 4) -> float:
     """Poll until every flow does what `want` says; returns the seconds it took."""
     started = time.monotonic()
     while True:
-        got = matrix(lab, want)
+        got = matrix(lab, want, family)
         if got == want:
             return time.monotonic() - started
         if time.monotonic() - started > DEADLINE:
             wrong = {k: v for k, v in got.items() if v != want[k]}
-            raise AssertionError(f"after {DEADLINE:.0f}s these flows still differ (src, dst, proto): got {wrong}")
+            raise AssertionError(f"after {DEADLINE:.0f}s these IPv{family} flows still differ (src, dst, proto): "
+                                 f"got {wrong}")
 
 
 def agent_pods(lab: Lab, node: str) -> dict[str, dict]:

@@ -1,8 +1,10 @@
 """The NetworkPolicy compiler against a case table in the spirit of the upstream conformance tests.
 
 A small cluster: namespaces x (team=a) and y (team=b), pods a/b/c in each, a DNS pod in kube-system;
-this node holds x/a, x/b, y/a. Each case installs policies and says, for (src, dst, protocol, port),
-whether a new flow is allowed once both ends' rules are applied (sknf.policy.flow_allowed).
+this node holds x/a, x/b, y/a. The cluster is dual-stack: every pod but the DNS one also has an IPv6
+address (`x/a:6` in a flow names it), from its Pod's status.podIPs, or for local pods their lease. Each
+case installs policies and says, for (src, dst, protocol, port), whether a new flow is allowed once both
+ends' rules are applied (sknf.policy.flow_allowed).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from sknf.policy import Allow, LocalEndpoint, compile_policies, flow_allowed
 
 IPS = {"x/a": "10.244.1.2", "x/b": "10.244.1.3", "x/c": "10.244.2.2", "y/a": "10.244.1.4", "y/b": "10.244.2.3",
        "y/c": "10.244.2.4", "kube-system/dns": "10.244.2.10"}
+IPS6 = {"x/a": "fd00:10:244:1::2", "x/b": "fd00:10:244:1::3", "y/a": "fd00:10:244:1::4", "x/c": "fd00:10:244:2::2",
+        "y/b": "fd00:10:244:2::3", "y/c": "fd00:10:244:2::4"}
 OUTSIDE = "192.0.2.7"
+OUTSIDE6 = "2001:db8::7"
 LOCAL = ("x/a", "x/b", "y/a")
 
 
@@ -22,13 +27,13 @@ def pod(key: str, ports: tuple[tuple[str, int, str], ...] = (("http", 80, "TCP")
     return {"metadata": {"namespace": ns, "name": name, "labels": {"pod": name, "app": "web" if name != "c" else "db"}},
             "spec": {"containers": [{"ports": [{"name": n, "containerPort": p, "protocol": proto}
                                                for n, p, proto in ports]}]},
-            "status": {"podIP": IPS[key]}}
+            "status": {"podIP": IPS[key], "podIPs": [{"ip": a} for a in (IPS[key], IPS6.get(key)) if a]}}
 
 
 PODS = [pod(k) for k in IPS if k != "x/b"] + [pod("x/b", (("http", 8080, "TCP"), ("dns", 53, "UDP")))]
 NAMESPACES = [{"metadata": {"name": "x", "labels": {"team": "a"}}},
               {"metadata": {"name": "y", "labels": {"team": "b"}}}, {"metadata": {"name": "kube-system"}}]
-ENDPOINTS = [LocalEndpoint(IPS[k], *k.split("/")) for k in LOCAL]
+ENDPOINTS = [LocalEndpoint(IPS[k], *k.split("/"), IPS6[k]) for k in LOCAL]
 
 
 def policy(name: str, spec: dict, namespace: str = "x") -> dict:
@@ -37,6 +42,8 @@ def policy(name: str, spec: dict, namespace: str = "x") -> dict:
 
 
 def ip(key: str) -> str:
+    if key.endswith(":6") and key[:-2] in IPS6:
+        return IPS6[key[:-2]]
     return IPS.get(key, key)
 
 
@@ -138,6 +145,30 @@ CASES = {
                        "ingress": [{"from": [{"ipBlock": {"cidr": "nope"}}]}]}),
         policy("good", {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"port": 80}]}]})], [
         ("y/b", "x/a", "TCP", 80, True), ("y/b", "x/a", "TCP", 81, False), ("y/b", "x/b", "TCP", 80, False)]),
+    "IPv6: default deny covers the pod's IPv6 address": ([DENY_ALL_INGRESS], [
+        ("y/b:6", "x/a:6", "TCP", 80, False), ("x/b:6", "x/a:6", "UDP", 53, False),
+        (OUTSIDE6, "x/b:6", "TCP", 1, False),
+        ("x/a:6", "y/b:6", "TCP", 80, True),  # egress is not covered
+        ("y/b:6", "y/a:6", "TCP", 80, True)]),  # other namespace untouched
+    "IPv6: ipBlock with except": ([policy("block6", {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244::/56",
+                                           "except": ["fd00:10:244:2::/64", "fd00:10:244:1::3/128"]}}]}]})],
+        [("y/a:6", "x/a:6", "TCP", 80, True), ("x/c:6", "x/a:6", "TCP", 80, False),
+         ("x/b:6", "x/a:6", "TCP", 80, False), (OUTSIDE6, "x/a:6", "TCP", 80, False),
+         ("fd00:10:244:3::9", "x/a:6", "UDP", 5, True),
+         ("y/a", "x/a", "TCP", 80, False)]),  # an IPv6 block allows no IPv4 address
+    "IPv6: a pod selector allows both addresses of a dual-stack pod": ([policy("from-c", {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}], "ports": [{"port": "http"}]}]})], [
+        ("x/c", "x/a", "TCP", 80, True), ("x/c:6", "x/a:6", "TCP", 80, True), ("x/c:6", "x/a:6", "TCP", 81, False),
+        ("x/b:6", "x/a:6", "TCP", 80, False), ("y/c:6", "x/a:6", "TCP", 80, False)]),
+    "IPv6: egress to pods on a named port, IPv4-only peers have no IPv6 address": ([policy("to-pods", {
+        "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}]}]})], [
+        ("x/a:6", "x/b:6", "TCP", 8080, True), ("x/a:6", "x/b:6", "TCP", 80, False),
+        ("x/a:6", "y/c:6", "TCP", 80, True),
+        ("x/a", "kube-system/dns", "TCP", 80, True), ("x/a:6", OUTSIDE6, "TCP", 80, False)]),
 }
 
 
@@ -164,7 +195,7 @@ def test_policies_selecting_a_pod_are_named() -> None:
     compiled = compile_policies(CASES["union of policies"][0], PODS, NAMESPACES, ENDPOINTS)
     assert compiled.policies_of(IPS["x/a"]) == {"ingress": ["x/p1", "x/p2"]}
     assert compiled.policies_of(IPS["y/a"]) == {}
-    assert compiled.selected() == {IPS["x/a"], IPS["x/b"]}
+    assert compiled.selected() == {IPS["x/a"], IPS["x/b"], IPS6["x/a"], IPS6["x/b"]}  # both addresses of each
 
 
 def test_except_splits_into_merged_intervals() -> None:
@@ -172,6 +203,19 @@ def test_except_splits_into_merged_intervals() -> None:
                                                     {"ipBlock": {"cidr": "10.1.2.0/24"}}]}]}
     allows = compile_policies([policy("b", spec)], PODS, NAMESPACES, ENDPOINTS).ingress[IPS["x/a"]].allows
     assert allows == (Allow(((0x0A000000, 0x0A00FFFF), (0x0A010200, 0x0A0102FF), (0x0A020000, 0x0AFFFFFF)), None),)
+
+
+def test_a_dual_stack_pod_shares_one_chain_between_its_addresses() -> None:
+    from sknf.policy import nft as policy_nft
+
+    spec = {"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}], "ports": [{"port": 80}]}]}
+    chains, maps = policy_nft.desired(compile_policies([policy("c", spec)], PODS, NAMESPACES, ENDPOINTS))
+    assert maps["ingress"] == {IPS["x/a"]: next(iter(chains))} and maps["ingress6"] == {IPS6["x/a"]: next(iter(chains))}
+    assert maps["egress"] == maps["egress6"] == {}
+    rules = policy_nft.chain_rules(*chains[next(iter(chains))])
+    peers = [(r[0]["match"]["left"]["payload"]["protocol"], r[0]["match"]["right"]) for r in rules[:2]]
+    assert peers == [("ip", {"set": [IPS["x/c"]]}), ("ip6", {"set": [IPS6["x/c"]]})]
 
 
 def test_a_pod_without_its_object_is_selected_by_empty_selectors_only() -> None:
@@ -186,8 +230,10 @@ def test_endpoints_with_the_same_rules_share_one_chain() -> None:
 
     compiled = compile_policies([DENY_ALL_INGRESS], PODS, NAMESPACES, ENDPOINTS)
     chains, maps = policy_nft.desired(compiled)
-    assert maps == {"ingress": {IPS["x/a"]: next(iter(chains)), IPS["x/b"]: next(iter(chains))}, "egress": {}}
-    assert len(policy_nft.chain_rules(*chains[next(iter(chains))])) == 2  # nothing allowed: count, then drop
+    chain = next(iter(chains))
+    assert maps == {"ingress": {IPS["x/a"]: chain, IPS["x/b"]: chain}, "egress": {},
+                    "ingress6": {IPS6["x/a"]: chain, IPS6["x/b"]: chain}, "egress6": {}}
+    assert len(policy_nft.chain_rules(*chains[next(iter(chains))])) == 3  # nothing allowed: count (per family), drop
 
 
 def test_rules_render_peers_protocols_and_port_ranges() -> None:
@@ -206,5 +252,10 @@ def test_rules_render_peers_protocols_and_port_ranges() -> None:
         [peer, l4("tcp"), {"match": {"op": "==", "left": dport, "right": {"set": [80, {"range": [8000, 8100]}]}}},
          {"return": None}],
         [peer, l4("udp"), {"return": None}]]  # every UDP port: no port match at all
-    assert rules[2:] == [[{"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                   "set": "@dropped"}}], [{"drop": None}]]
+    nfproto = lambda f: {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": f}}  # noqa: E731
+    assert rules[2:] == [
+        [nfproto("ipv4"), {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                   "set": "@dropped"}}],
+        [nfproto("ipv6"), {"set": {"op": "update", "elem": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                                   "set": "@dropped6"}}],
+        [{"drop": None}]]

@@ -66,3 +66,20 @@ def test_log_forgets_gone_pods_and_counter_resets() -> None:
     log.observe([], now=1)  # the pod is gone
     assert log.observe(rows(spoofed_mac=2), now=2) == [
         "pod default/pod-1 (10.244.1.3, sknf00000001): 2 frames dropped as spoofed_mac since the last report"]
+
+
+def test_policy_drops_of_both_addresses_count_for_one_pod() -> None:
+    """Dual-stack: drops counted against a pod's IPv6 address add to those against its IPv4 one."""
+    import dataclasses
+    from ipaddress import IPv6Address
+    from types import SimpleNamespace
+
+    from sknf.metrics import take_snapshot
+
+    dual = dataclasses.replace(lease(1), ip6=IPv6Address("fd00:10:244:1::3"))
+    store = SimpleNamespace(leases=lambda: [dual], capacity=253)
+    datapath = SimpleNamespace(mode="kernel", reason="", read_counters=lambda: {dual.host_ifname: refused()})
+    snap = take_snapshot("n1", store, datapath, 1,  # type: ignore[arg-type]
+                         policy_drops={"10.244.1.3": 2, "fd00:10:244:1::3": 3, "10.244.1.9": 7})
+    (row,) = stats.pod_rows(snap)
+    assert row["refused"]["policy"] == 5 and row["drops"] == 5
