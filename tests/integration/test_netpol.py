@@ -83,7 +83,7 @@ def _netns(lab: Lab, src: str) -> str:
 
 def reaches(lab: Lab, src: str, dst: str, proto: str, family: int = 4) -> bool:
     """One new flow: a TCP connection answered, or a UDP datagram answered, within PROBE_TIMEOUT (to the
-    destination's IPv6 address with family 6: test_policy6)."""
+    destination's IPv6 address with family 6: test_netpol6)."""
     addr = _target(lab, dst, proto, family)
     with nsutil.entered(_netns(lab, src)):
         sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6,

@@ -1,7 +1,7 @@
 """NetworkPolicy over IPv6 in a dual-stack lab, both datapaths: a default deny stops IPv6 TCP and UDP to
 the selected pod from its node and across nodes while an unselected pod stays reachable; an allow from a
 podSelector lets that peer in over IPv6 (its IPv6 address comes from the Pod's status.podIPs); the
-negative control shows the same IPv6 flows passing with no policy. IPv4 is covered by test_policy.py.
+negative control shows the same IPv6 flows passing with no policy. IPv4 is covered by test_netpol.py.
 
 Cast (2 nodes, 2 pods per node, namespace `lab`): the protected pod is n1p1; n1p2 its neighbour, n2p1
 and n2p2 on the other node.
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from leftovers import managed_lab
-from test_policy import Flows, agent_pods, apply, assert_flows, netpol, only
+from test_netpol import Flows, agent_pods, apply, assert_flows, netpol, only
 
 from sknf.lab import Lab, manifests
 
