@@ -143,7 +143,7 @@ class _NoLeases:
 
     capacity = 0
 
-    def leases(self) -> list:
+    def current(self) -> list:
         return []
 
 

@@ -77,7 +77,7 @@ def test_policy_drops_of_both_addresses_count_for_one_pod() -> None:
     from sknf.metrics import take_snapshot
 
     dual = dataclasses.replace(lease(1), ip6=IPv6Address("fd00:10:244:1::3"))
-    store = SimpleNamespace(leases=lambda: [dual], capacity=253)
+    store = SimpleNamespace(current=lambda: [dual], capacity=253)
     datapath = SimpleNamespace(mode="kernel", reason="", read_counters=lambda: {dual.host_ifname: refused()})
     snap = take_snapshot("n1", store, datapath, 1,  # type: ignore[arg-type]
                          policy_drops={"10.244.1.3": 2, "fd00:10:244:1::3": 3, "10.244.1.9": 7})
