@@ -464,7 +464,7 @@ class Lab:
         targets += [f"{n.name}={nsutil.netns_path(n.netns)}" for n in self.state.nodes]
         targets.append(f"inet={nsutil.netns_path(self.inet)}")
         with open(self.root / "servers.log", "ab") as log:
-            proc = subprocess.Popen(["/usr/bin/python3", "-S", str(REPO / "sknf" / "labserver.py"),
+            proc = subprocess.Popen(["/usr/bin/python3", "-S", str(REPO / "sknf" / "lab" / "server.py"),
                                      str(SERVER_PORT), *targets], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=log, start_new_session=True)
         self.state.server_pid = proc.pid

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 LAB_NAMESPACE = "lab"  # every lab pod's (K8S_POD_NAMESPACE)
-# What the lab's server listens on (sknf.labserver: TCP and UDP on one port), by name.
+# What the lab's server listens on (sknf.lab.server: TCP and UDP on one port), by name.
 NAMED_PORTS = (("http", "TCP"), ("echo", "UDP"))
 
 

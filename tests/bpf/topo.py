@@ -312,10 +312,10 @@ class Snapshot:
                         f"{pod.name} {way}: counted {counted} bytes in {frames} frames for {sent} payload bytes"
 
 
-# -- traffic, against sknf/labserver.py's protocol ------------------------------------------------
+# -- traffic, against sknf/lab/server.py's protocol ------------------------------------------------
 
 SERVER_PORT = 8080
-LABSERVER = REPO / "sknf" / "labserver.py"
+LABSERVER = REPO / "sknf" / "lab" / "server.py"
 
 
 @contextlib.contextmanager

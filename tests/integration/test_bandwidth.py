@@ -23,7 +23,7 @@ import pytest
 from leftovers import managed_lab
 
 from sknf import netlink, nsutil, shaping
-from sknf.bench_bandwidth import PATHS, directions, extra_pod, iperf_servers
+from sknf.bench.bandwidth import PATHS, directions, extra_pod, iperf_servers
 from sknf.datapath import bpfmaps, tc
 from sknf.datapath.bpf import read_pinned_counters
 from sknf.datapath.kernel import host_veth_stats

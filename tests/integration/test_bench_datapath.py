@@ -10,7 +10,8 @@ import re
 import pytest
 from leftovers import assert_lab_gone, processes_mentioning
 
-from sknf import bench, bench_datapath
+from sknf import bench
+from sknf.bench import datapath as bench_datapath
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.bpf]
 

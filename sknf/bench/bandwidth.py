@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
-from sknf.bench_datapath import BenchError, _wait_bound
+from sknf.bench.datapath import BenchError, _wait_bound
 from sknf.lab import Lab, LabNode, LabPod, run_chain
 from sknf.lab.runtime import KUBELET_BURST, bandwidth, with_runtime_config
 

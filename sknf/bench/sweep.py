@@ -28,7 +28,7 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import conntrack, nsutil
-from sknf.bench_scale import BenchError, container_id, cpu_share, plugin, report
+from sknf.bench.scale import BenchError, container_id, cpu_share, plugin, report
 from sknf.datapath import bpfmaps
 from sknf.datapath.bpf import _flow_key
 from sknf.lab import Lab, LabError, LabNode

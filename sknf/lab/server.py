@@ -11,7 +11,7 @@ UDP any datagram      -> `<client ip> <server name> <datagram length>`, sent fro
                          with several addresses does (a node: its own address and its pod gateway)
 
 Stdlib only and started with `python3 -S`, so forty namespaces cost one small process.
-Usage: labserver.py PORT NAME=NETNS_PATH [NAME=NETNS_PATH ...]
+Usage: server.py PORT NAME=NETNS_PATH [NAME=NETNS_PATH ...]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ compile (sknf.policy), the first nftables transaction into an empty namespace of
 the transaction after one policy changed (what a change costs on a running node), and a no-op apply
 (what every reconcile costs). Target: compile <= 1 s for 1,000 pods and 200 policies.
 
---throughput: one TCP stream (iperf3, bench_datapath's load generators) to n1p1 from its neighbour and
+--throughput: one TCP stream (iperf3, sknf.bench.datapath's load generators) to n1p1 from its neighbour and
 from the other node, in a 2-node lab on the BPF datapath, interleaved per round between three states:
 no policy; --policies policies installed that select none of the measured pods (their fast path, with
 the policy table and a selected pod elsewhere on the node); n1p1 selected with an allow-all ingress
@@ -28,7 +28,7 @@ import time
 from pyroute2 import netns as pnetns
 
 from sknf import nsutil, stats
-from sknf.bench_datapath import Pair, servers, throughput
+from sknf.bench.datapath import Pair, servers, throughput
 from sknf.lab import Lab, manifests
 from sknf.policy import LocalEndpoint, compile_policies
 from sknf.policy import nft as policy_nft
