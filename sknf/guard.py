@@ -15,7 +15,12 @@ hands it to iptables) checks it against what the pod was given:
   are their container's IPv6 leases or the pod's link-local address, which the kernel derives from
   its MAC (set `ips6`), or :: for ICMPv6 only (duplicate address detection, MLD); a neighbour
   advertisement's target is one of those addresses (set `nd6`: else `spoofed_arp`, NDP being IPv6's
-  ARP); router advertisements and redirects are dropped (`ipv6`): a pod is never a router;
+  ARP); the link-layer address option of a router or neighbour solicitation or a neighbour
+  advertisement is the attachment's MAC (set `lla`: else `spoofed_arp`, as an ARP sender MAC). nft
+  cannot walk options, so such NDP must have the layout Linux sends: no extension header, and no
+  option or exactly one 8-byte option directly after the fixed body (a receiver takes a link-layer
+  option wherever it is, so any other layout is refused as `spoofed_arp`); router advertisements and
+  redirects are dropped (`ipv6`): a pod is never a router;
 - every other EtherType (VLAN tags, raw protocols) is dropped.
 
 The rules are fixed; pods are set elements (added on ADD, removed on DEL, reconciled with the rest),
@@ -27,11 +32,12 @@ This kernel has no ebtables-legacy, and the bridge family has no `meta ibrname` 
 match `iifname` (sknf's host veths) and drop.
 
 Everything goes through libnftables' JSON API (python3-nftables), one atomic transaction per change,
-but for one statement: `nd6` matches the NA target as a raw payload (`@th,64,128`: nft 1.0.6 has no
-`icmpv6 taddr`), and a set keyed by a raw payload can only be declared with `typeof`, which its JSON
-does not express. So `ensure` creates the table with the NA check failing closed (chain `nd_target`
-refuses every NA), declares `nd6` in nft's own syntax, then swaps in the real check in one
-transaction.
+but for two statements: `nd6` matches the NA target as a raw payload (`@th,64,128`: nft 1.0.6 has no
+`icmpv6 taddr`), `lla` the option's MAC (`@th,208,48`, or `@th,80,48` in a router solicitation), and a
+set keyed by a raw payload can only be declared with `typeof`, which its JSON does not express. So
+`ensure` creates the table with the NDP checks failing closed (chains `nd_target` and `nd_options`
+refuse every NDP frame they see), declares both sets in nft's own syntax, then swaps in the real checks
+in one transaction.
 """
 
 from __future__ import annotations
@@ -57,9 +63,14 @@ TABLE = "sknf"
 CHAIN = "from_pod"
 REASONS = REFUSED_REASONS  # drop reasons (the BPF program's enum refused_reason)
 PRIORITY = -300  # before br_netfilter (0) and anything else on the bridge's prerouting hook
-POD_SETS = ("macs", "ips", "ips6", "nd6", "v6pods")
+POD_SETS = ("macs", "ips", "ips6", "nd6", "lla", "v6pods")
+TYPEOF_SETS = ("nd6", "lla")  # keyed by raw payloads: declared in nft's syntax (see the module docstring)
 ND_TARGET = {"payload": {"base": "th", "offset": 64, "len": 128}}  # a neighbour advertisement's target address
-ND_SET = f"add set {FAMILY} {TABLE} nd6 {{ typeof iifname . @th,64,128 ; }}"
+ND_SETS = (f"add set {FAMILY} {TABLE} nd6 {{ typeof iifname . @th,64,128 ; }}",
+           f"add set {FAMILY} {TABLE} lla {{ typeof iifname . @th,208,48 ; }}")
+ND_CHAINS = ("nd_target", "nd_options")  # the chains that use them, closed until they exist
+# NDP that carries a link-layer address option: the types, and the length of their fixed body (bytes)
+ND_BODIES = ((["nd-router-solicit"], 8), (["nd-neighbor-solicit", "nd-neighbor-advert"], 24))
 COUNTED_MAX = 65535  # pods that can be counted per reason at once (a dynamic set's size)
 
 
@@ -152,17 +163,38 @@ def _rules() -> list[list[dict]]:
         _refuse("spoofed_ip", ip6, _match(saddr6, "::", "!="), _match({"concat": [_iif(), saddr6]}, "@ips6", "!=")),
         _refuse("spoofed_ip", ip6, _match(saddr6, "::"), _match({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!=")),
         _refuse("ipv6", ip6, *_icmpv6({"set": ["nd-router-advert", "nd-redirect"]})),
+        [ip6, *_icmpv6({"set": [t for types, _ in ND_BODIES for t in types]}), {"jump": {"target": "nd_options"}}],
         [ip6, *_icmpv6("nd-neighbor-advert"), {"jump": {"target": "nd_target"}}],
         [ip6, {"accept": None}],
         _refuse("protocol"),
     ]
 
 
-def _nd_rules(closed: bool) -> list[list[dict]]:
-    """nd_target's rules: a neighbour advertisement for one of the pod's own addresses returns, any
-    other is refused; closed (while `nd6` does not exist yet): every one is."""
-    own = [] if closed else [[_match({"concat": [_iif(), ND_TARGET]}, "@nd6"), {"return": None}]]
-    return [*own, _refuse("spoofed_arp")]
+def _th(offset: int, length: int) -> dict:
+    """A raw payload of the transport header, offset and length in bits."""
+    return {"payload": {"base": "th", "offset": offset, "len": length}}
+
+
+def _nd_rules(chain: str, closed: bool) -> list[list[dict]]:
+    """Rules of an NDP chain; closed (while its set does not exist yet) it refuses every frame.
+    nd_target: a neighbour advertisement for one of the pod's own addresses returns, any other is refused.
+    nd_options: no option, or one 8-byte option right after the body whose MAC, if it is a source or
+    target link-layer address, is the pod's; any other layout is refused."""
+    if closed:
+        return [_refuse("spoofed_arp")]
+    if chain == "nd_target":
+        return [[_match({"concat": [_iif(), ND_TARGET]}, "@nd6"), {"return": None}], _refuse("spoofed_arp")]
+    length = _payload("ip6", "length")  # the ICMPv6 message's, with no extension header
+    rules = [_refuse("spoofed_arp", _match(_payload("ip6", "nexthdr"), "ipv6-icmp", "!="))]
+    for types, body in ND_BODIES:
+        kind = _match(_payload("icmpv6", "type"), {"set": types})
+        bits = body * 8
+        rules += [[kind, _match(length, body), {"return": None}],
+                  _refuse("spoofed_arp", kind, _match(length, body + 8, "!=")),
+                  _refuse("spoofed_arp", kind, _match(_th(bits + 8, 8), 1, "!=")),  # the option's length: 8 bytes
+                  _refuse("spoofed_arp", kind, _match(_th(bits, 8), {"set": [1, 2]}),  # source/target LL address
+                          _match({"concat": [_iif(), _th(bits + 16, 48)]}, "@lla", "!="))]
+    return rules
 
 
 def _counting(reason: str) -> list[list[dict]]:
@@ -174,7 +206,7 @@ def _all_rules() -> list[tuple[str, list[dict]]]:
     """(chain, expressions) of every rule of the table, in listing order."""
     out = [("prerouting", [_match(_iif(), f"{HOST_VETH_PREFIX}*"), {"jump": {"target": CHAIN}}])]
     out += [(CHAIN, r) for r in _rules()]
-    out += [("nd_target", r) for r in _nd_rules(closed=False)]
+    out += [(chain, r) for chain in ND_CHAINS for r in _nd_rules(chain, closed=False)]
     for reason in REASONS:
         out += [(f"refuse_{reason}", r) for r in _counting(reason)]
     return out
@@ -199,14 +231,14 @@ def _definition() -> list[dict]:
         {"add": {"chain": {**t, "name": "prerouting", "type": "filter", "hook": "prerouting", "prio": PRIORITY,
                            "policy": "accept"}}},
         {"add": {"chain": {**t, "name": CHAIN}}},
-        {"add": {"chain": {**t, "name": "nd_target"}}},
+        *({"add": {"chain": {**t, "name": chain}}} for chain in ND_CHAINS),
     ]
     for reason in REASONS:
         cmds += [{"add": {"set": {**t, "name": f"refused_{reason}", "type": "ifname",
                                   "size": COUNTED_MAX, "stmt": [{"counter": None}]}}},
                  {"add": {"chain": {**t, "name": f"refuse_{reason}"}}}]
     cmds += [_rule(chain, comment, expr) for comment, (chain, expr) in zip(_comments(), _all_rules(), strict=True)
-             if chain != "nd_target"]
+             if chain not in ND_CHAINS]
     return cmds
 
 
@@ -215,11 +247,15 @@ def _rule(chain: str, comment: str, expr: list[dict]) -> dict:
 
 
 def _nd_commands(closed: bool) -> list[dict]:
-    """Commands that make nd_target's rules (after a flush: one transaction swaps them)."""
-    comments = [c for c, (chain, _) in zip(_comments(), _all_rules(), strict=True) if chain == "nd_target"]
-    return [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": "nd_target"}}},
-            *(_rule("nd_target", c, expr) for c, expr in zip(comments[-len(_nd_rules(closed)):], _nd_rules(closed),
-                                                                 strict=True))]
+    """Commands that make the NDP chains' rules (after a flush: one transaction swaps them). Closed, a
+    chain's one rule carries the comment of its last real one (the refusal)."""
+    cmds: list[dict] = []
+    for name in ND_CHAINS:
+        comments = [c for c, (chain, _) in zip(_comments(), _all_rules(), strict=True) if chain == name]
+        rules = _nd_rules(name, closed)
+        cmds += [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
+                 *(_rule(name, c, expr) for c, expr in zip(comments[-len(rules):], rules, strict=True))]
+    return cmds
 
 
 def _listed(terse: bool) -> list[dict] | None:
@@ -249,10 +285,11 @@ def ensure() -> bool:
     keep = _elements(listed or [])
     cmds = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
             {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *_definition(), *_nd_commands(closed=True)]
-    cmds += _element_commands("add", {name: keep.get(name, []) for name in POD_SETS if name != "nd6"})
+    cmds += _element_commands("add", {name: keep.get(name, []) for name in POD_SETS if name not in TYPEOF_SETS})
     _nft(cmds)
-    _nft_text(ND_SET)
-    _nft([*_nd_commands(closed=False), *_element_commands("add", {"nd6": keep.get("nd6", [])})])
+    for statement in ND_SETS:
+        _nft_text(statement)
+    _nft([*_nd_commands(closed=False), *_element_commands("add", {n: keep.get(n, []) for n in TYPEOF_SETS})])
     return True
 
 
@@ -284,6 +321,7 @@ def _pod_elements(host_ifname: str, mac: str, sources: Iterable[str]) -> dict[st
             "ips": [{"concat": [host_ifname, ip]} for ip in v4],
             "ips6": [{"concat": [host_ifname, str(ip)]} for ip in v6],
             "nd6": [{"concat": [host_ifname, f"0x{int(ip):032x}"]} for ip in v6],  # as nft lists a raw payload
+            "lla": [{"concat": [host_ifname, int(mac.replace(":", ""), 16)]}] if v6 else [],  # (48 bits: a number)
             "v6pods": [host_ifname] if v6 else []}
 
 

@@ -7,7 +7,7 @@
  * leased counts as spoofed_ip whatever its MAC. IPv6 only from a pod with an IPv6 lease (dual-stack),
  * with a source in pod_sources6 (its container's IPv6 leases, its link-local address) or :: for
  * ICMPv6 (DAD, MLD); no router advertisement or redirect; a neighbour advertisement only for one of
- * its own addresses (guard_ipv6). Everything else -- other EtherTypes, VLAN tags, frames too short to
+ * its own addresses; NDP's link-layer address options only with its own MAC (nd_options_own). Everything else -- other EtherTypes, VLAN tags, frames too short to
  * check, more extension headers than are walked -- is dropped, and counted in pod_refused by reason.
  * The kernel datapath applies the same rules in nftables (sknf/guard.py).
  */
@@ -67,6 +67,25 @@ static __always_inline int ipv6_extension(__u8 next)
 	       next == IPPROTO_DSTOPTS || next == IPPROTO_AH;
 }
 
+/* A router or neighbour solicitation or a neighbour advertisement (type) at off, len bytes long: no
+ * option, or one 8-byte option right after the fixed body whose MAC, if it is a source or target
+ * link-layer address, is the pod's. A receiver takes such an option wherever it is, so any other layout
+ * (extension headers before the message included) is refused: Linux sends none, and the nftables rules
+ * of the kernel datapath, which cannot walk options, check exactly this. */
+static __always_inline int nd_options_own(struct __sk_buff *skb, __u32 off, __u16 len, __u8 type, const __u8 *mac)
+{
+	__u16 body = type == 133 ? 8 : 24;
+	__u8 opt[8];
+
+	if (off != ETH_HLEN + sizeof(struct ipv6hdr))
+		return 0;
+	if (len == body)
+		return 1;
+	if (len != body + sizeof(opt) || bpf_skb_load_bytes(skb, off + body, opt, sizeof(opt)) < 0 || opt[1] != 1)
+		return 0;
+	return (opt[0] != 1 && opt[0] != 2) || mac_equal(opt + 2, mac);
+}
+
 /* A pod's IPv6 frame (its MAC already checked). Whether the pod has IPv6 at all is whether its
  * link-local address, which the kernel derives from its MAC (EUI-64), is one of its sources. */
 static __always_inline int guard_ipv6(struct __sk_buff *skb, __u32 ifindex, const struct pod_identity *id)
@@ -112,6 +131,9 @@ static __always_inline int guard_ipv6(struct __sk_buff *skb, __u32 ifindex, cons
 		return refuse(skb, REFUSED_PROTOCOL);
 	if (icmp[0] == 134 || icmp[0] == 137) /* router advertisement, redirect: a pod is never a router */
 		return refuse(skb, REFUSED_IPV6);
+	if ((icmp[0] == 133 || icmp[0] == 135 || icmp[0] == 136) &&
+	    !nd_options_own(skb, off, bpf_ntohs(ip6.payload_len), icmp[0], id->mac))
+		return refuse(skb, REFUSED_ARP);
 	if (icmp[0] == 136) { /* neighbour advertisement: its target must be the pod's own */
 		if (bpf_skb_load_bytes(skb, off, icmp, sizeof(icmp)) < 0 || !source6_known(ifindex, icmp + 8))
 			return refuse(skb, REFUSED_ARP);

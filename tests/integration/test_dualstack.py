@@ -2,9 +2,9 @@
 whole matrix runs, IPv6 rows included (pod<->pod on a node and across, node->pod with its source kept,
 pod->Internet masqueraded, pod->IPv6 ClusterIP TCP and UDP through kube-proxy-style ip6tables NAT); the
 pods' IPv6 settings are as sknf made them; IPv6 traffic is counted; and IPv6 impersonation fails and is
-counted: a forged IPv6 source, a neighbour advertisement for another pod's address, a router
-advertisement. One negative control removes the guard and shows all three succeeding; the agent's
-reconcile then restores it.
+counted: a forged IPv6 source, a neighbour advertisement for another pod's address, NDP whose
+link-layer address option is another pod's MAC, a router advertisement. One negative control removes
+the guard and shows them succeeding; the agent's reconcile then restores it.
 
 Cast (a 2-node lab, 2 pods per node): the attacker is n2p1; its victim is n1p1 (another node); the
 observer n2p2 shares the attacker's node.
@@ -29,6 +29,7 @@ from test_spoofing import (
     ether,
     in_node,
     listening,
+    mac_bytes,
     mac_of,
     marker,
     node,
@@ -64,11 +65,22 @@ def udp6(src: str, dst: str, payload: bytes) -> bytes:
     return ip6(src, dst, 17, struct.pack("!HHHH", 40000, PORT, 8 + len(payload), 0) + payload)
 
 
-def neighbour_advertisement(src: str, dst: str, target: str, mac: str) -> bytes:
-    """An unsolicited NA with the override flag: `target` is at `mac` (its target link-layer address option)."""
+def lla_option(kind: int, mac: str) -> bytes:
+    """A source (1) or target (2) link-layer address option."""
+    return struct.pack("!BB6s", kind, 1, mac_bytes(mac))
+
+
+def neighbour_advertisement(src: str, dst: str, target: str, mac: str, before: bytes = b"") -> bytes:
+    """An unsolicited NA with the override flag: `target` is at `mac` (its target link-layer address option,
+    after the options `before`)."""
     body = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, socket.inet_pton(socket.AF_INET6, target))
-    body += struct.pack("!BB6s", 2, 1, bytes.fromhex(mac.replace(":", "")))
-    return ip6(src, dst, 58, body, hops=255)
+    return ip6(src, dst, 58, body + before + lla_option(2, mac), hops=255)
+
+
+def neighbour_solicitation(src: str, dst: str, target: str, mac: str) -> bytes:
+    """An NS for `target` saying `src` is at `mac` (its source link-layer address option)."""
+    body = struct.pack("!BBHI16s", 135, 0, 0, 0, socket.inet_pton(socket.AF_INET6, target))
+    return ip6(src, dst, 58, body + lla_option(1, mac), hops=255)
 
 
 def neighbour_mac6(netns: str, ip: str) -> str | None:
@@ -257,6 +269,38 @@ def test_ipv6_impersonation_is_refused_and_counted(lab: Lab) -> None:
     assert who(attacker.netns, observer.ip6) == (attacker.ip6, observer.name)
 
 
+def forged_link_layer(lab: Lab) -> dict[str, bytes]:
+    """NDP for the attacker's own address whose link-layer option names the victim's MAC (it would send the
+    attacker's traffic to the victim), by kind."""
+    attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
+    me, other = mac_of(attacker), mac_of(victim)
+    nonce = struct.pack("!BB6s", 14, 1, b"sko-nd")  # an option Linux skips: the TLLA after it is used
+    return {kind: ether(mac_of(observer), me, ETH_P_IPV6, frame) for kind, frame in {
+        "NA with a forged TLLA": neighbour_advertisement(attacker.ip6, observer.ip6, attacker.ip6, other),
+        "NS with a forged SLLA": neighbour_solicitation(attacker.ip6, observer.ip6, observer.ip6, other),
+        "NA with the forged TLLA second": neighbour_advertisement(attacker.ip6, observer.ip6, attacker.ip6, other,
+                                                                  before=nonce),
+    }.items()}
+
+
+def test_ndp_link_layer_options_must_carry_the_pods_mac(lab: Lab) -> None:
+    """An NA/NS for the pod's own address whose link-layer option is another MAC is refused as spoofed_arp
+    (as an ARP with a forged sender MAC is); the same with the pod's own MAC passes."""
+    attacker, observer = pod(lab, "n2p1"), pod(lab, "n2p2")
+    before = refused(lab, attacker)
+    assert who(observer.netns, attacker.ip6) == (observer.ip6, attacker.name)  # the observer has an entry
+    forged = forged_link_layer(lab)
+    own = ether(mac_of(observer), mac_of(attacker), ETH_P_IPV6,
+                neighbour_solicitation(attacker.ip6, observer.ip6, observer.ip6, mac_of(attacker)))
+    with listening(observer.netns) as seen:
+        send(attacker.netns, *forged.values(), own)
+        assert seen(own[14 + 40:]), "an NS with the pod's own MAC must pass"
+        assert [kind for kind, frame in forged.items() if seen(frame[14 + 40:])] == []
+    assert neighbour_mac6(observer.netns, attacker.ip6) == mac_of(attacker), "a link-layer option poisoned it"
+    wait_counted(lab, attacker, "spoofed_arp", before["spoofed_arp"], len(forged))
+    assert who(observer.netns, attacker.ip6) == (observer.ip6, attacker.name)
+
+
 def test_negative_control_without_the_guard(lab: Lab) -> None:
     """The same attacks succeed with the guard removed; the restarted agent's reconcile brings it back."""
     attacker, victim, observer = pod(lab, "n2p1"), pod(lab, "n1p1"), pod(lab, "n2p2")
@@ -274,10 +318,18 @@ def test_negative_control_without_the_guard(lab: Lab) -> None:
                 time.sleep(0.1)
             assert neighbour_mac6(observer.netns, victim.ip6) == mac_of(attacker), \
                 "negative control: without the guard the NA takes over the victim's address"
+            assert who(observer.netns, attacker.ip6) == (observer.ip6, attacker.name)
+            send(attacker.netns, forged_link_layer(lab)["NA with a forged TLLA"])
+            deadline = time.monotonic() + 3
+            while neighbour_mac6(observer.netns, attacker.ip6) != mac_of(victim) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert neighbour_mac6(observer.netns, attacker.ip6) == mac_of(victim), \
+                "negative control: without the guard a forged TLLA redirects the attacker's address"
             # accept_ra=0: the RA that got through made no route in the pod
             assert "proto ra" not in in_node(observer, "ip", "-6", "route")
     finally:
         forget_neighbour(observer, victim.ip6)
+        forget_neighbour(observer, attacker.ip6)
     forged, markers, _, _ = attacks(lab)
     with listening(observer.netns) as seen:
         send(attacker.netns, *forged)
