@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -220,21 +221,27 @@ def iptables_backend(ctx: Context) -> str:
     return iptables.detect().mode
 
 
-def _backend_has_tables(backend: str, ctx: Context) -> bool:
-    """Whether the backend holds any table, read without creating one (listing with iptables-legacy would
-    load ip_tables and make a filter table)."""
+def _tool(backend: str, family: int = 4) -> str:
+    """The iptables (family 4) or ip6tables (6) binary of a backend."""
+    return f"{'ip6tables' if family == 6 else 'iptables'}-{backend}"
+
+
+def _backend_has_tables(backend: str, ctx: Context, family: int = 4) -> bool:
+    """Whether the backend holds any table of the family, read without creating one (listing with
+    iptables-legacy would load ip_tables and make a filter table)."""
     if backend == "legacy":
         try:
-            return bool(Path("/proc/net/ip_tables_names").read_text().split())
+            return bool(Path(f"/proc/net/ip{'6' if family == 6 else ''}_tables_names").read_text().split())
         except OSError:
             return False
-    return any("table" in item and item["table"]["family"] == "ip" and item["table"]["name"] in IPTABLES_OWN_TABLES
-               for item in ctx.nft or [])
+    nft_family = "ip6" if family == 6 else "ip"
+    return any("table" in item and item["table"]["family"] == nft_family
+               and item["table"]["name"] in IPTABLES_OWN_TABLES for item in ctx.nft or [])
 
 
-def chain_rules(backend: str, table: str, chain: str) -> tuple[str | None, list[str]] | None:
+def chain_rules(backend: str, table: str, chain: str, family: int = 4) -> tuple[str | None, list[str]] | None:
     """(policy, rules as -S prints them) of a chain in one backend; None when it cannot be read."""
-    proc = _run([f"iptables-{backend}", "-w", "-t", table, "-S", chain])
+    proc = _run([_tool(backend, family), "-w", "-t", table, "-S", chain])
     if proc is None or proc.returncode != 0:
         return None
     policy = None
@@ -255,8 +262,9 @@ def _drops(rule: str) -> bool:
 POD_DEVICES = (BRIDGE, VXLAN, "+", f"{HOST_VETH_PREFIX}+")
 
 
-def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
-    """A DROP/REJECT rule whose every condition can match pod traffic (-s/-d overlapping the cluster CIDR,
+def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> bool:
+    """A DROP/REJECT rule whose every condition can match pod traffic (-s/-d overlapping the cluster CIDR
+    of the rule's family,
     -i/-o a device pod traffic crosses, a protocol, a comment). Anything else (conntrack INVALID, another
     CNI's device, a negation) is taken as not about pods: doctor flags what certainly drops, not what might."""
     try:
@@ -270,7 +278,7 @@ def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
         word, arg = words[i], words[i + 1] if i + 1 < len(words) else ""
         if word in ("-s", "-d"):
             net = ipaddress.ip_network(arg, strict=False)
-            if cluster is not None and (net.version != 4 or not net.overlaps(cluster)):
+            if cluster is not None and (net.version != cluster.version or not net.overlaps(cluster)):
                 return False
         elif word in ("-i", "-o"):
             if arg not in POD_DEVICES:
@@ -282,34 +290,42 @@ def drops_pod_traffic(rule: str, cluster: ipaddress.IPv4Network | None) -> bool:
     return True
 
 
-def _builtin_chains(ctx: Context, chain: str) -> Iterator[tuple[str, str, list[str]]]:
-    """(backend, policy, rules) of a built-in filter chain in each iptables backend the node uses."""
+def _builtin_chains(ctx: Context, chain: str, family: int = 4) -> Iterator[tuple[str, str, list[str]]]:
+    """(backend, policy, rules) of a built-in filter chain in each iptables (or ip6tables) backend the node uses."""
     for backend in ("nft", "legacy"):
-        if _backend_has_tables(backend, ctx) and (got := chain_rules(backend, "filter", chain)) is not None:
+        if _backend_has_tables(backend, ctx, family) and (got := chain_rules(backend, "filter", chain, family)):
             yield backend, *got
+
+
+def _families(ctx: Context) -> list[tuple[int, Any]]:
+    """(IP version, cluster network) of each family the cluster has; IPv4 with no network when unconfigured."""
+    return [(net.version, net) for net in ctx.cfg.cluster_cidrs] if ctx.cfg is not None else [(4, None)]
 
 
 def check_forward(ctx: Context) -> Finding:
     from sknf.iptables import FORWARD_CHAIN
 
     ours = iptables_backend(ctx)
-    cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
     problems: list[tuple[str, str]] = []
-    for backend, policy, rules in _builtin_chains(ctx, "FORWARD"):
-        if backend == ours:
-            jump = next((i for i, r in enumerate(rules) if f"-j {FORWARD_CHAIN}" in r), None)
-            ahead = [r for r in rules[:jump] if drops_pod_traffic(r, cluster)]
-            problems += [(FAIL, f"`{r}` comes before sknf's jump and drops forwarded traffic") for r in ahead]
-            if jump is None and policy == "DROP":
-                problems.append((FAIL, f"FORWARD policy DROP in iptables-{backend} and no jump to {FORWARD_CHAIN}"))
-        else:
-            if policy == "DROP":
-                problems.append((FAIL, f"FORWARD policy DROP in iptables-{backend}, where sknf's rules are not "
-                                       f"(sknf uses iptables-{ours}): every forwarded pod packet is dropped"))
-            problems += [(FAIL, f"`{r}` in iptables-{backend} (not sknf's backend) drops forwarded traffic")
-                         for r in rules if drops_pod_traffic(r, cluster)]
+    for family, cluster in _families(ctx):
+        mine = _tool(ours, family)
+        for backend, policy, rules in _builtin_chains(ctx, "FORWARD", family):
+            tool = _tool(backend, family)
+            if backend == ours:
+                jump = next((i for i, r in enumerate(rules) if f"-j {FORWARD_CHAIN}" in r), None)
+                ahead = [r for r in rules[:jump] if drops_pod_traffic(r, cluster)]
+                problems += [(FAIL, f"`{r}` comes before sknf's jump and drops forwarded traffic") for r in ahead]
+                if jump is None and policy == "DROP":
+                    problems.append((FAIL, f"FORWARD policy DROP in {tool} and no jump to {FORWARD_CHAIN}"))
+            else:
+                if policy == "DROP":
+                    problems.append((FAIL, f"FORWARD policy DROP in {tool}, where sknf's rules are not "
+                                           f"(sknf uses {mine}): every forwarded pod packet is dropped"))
+                problems += [(FAIL, f"`{r}` in {tool} (not sknf's backend) drops forwarded traffic")
+                             for r in rules if drops_pod_traffic(r, cluster)]
+    clusters = [net for _, net in _families(ctx) if net is not None]
     for chain in _nft_base_chains(ctx, "forward"):
-        about_pods = cluster is not None and _chain_mentions(ctx, chain, str(cluster.network_address))
+        about_pods = bool(clusters) and any(_chain_mentions(ctx, chain, str(net.network_address)) for net in clusters)
         if _nft_drops_by_default(ctx, chain) and not about_pods:
             problems.append((FAIL, f"nft chain {chain['family']} {chain['table']} {chain['name']} (hook forward) "
                                    "drops by default and no rule is about the cluster CIDR: forwarded pod traffic "
@@ -318,8 +334,8 @@ def check_forward(ctx: Context) -> Finding:
         return Finding("forward", OK, f"nothing drops forwarded pod traffic ahead of sknf (iptables-{ours})")
     return Finding("forward", _worst(problems), "; ".join(m for _, m in problems),
                    "the node mixes firewall backends or has a firewall of its own: set the FORWARD policy to "
-                   "ACCEPT in the other backend (e.g. iptables-legacy -P FORWARD ACCEPT) or accept the cluster "
-                   "CIDR there, and remove DROP/REJECT rules ahead of sknf's")
+                   "ACCEPT in the other backend (e.g. iptables-legacy -P FORWARD ACCEPT, ip6tables-legacy for "
+                   "IPv6) or accept the cluster CIDR there, and remove DROP/REJECT rules ahead of sknf's")
 
 
 def _nft_base_chains(ctx: Context, hook: str) -> list[dict]:
@@ -413,25 +429,30 @@ def check_sknf_rules(ctx: Context) -> Finding:
     from sknf.iptables import COMMENT, FORWARD_CHAIN, INPUT_CHAIN, JUMPS, NAT_CHAIN
 
     assert ctx.cfg is not None
-    cidr = str(ctx.cfg.cluster_cidr)
     ours = iptables_backend(ctx)
     missing = []
-    for table, parent, chain in JUMPS:
-        got = chain_rules(ours, table, chain)
-        if got is None:
-            missing.append(f"{table}/{chain} (chain)")
-            continue
-        rules = got[1]
-        if chain == FORWARD_CHAIN and not any(f"-s {cidr}" in r and "ACCEPT" in r for r in rules):
-            missing.append(f"{table}/{chain}: accept of {cidr}")
-        if chain == NAT_CHAIN and ctx.cfg.masquerade and not any("MASQUERADE" in r for r in rules):
-            missing.append(f"{table}/{chain}: masquerade")
-        if chain == INPUT_CHAIN:
-            missing += [f"{table}/{chain}: VXLAN from {p['name']} ({p['underlay_ip']}) is dropped" for p in ctx.others()
-                        if not any(f"-s {p['underlay_ip']}/32" in r and "RETURN" in r for r in rules)]
-        check = _run([f"iptables-{ours}", "-w", "-t", table, "-C", parent, *COMMENT, "-j", chain])
-        if check is not None and check.returncode != 0:
-            missing.append(f"{table}/{parent}: jump to {chain}")
+    for family, net in _families(ctx):
+        cidr, tool = str(net), _tool(ours, family)
+        v6 = "ip6tables " if family == 6 else ""  # what is missing where, when both families have rules
+        for table, parent, chain in JUMPS:
+            if family == 6 and chain not in (FORWARD_CHAIN, NAT_CHAIN):  # the underlay is IPv4 (iptables.py)
+                continue
+            got = chain_rules(ours, table, chain, family)
+            if got is None:
+                missing.append(f"{v6}{table}/{chain} (chain)")
+                continue
+            rules = got[1]
+            if chain == FORWARD_CHAIN and not any(f"-s {cidr}" in r and "ACCEPT" in r for r in rules):
+                missing.append(f"{v6}{table}/{chain}: accept of {cidr}")
+            if chain == NAT_CHAIN and ctx.cfg.masquerade and not any("MASQUERADE" in r for r in rules):
+                missing.append(f"{v6}{table}/{chain}: masquerade of {cidr}")
+            if chain == INPUT_CHAIN:
+                missing += [f"{table}/{chain}: VXLAN from {p['name']} ({p['underlay_ip']}) is dropped"
+                            for p in ctx.others()
+                            if not any(f"-s {p['underlay_ip']}/32" in r and "RETURN" in r for r in rules)]
+            check = _run([tool, "-w", "-t", table, "-C", parent, *COMMENT, "-j", chain])
+            if check is not None and check.returncode != 0:
+                missing.append(f"{v6}{table}/{parent}: jump to {chain}")
     mode = ctx.agent["datapath"]["mode"] if ctx.agent else None
     if mode == "kernel" and ctx.nft is not None and not any(
             item.get("table", {}).get("family") == guard.FAMILY and item["table"].get("name") == guard.TABLE
@@ -444,7 +465,7 @@ def check_sknf_rules(ctx: Context) -> Finding:
                        "something removes them (read the agent's log)")
     return Finding("sknf-rules", OK, f"forward, {'masquerade' if ctx.cfg.masquerade else 'no-masquerade'}, "
                    f"VXLAN-from-peers{' and source validation' if mode == 'kernel' else ''} rules in place "
-                   f"(iptables-{ours})")
+                   f"(iptables-{ours}{f', ip6tables-{ours}' if 6 in ctx.cfg.families else ''})")
 
 
 def check_sysctls(ctx: Context) -> Finding:
@@ -464,8 +485,20 @@ def check_sysctls(ctx: Context) -> Finding:
         if value is not None and max(all_rp, int(value)) == 1:
             problems.append((FAIL, f"strict rp_filter on {dev} (all={all_rp}, {dev}={value}): replies that come "
                                    "back over another interface are dropped"))
+    for dev in (BRIDGE, VXLAN):  # set in every cluster (overlay.IPV6_SYSCTLS); absent where IPv6 is off
+        if (value := _sysctl(f"net.ipv6.conf.{dev}.accept_ra")) not in (None, "0"):
+            problems.append((FAIL, f"{dev} accepts router advertisements (accept_ra={value}): a pod's RA could "
+                                   "give the node a route"))
+    dual = ctx.cfg is not None and 6 in ctx.cfg.families
+    if dual:
+        if _sysctl("net.ipv6.conf.all.forwarding") != "1":
+            problems.append((FAIL, "net.ipv6.conf.all.forwarding is not 1: the node forwards no pod IPv6"))
+        if _sysctl("net.bridge.bridge-nf-call-ip6tables") not in (None, "1"):  # no br_netfilter: said above
+            problems.append((FAIL, "net.bridge.bridge-nf-call-ip6tables is not 1: replies from a same-node IPv6 "
+                                   "Service backend reach the client un-NATed"))
     if not problems:
-        return Finding("sysctls", OK, "ip_forward, bridge-nf-call-iptables, loose rp_filter")
+        return Finding("sysctls", OK, "ip_forward, bridge-nf-call-iptables, loose rp_filter, no RAs on the overlay"
+                       + (", IPv6 forwarding, bridge-nf-call-ip6tables" if dual else ""))
     return Finding("sysctls", _worst(problems), "; ".join(m for _, m in problems),
                    "the agent sets these every reconcile; `modprobe br_netfilter` (and list it in "
                    "/etc/modules-load.d/), and make sure no other tool (sysctl.d, a hardening profile) resets them")
@@ -557,25 +590,26 @@ def check_routes(ctx: Context) -> Finding:
     from sknf import netlink, overlay
 
     assert ctx.cfg is not None
-    cluster = ctx.cfg.cluster_cidr
+    clusters = ",".join(map(str, ctx.cfg.cluster_cidrs))
     bridge = ctx.links.get(BRIDGE)
     names = {link["index"]: name for name, link in ctx.links.items()}
     shadows = []
     with netlink.route() as ipr:
-        for r in ipr.route("dump", family=2):  # every table (get_routes(table=0) matches none)
-            table = r.get("RTA_TABLE")
-            if table in (255, overlay.PEER_ROUTE_TABLE) or r.get("RTA_DST") is None:
-                continue
-            dst = ipaddress.IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}")
-            oif = r.get("RTA_OIF")
-            if dst.subnet_of(cluster) and (bridge is None or oif != bridge["index"]):
-                dev = names.get(oif, "no device")
-                shadows.append(f"{dst} dev {dev} (table {'main' if table == 254 else table})")
+        for cluster in ctx.cfg.cluster_cidrs:
+            for r in ipr.route("dump", family=socket.AF_INET6 if cluster.version == 6 else socket.AF_INET):
+                table = r.get("RTA_TABLE")  # every table (get_routes(table=0) matches none)
+                if table in (255, overlay.PEER_ROUTE_TABLE) or r.get("RTA_DST") is None:
+                    continue
+                dst = ipaddress.ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}")
+                oif = r.get("RTA_OIF")
+                if dst.subnet_of(cluster) and (bridge is None or oif != bridge["index"]):
+                    dev = names.get(oif, "no device")
+                    shadows.append(f"{dst} dev {dev} (table {'main' if table == 254 else table})")
     if shadows:
-        return Finding("routes", FAIL, f"routes inside the cluster CIDR {cluster} that shadow {BRIDGE}: "
+        return Finding("routes", FAIL, f"routes inside the cluster CIDR {clusters} that shadow {BRIDGE}: "
                        f"{', '.join(shadows)}; traffic for those pods goes there",
                        "delete them (ip route del DESTINATION), and the device of the CNI that made them")
-    return Finding("routes", OK, f"nothing inside {cluster} is routed past {BRIDGE}")
+    return Finding("routes", OK, f"nothing inside {clusters} is routed past {BRIDGE}")
 
 
 def check_overlay(ctx: Context) -> Finding:

@@ -177,6 +177,36 @@ def test_doctor_checks_the_gateway_of_each_family(lab: Lab) -> None:
     assert_all_ok(n)
 
 
+def test_doctor_checks_the_ipv6_side_as_the_ipv4_one(lab: Lab) -> None:
+    """What breaks pod IPv6 on a node FAILs naming it: a route inside the IPv6 cluster CIDR past brsknf, a
+    FORWARD DROP in the other backend's ip6tables, a missing IPv6 masquerade, IPv6 forwarding off, RAs
+    taken on brsknf. The last three the agent repairs, so it is stopped meanwhile; then all is OK again."""
+    n = node(lab, "n1")
+    assert_all_ok(n)
+    shadow = ["fd00:10:244:7::/64", "dev", "lo"]
+    in_node(n, "ip", "-6", "route", "add", *shadow)
+    in_node(n, "ip6tables-legacy", "-w", "-P", "FORWARD", "DROP")
+    try:
+        _, found = run_doctor(n)
+        assert found["routes"].status == doctor.FAIL
+        assert "fd00:10:244:7::/64 dev lo (table main)" in found["routes"].message
+        assert found["forward"].status == doctor.FAIL
+        assert "FORWARD policy DROP in ip6tables-legacy, where sknf's rules are not" in found["forward"].message
+    finally:
+        in_node(n, "ip", "-6", "route", "del", *shadow)
+        in_node(n, "ip6tables-legacy", "-w", "-P", "FORWARD", "ACCEPT")
+    with defence_removed(lab, n, lambda: None):
+        in_node(n, "ip6tables-nft", "-w", "-t", "nat", "-F", "SKNF-POSTROUTING")
+        in_node(n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0", f"net.ipv6.conf.{BRIDGE}.accept_ra=2")
+        _, found = run_doctor(n)
+        assert found["sknf-rules"].status == doctor.FAIL
+        assert "ip6tables nat/SKNF-POSTROUTING: masquerade of fd00:10:244::/56" in found["sknf-rules"].message
+        assert found["sysctls"].status == doctor.FAIL
+        assert "net.ipv6.conf.all.forwarding is not 1" in found["sysctls"].message
+        assert f"{BRIDGE} accepts router advertisements (accept_ra=2)" in found["sysctls"].message
+    assert_all_ok(n)  # the restarted agent's first reconcile repaired them
+
+
 def test_stats_list_both_addresses(lab: Lab) -> None:
     p = pod(lab, "n1p1")
     reply = stats.query_agent(lab.node_dir(p.node) / "run" / "sknf.sock")

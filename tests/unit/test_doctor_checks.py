@@ -84,8 +84,88 @@ def test_which_iptables_drops_hit_pod_traffic(rule: str, hit: bool) -> None:
     assert doctor.drops_pod_traffic(rule, CLUSTER) is hit
 
 
+CLUSTER6 = ipaddress.IPv6Network("fd00:10:244::/56")
+
+
+def dual(**kw) -> Config:
+    return cfg(cluster_cidrs=(CLUSTER, CLUSTER6), **kw)
+
+
+@pytest.mark.parametrize(("rule", "hit"), [
+    ("-A FORWARD -d fd00:10:244:2::/64 -j REJECT", True),
+    ("-A FORWARD -s fd00::/8 -j DROP", True),
+    ("-A FORWARD -d 2001:db8::/32 -j DROP", False),
+    ("-A FORWARD -d 10.244.2.0/24 -j DROP", False),  # an IPv4 network in an ip6tables rule: not the IPv6 pods
+])
+def test_which_ip6tables_drops_hit_ipv6_pod_traffic(rule: str, hit: bool) -> None:
+    assert doctor.drops_pod_traffic(rule, CLUSTER6) is hit
+
+
+def sysctls(monkeypatch: pytest.MonkeyPatch, **changed: str) -> None:
+    values = {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1",
+              "net.bridge.bridge-nf-call-ip6tables": "1", "net.ipv6.conf.all.forwarding": "1",
+              "net.ipv6.conf.brsknf.accept_ra": "0", "net.ipv6.conf.vxsknf.accept_ra": "0"}
+    values.update({k.replace("__", "."): v for k, v in changed.items()})
+    monkeypatch.setattr(doctor, "_sysctl", values.get)
+
+
+def test_dual_stack_sysctls(monkeypatch: pytest.MonkeyPatch) -> None:
+    sysctls(monkeypatch)
+    found = doctor.check_sysctls(doctor.Context(cfg=dual()))
+    assert found.status == "OK" and "IPv6 forwarding" in found.message
+    sysctls(monkeypatch, **{"net.ipv6.conf.all.forwarding": "0", "net.bridge.bridge-nf-call-ip6tables": "0"})
+    found = doctor.check_sysctls(doctor.Context(cfg=dual()))
+    assert found.status == "FAIL"
+    assert "net.ipv6.conf.all.forwarding is not 1" in found.message and "bridge-nf-call-ip6tables" in found.message
+    assert doctor.check_sysctls(doctor.Context(cfg=cfg())).status == "OK"  # IPv4-only: IPv6 forwarding is not sknf's
+
+
+def test_router_advertisements_on_the_overlay_fail_in_any_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    sysctls(monkeypatch, **{"net.ipv6.conf.brsknf.accept_ra": "2"})
+    for config in (cfg(), dual()):
+        found = doctor.check_sysctls(doctor.Context(cfg=config))
+        assert found.status == "FAIL" and "brsknf accepts router advertisements (accept_ra=2)" in found.message
+
+
+def fake_iptables(monkeypatch: pytest.MonkeyPatch, rules: dict[tuple[int, str], list[str]],
+                  policies: dict[tuple[str, int], str] | None = None) -> None:
+    """chain_rules answers from `rules` ({(family, chain): rules}) in every backend; -C always finds the jump."""
+    def chain_rules(backend: str, table: str, chain: str, family: int = 4):
+        return (policies or {}).get((backend, family), "ACCEPT"), rules.get((family, chain), [])
+
+    monkeypatch.setattr(doctor, "chain_rules", chain_rules)
+    monkeypatch.setattr(doctor, "_run", lambda argv: None)
+
+
+def test_sknf_rules_of_the_ipv6_family_are_checked_in_ip6tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    v4 = {(4, "SKNF-FORWARD"): ["-A SKNF-FORWARD -s 10.244.0.0/16 -m comment --comment sknf -j ACCEPT"],
+          (4, "SKNF-POSTROUTING"): ["-A SKNF-POSTROUTING -s 10.244.0.0/16 -j MASQUERADE --random-fully"]}
+    v6 = {(6, "SKNF-FORWARD"): ["-A SKNF-FORWARD -s fd00:10:244::/56 -m comment --comment sknf -j ACCEPT"],
+          (6, "SKNF-POSTROUTING"): ["-A SKNF-POSTROUTING -s fd00:10:244::/56 -j MASQUERADE --random-fully"]}
+    ctx = lambda: doctor.Context(cfg=dual(), agent={"iptables": "nft", "peers": [], "datapath": {"mode": "bpf"}})  # noqa: E731
+    fake_iptables(monkeypatch, {**v4, **v6})
+    found = doctor.check_sknf_rules(ctx())
+    assert found.status == "OK" and "ip6tables-nft" in found.message
+    fake_iptables(monkeypatch, {**v4, (6, "SKNF-FORWARD"): v6[(6, "SKNF-FORWARD")]})
+    found = doctor.check_sknf_rules(ctx())
+    assert found.status == "FAIL" and "ip6tables nat/SKNF-POSTROUTING: masquerade of fd00:10:244::/56" in found.message
+    assert "nat/SKNF-POSTROUTING: masquerade of 10.244.0.0/16" not in found.message
+
+
+def test_an_ip6tables_forward_drop_in_the_other_backend_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx, family=4: True)
+    fake_iptables(monkeypatch, {(f, "FORWARD"): ["-A FORWARD -m comment --comment sknf -j SKNF-FORWARD"]
+                                for f in (4, 6)}, {("legacy", 6): "DROP"})
+    ctx = doctor.Context(cfg=dual(), agent={"iptables": "nft"}, nft=[])
+    found = doctor.check_forward(ctx)
+    assert found.status == "FAIL"
+    assert found.message == ("FORWARD policy DROP in ip6tables-legacy, where sknf's rules are not (sknf uses "
+                             "ip6tables-nft): every forwarded pod packet is dropped")
+    assert doctor.check_forward(doctor.Context(cfg=cfg(), agent={"iptables": "nft"}, nft=[])).status == "OK"
+
+
 def test_an_nft_chain_ending_in_a_bare_reject_drops_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx: False)  # iptables not consulted
+    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx, family=4: False)  # iptables not consulted
     chain = {"family": "inet", "table": "firewalld", "name": "filter_FORWARD", "hook": "forward", "policy": "accept"}
     rule = {"family": "inet", "table": "firewalld", "chain": "filter_FORWARD"}
     established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}}
