@@ -8,6 +8,7 @@ config) lives in a temp dir, so the machine's own podman state is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -29,12 +30,21 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PREFIX = "ske-pm"
 NAMES = ("ske-pm-a", "ske-pm-b")
+DUAL_PREFIX = "sko-pm"  # the dual-stack case's lab, containers and podman dir
+DUAL_NAMES = ("sko-pm-a", "sko-pm-b")
 BUSYBOX_APPLETS = ("sh", "ip", "wget", "httpd", "cat")
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     with managed_lab(PREFIX, nodes=1, pods_per_node=1, datapath="kernel") as built:
+        yield built
+
+
+@pytest.fixture
+def dual_lab() -> Iterator[Lab]:
+    """The agent serves both families; its conflist is the same (sknf answers with the cluster's families)."""
+    with managed_lab(DUAL_PREFIX, nodes=1, pods_per_node=1, datapath="kernel", dual_stack=True) as built:
         yield built
 
 
@@ -87,8 +97,9 @@ class Podman:
             assert time.monotonic() < deadline, f"{name} does not listen on {port}"
             time.sleep(0.1)
 
-    def ip(self, name: str) -> str:
-        return self("inspect", name, "--format", "{{.NetworkSettings.Networks.sknf.IPAddress}}")
+    def ip(self, name: str, family: int = 4) -> str:
+        field = "GlobalIPv6Address" if family == 6 else "IPAddress"
+        return self("inspect", name, "--format", f"{{{{.NetworkSettings.Networks.sknf.{field}}}}}")
 
     def remove_all(self) -> None:
         subprocess.run([*self.argv, "rm", "-f", "-t", "0", "--all"], env=self.env, capture_output=True, timeout=120)
@@ -96,7 +107,19 @@ class Podman:
 
 @pytest.fixture
 def podman(lab: Lab) -> Iterator[Podman]:
-    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))  # short: podman refuses a runroot over 50 characters
+    with podman_on(lab, PREFIX) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def dual_podman(dual_lab: Lab) -> Iterator[Podman]:
+    with podman_on(dual_lab, DUAL_PREFIX) as runtime:
+        yield runtime
+
+
+@contextlib.contextmanager
+def podman_on(lab: Lab, prefix: str) -> Iterator[Podman]:
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))  # short: podman refuses a runroot over 50 characters
     node = lab.state.nodes[0]
     try:
         runtime = Podman(work, node, lab.node_dir(node.name) / "net.d" / "10-sknf.conflist",
@@ -113,7 +136,12 @@ def podman(lab: Lab) -> Iterator[Podman]:
 
 def leases(lab: Lab, node: LabNode) -> dict[str, str]:
     store = Store.open_existing(lab.node_dir(node.name) / "state")
-    return {lease.container_id: str(lease.ip) for lease in store.leases()}
+    return {lease.container_id: ",".join(map(str, lease.ips)) for lease in store.leases()}
+
+
+def leased_addresses(lab: Lab, node: LabNode) -> list[str]:
+    """The store's address index: an entry per leased address, of each family (ipam.py)."""
+    return sorted(os.listdir(lab.node_dir(node.name) / "state" / "ipam" / "ips"))
 
 
 def host_veths(node: LabNode) -> list[str]:
@@ -157,3 +185,36 @@ def test_podman_containers_talk_over_sknf_and_rm_frees_everything(lab: Lab, podm
     assert leases(lab, node) == leases_before
     assert host_veths(node) == links_before
     assert [path for path in sandboxes if os.path.exists(path)] == []
+
+
+def test_podman_dual_stack_containers_get_both_families_and_rm_frees_both(dual_lab: Lab,
+                                                                         dual_podman: Podman) -> None:
+    """Each container gets an IPv4 and an IPv6 address from sknf (cluster-wide prefixes, a default route per
+    family), reaches the other over IPv6, and `podman rm` frees both addresses of the one lease."""
+    lab, podman, node = dual_lab, dual_podman, dual_lab.state.nodes[0]
+    subnets = [ipaddress.ip_network(net) for net in node.pod_cidr.split(",")]  # the node's, one per family
+    assert [net.version for net in subnets] == [4, 6]
+    leases_before, index_before, links_before = leases(lab, node), leased_addresses(lab, node), host_veths(node)
+
+    ids = {name: podman.run_httpd(name) for name in DUAL_NAMES}
+    ips = {name: (podman.ip(name), podman.ip(name, 6)) for name in DUAL_NAMES}
+    now = leases(lab, node)
+    for name, (v4, v6) in ips.items():
+        assert [ipaddress.ip_address(ip) in net for ip, net in zip((v4, v6), subnets, strict=True)] == [True, True]
+        assert now[ids[name]] == f"{v4},{v6}"  # one lease holds both
+        assert f"inet {v4}/16 " in podman("exec", name, "ip", "-4", "-o", "addr", "show", "eth0")
+        assert f"inet6 {v6}/56 " in podman("exec", name, "ip", "-6", "-o", "addr", "show", "eth0")
+        route = podman("exec", name, "ip", "-6", "route", "show", "default")
+        assert route.startswith(f"default via {node.gateway_ip6} "), route
+    assert len(leased_addresses(lab, node)) == len(index_before) + 4  # two families, two containers
+    a, b = DUAL_NAMES
+    for name in DUAL_NAMES:
+        podman.wait_listening(name, 8080)
+    assert podman("exec", a, "wget", "-qO-", f"http://[{ips[b][1]}]:8080/") == f"hello from {b}"
+    assert podman("exec", b, "wget", "-qO-", f"http://[{ips[a][1]}]:8080/") == f"hello from {a}"
+
+    podman("rm", "-f", "-t", "0", *DUAL_NAMES)
+
+    assert leases(lab, node) == leases_before
+    assert leased_addresses(lab, node) == index_before  # neither family's address is left behind
+    assert host_veths(node) == links_before
