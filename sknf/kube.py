@@ -287,12 +287,18 @@ class KubePeerSource:
         while True:
             wait = self.poll
             try:
-                cidr = spec_pod_cidr(read_node(self.api, self.name))
+                obj = read_node(self.api, self.name)
+                cidr = spec_pod_cidr(obj)
             except KubeError as e:
                 why, wait, delay = str(e), delay, min(delay * 2, self.backoff[1])
             else:
                 if cidr is not None:
                     self._check_inside_cluster(cidr)
+                    listed = (obj.get("spec") or {}).get("podCIDRs") or []
+                    if len(listed) > 1 and ":" in str(listed[0]):
+                        log.info("node %s: spec.podCIDRs %s lists IPv6 first (the cluster's primary family); "
+                                 "sknf serves each family's subnet alike: %s", self.name, ",".join(map(str, listed)),
+                                 cidr)
                     return cidr
                 why = (f"node {self.name} has no spec.podCIDR yet: the controller manager assigns one when "
                        "the cluster has a pod network CIDR (kubeadm init --pod-network-cidr)")

@@ -44,6 +44,12 @@ def test_a_node_assigned_one_family_gets_the_other_carved_and_says_so(tmp_path: 
     assert "none of IPv6 that cluster_cidr has" in caplog.text
 
 
+def test_a_node_assigned_only_ipv6_gets_ipv4_carved_and_says_so(tmp_path: Path, caplog) -> None:
+    got = node_pod_cidrs(cfg(tmp_path), Assigned("fd00:10:244:4::/64"), [])
+    assert got == (IPv4Network("10.244.0.0/24"), IPv6Network("fd00:10:244:4::/64"))
+    assert "the cluster assigned pod subnets fd00:10:244:4::/64, none of IPv4 that cluster_cidr has" in caplog.text
+
+
 def test_families_the_cluster_lacks_are_ignored(tmp_path: Path) -> None:
     c = Config(node_name="n1", cluster_cidr=V4, state_dir=tmp_path)
     assert node_pod_cidrs(c, Assigned("fd00:5::/64,10.244.5.0/24"), []) == (IPv4Network("10.244.5.0/24"),)

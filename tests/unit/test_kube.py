@@ -224,6 +224,14 @@ def test_own_pod_cidr_waits_for_the_controller_manager(api, make_source, server,
     assert caplog.text.count("has no spec.podCIDR yet") == 1  # said once, not at every poll
 
 
+def test_own_pod_cidr_in_the_other_order_is_served_and_said(api, make_source, caplog) -> None:
+    api.create_node(node(ME, "192.0.2.1"))
+    api.patch_node(ME, {"spec": {"podCIDR": "fd00:10:244:5::/64", "podCIDRs": ["fd00:10:244:5::/64", "10.244.5.0/24"]}})
+    with caplog.at_level(logging.INFO, logger="sknf.kube"):
+        assert make_source().own_pod_cidr(timeout=5) == "10.244.5.0/24,fd00:10:244:5::/64"
+    assert f"node {ME}: spec.podCIDRs fd00:10:244:5::/64,10.244.5.0/24 lists IPv6 first" in caplog.text
+
+
 def test_own_pod_cidr_waits_for_registration_and_gives_up(api, make_source, caplog) -> None:
     src = make_source()
     with caplog.at_level(logging.WARNING, logger="sknf.kube"):
