@@ -83,6 +83,11 @@ def neighbour_solicitation(src: str, dst: str, target: str, mac: str) -> bytes:
     return ip6(src, dst, 58, body + lla_option(1, mac), hops=255)
 
 
+def router_solicitation(src: str, dst: str, mac: str) -> bytes:
+    """An RS saying `src` is at `mac` (a router, such as the node, takes its source link-layer address)."""
+    return ip6(src, dst, 58, struct.pack("!BBHI", 133, 0, 0, 0) + lla_option(1, mac), hops=255)
+
+
 def neighbour_mac6(netns: str, ip: str) -> str | None:
     with netlink.route(nsutil.netns_path(netns)) as ipr:
         for n in ipr.get_neighbours(family=socket.AF_INET6, dst=ip):
@@ -310,21 +315,24 @@ def forged_link_layer(lab: Lab) -> dict[str, bytes]:
         "NS with a forged SLLA": neighbour_solicitation(attacker.ip6, observer.ip6, observer.ip6, other),
         "NA with the forged TLLA second": neighbour_advertisement(attacker.ip6, observer.ip6, attacker.ip6, other,
                                                                   before=nonce),
+        "RS with a forged SLLA": router_solicitation(attacker.ip6, observer.ip6, other),
     }.items()}
 
 
 def test_ndp_link_layer_options_must_carry_the_pods_mac(lab: Lab) -> None:
-    """An NA/NS for the pod's own address whose link-layer option is another MAC is refused as spoofed_arp
+    """An NA/NS/RS for the pod's own address whose link-layer option is another MAC is refused as spoofed_arp
     (as an ARP with a forged sender MAC is); the same with the pod's own MAC passes."""
     attacker, observer = pod(lab, "n2p1"), pod(lab, "n2p2")
+    me = mac_of(attacker)
     before = refused(lab, attacker)
     assert who(observer.netns, attacker.ip6) == (observer.ip6, attacker.name)  # the observer has an entry
     forged = forged_link_layer(lab)
-    own = ether(mac_of(observer), mac_of(attacker), ETH_P_IPV6,
-                neighbour_solicitation(attacker.ip6, observer.ip6, observer.ip6, mac_of(attacker)))
+    own = [ether(mac_of(observer), me, ETH_P_IPV6, frame) for frame in (
+        neighbour_solicitation(attacker.ip6, observer.ip6, observer.ip6, me),
+        router_solicitation(attacker.ip6, observer.ip6, me))]
     with listening(observer.netns) as seen:
-        send(attacker.netns, *forged.values(), own)
-        assert seen(own[14 + 40:]), "an NS with the pod's own MAC must pass"
+        send(attacker.netns, *forged.values(), *own)
+        assert all(seen(frame[14 + 40:]) for frame in own), "an NS or RS with the pod's own MAC must pass"
         assert [kind for kind, frame in forged.items() if seen(frame[14 + 40:])] == []
     assert neighbour_mac6(observer.netns, attacker.ip6) == mac_of(attacker), "a link-layer option poisoned it"
     wait_counted(lab, attacker, "spoofed_arp", before["spoofed_arp"], len(forged))
