@@ -7,8 +7,9 @@
  * leased counts as spoofed_ip whatever its MAC. IPv6 only from a pod with an IPv6 lease (dual-stack),
  * with a source in pod_sources6 (its container's IPv6 leases, its link-local address) or :: for
  * ICMPv6 (DAD, MLD); no router advertisement or redirect; a neighbour advertisement only for one of
- * its own addresses; NDP's link-layer address options only with its own MAC (nd_options_own). Everything else -- other EtherTypes, VLAN tags, frames too short to
- * check, more extension headers than are walked -- is dropped, and counted in pod_refused by reason.
+ * its own addresses (guard_ipv6); NDP's link-layer address options only with its own MAC
+ * (nd_options_own). Everything else -- other EtherTypes, VLAN tags, frames too short to check, more
+ * extension headers than are walked -- is dropped, and counted in pod_refused by reason.
  * The kernel datapath applies the same rules in nftables (sknf/guard.py).
  */
 #ifndef SKNF_GUARD_H
