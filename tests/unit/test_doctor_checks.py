@@ -85,7 +85,7 @@ def test_which_iptables_drops_hit_pod_traffic(rule: str, hit: bool) -> None:
 
 
 def test_an_nft_chain_ending_in_a_bare_reject_drops_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx: False)  # iptables not consulted
+    monkeypatch.setattr(doctor, "_backend_has_tables", lambda backend, ctx, family=4: False)  # iptables not consulted
     chain = {"family": "inet", "table": "firewalld", "name": "filter_FORWARD", "hook": "forward", "policy": "accept"}
     rule = {"family": "inet", "table": "firewalld", "chain": "filter_FORWARD"}
     established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}}
