@@ -159,7 +159,7 @@ def ensure_node(cfg: Config, pod_cidrs: Network | tuple[Network, ...]) -> NodeOv
         gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
     for key, value in SYSCTLS.items():
         netlink.sysctl(key, value)
-    if os.path.isdir("/proc/sys/net/ipv6"):
+    if 6 in ip_families():
         for key, value in IPV6_SYSCTLS.items():
             netlink.sysctl(key, value)
     if 6 in cfg.families:
@@ -211,6 +211,12 @@ def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[se
     return added, removed
 
 
+def ip_families() -> tuple[int, ...]:
+    """The IP versions this kernel has: (4, 6), or (4,) where IPv6 is disabled (ipv6.disable=1), whose rules
+    and routes cannot even be listed."""
+    return (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
+
+
 def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_name: str) -> None:
     """Pod-forwarded traffic for each peer node's address goes via that peer's gateway over the overlay.
 
@@ -226,13 +232,13 @@ def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_nam
         wanted = {p.underlay_ip: gateway_of(subnet) for p in peers
                   if p.name != self_name and p.underlay_ip != node.underlay_ip and (subnet := subnet_of(p, family))}
     with netlink.route() as ipr:
-        for fam in (4, 6):
+        for fam in ip_families():
             if fam == family and routed:
                 netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cluster), iifname=BRIDGE,
                                            table=PEER_ROUTE_TABLE)
             else:
                 netlink.remove_rules(ipr, PEER_RULE_PRIORITY, fam)
-    for fam in (4, 6):
+    for fam in ip_families():
         netlink.sync_host_routes(PEER_ROUTE_TABLE, node.bridge_ifindex, wanted if fam == family else {}, fam)
 
 
@@ -257,7 +263,7 @@ def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node], backend: ipt
 def teardown() -> None:
     """Remove the peer routing, the bridge, the VXLAN device and every pod host veth (uninstall)."""
     with netlink.route() as ipr:
-        for family in (4, 6):
+        for family in ip_families():
             netlink.remove_rules(ipr, PEER_RULE_PRIORITY, family)
             netlink.sync_host_routes(PEER_ROUTE_TABLE, 0, {}, family)
         for name in netlink.host_veths(ipr, HOST_VETH_PREFIX):

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
+import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from leftovers import managed_lab
@@ -22,7 +26,7 @@ from test_spoofing import ETH_P_IPV6, defence_removed, ether, in_node, listening
 
 from sknf import netlink, nsutil, overlay
 from sknf.config import BRIDGE, VXLAN
-from sknf.lab import INTERNET_HOST6, Lab, LabNode, who
+from sknf.lab import INTERNET_HOST6, REPO, Lab, LabNode, who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -89,6 +93,21 @@ def test_vxlan_runs_over_the_ipv6_underlay(lab: Lab) -> None:
 def test_doctor_is_all_ok_with_icmpv6_probes(lab: Lab) -> None:
     for n in lab.state.nodes:
         assert_all_ok(n)
+
+
+def test_sysdump_holds_the_ipv6_overlay(lab: Lab, tmp_path: Path) -> None:
+    n1, n2 = node(lab, "n1"), node(lab, "n2")
+    out = tmp_path / "dump.tar.gz"
+    proc = subprocess.run([sys.executable, "-m", "sknf", "sysdump", "-c", n1.config, "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO),
+                          preexec_fn=nsutil.preexec_enter(n1.netns))
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode() for m in tar.getmembers()}
+    assert f"{n2.underlay_ip} via {n2.gateway_ip}" in members["net/routes6.txt"]
+    assert "lookup 4789" in members["net/rules6.txt"]
+    assert f"-A SKNF-INPUT -s {n2.underlay_ip}/128" in members["firewall/ip6tables-nft.txt"]
+    assert f"dst {n2.underlay_ip}" in members["net/fdb.txt"]
 
 
 def forged_vxlan(victim_mac: str, victim_ip: str, inner_src_mac: str, payload: bytes) -> bytes:
