@@ -47,7 +47,7 @@ def peer_source(cfg: Config) -> PeerSource:
         from sknf.kube import KubePeerSource  # the kubernetes client costs 0.3 s to import
 
         return KubePeerSource(cfg)
-    return StaticPeerSource(cfg.peers_file)
+    return StaticPeerSource(cfg.peers_file, cfg.underlay_family)
 
 
 def node_pod_cidrs(cfg: Config, source: PeerSource, peers: list[Node]) -> tuple[Network, ...]:

@@ -13,6 +13,10 @@ Dual-stack: `cluster_cidr` (and `pod_cidr`) take one network per family, comma-s
 list (`10.244.0.0/16,fd00:10:244::/56`), in either order. `cluster_cidr` then holds the first family's
 network (IPv4 when the cluster has IPv4, so IPv4-only code reads it unchanged) and `cluster_cidrs` all
 of them, IPv4 first; `cidr(6)` is the IPv6 one. An IPv6-only cluster lists just an IPv6 network.
+
+The underlay (the nodes' addresses VXLAN runs between) is one family for the whole cluster, whatever
+families the pods have: one VXLAN device cannot mix them. `underlay_family` picks it: 4 by default, 6
+by default in an IPv6-only cluster; either may be set explicitly for any cluster.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import yaml
 BRIDGE = "brsknf"
 VXLAN = "vxsknf"
 HOST_VETH_PREFIX = "sknf"  # host ends of pod veths: sknf + 11 hex digits
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+# What VXLAN adds to a pod frame, by the underlay's family: outer IPv4 20 (IPv6 40) + UDP 8 + VXLAN 8 +
+# inner Ethernet 14. The overlay (and pod) MTU is the underlay's less this.
+VXLAN_OVERHEAD = {4: 50, 6: 70}
 DATAPATHS = ("auto", "bpf", "kernel")
 PEER_SOURCES = ("static", "kubernetes")
 MAX_FLOW_MAP_CAPACITY = 1 << 26  # entries allocate as flows arrive (no prealloc); this bounds a typo
@@ -61,7 +67,8 @@ class Config:
     node_subnet_prefix6: int = 64  # IPv6 ones
     vxlan_vni: int = 1
     vxlan_port: int = 4789
-    mtu: int | None = None  # pod/overlay MTU; None: underlay MTU - 50
+    mtu: int | None = None  # pod/overlay MTU; None: underlay MTU - 50 (IPv6 underlay: - 70)
+    underlay_family: int | None = None  # 4 or 6; None: 6 in an IPv6-only cluster, else 4 (set by __post_init__)
     datapath: str = "auto"
     peer_source: str = "static"
     peers_file: Path | None = None
@@ -90,6 +97,13 @@ class Config:
             object.__setattr__(self, "cluster_cidrs", (self.cluster_cidr,))
         if not self.pod_cidrs and self.pod_cidr is not None:
             object.__setattr__(self, "pod_cidrs", (self.pod_cidr,))
+        if self.underlay_family is None:
+            object.__setattr__(self, "underlay_family", 6 if self.families == (6,) else 4)
+
+    @property
+    def vxlan_overhead(self) -> int:
+        """Bytes VXLAN over this cluster's underlay adds to a pod frame (50 over IPv4, 70 over IPv6)."""
+        return VXLAN_OVERHEAD[self.underlay_family]
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -138,7 +152,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     try:
         if name in ("cluster_cidr", "pod_cidr"):
             return networks(raw, where)
-        if name in ("node_subnet_prefix", "node_subnet_prefix6", "vxlan_vni", "vxlan_port", "mtu", "flow_map_capacity"):
+        if name in ("node_subnet_prefix", "node_subnet_prefix6", "vxlan_vni", "vxlan_port", "mtu", "flow_map_capacity",
+                    "underlay_family"):
             if isinstance(raw, bool):
                 raise ValueError
             return int(raw)
@@ -203,6 +218,8 @@ def _validate(cfg: Config) -> None:
         raise bad("vxlan_vni", "must be between 1 and 16777215")
     if not 1 <= cfg.vxlan_port <= 65535:
         raise bad("vxlan_port", "must be a UDP port (1-65535)")
+    if cfg.underlay_family not in (4, 6):
+        raise bad("underlay_family", "must be 4 (IPv4 underlay) or 6 (IPv6 underlay)")
     if cfg.mtu is not None and not 576 <= cfg.mtu <= 9000:
         raise bad("mtu", "must be between 576 and 9000")
     if cfg.datapath not in DATAPATHS:

@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sknf import api, guard
-from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, ConfigError, load
+from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, Config, ConfigError, load
 from sknf.policy import nft as policy_nft
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -96,7 +95,7 @@ class Context:
         from sknf.peers import PeersFileError, StaticPeerSource
 
         try:
-            return [dataclasses.asdict(n) for n in StaticPeerSource(cfg.peers_file).nodes()]
+            return [dataclasses.asdict(n) for n in StaticPeerSource(cfg.peers_file, cfg.underlay_family).nodes()]
         except PeersFileError:
             return None
 
@@ -239,8 +238,13 @@ def _backend_has_tables(backend: str, ctx: Context, family: int = 4) -> bool:
                and item["table"]["name"] in IPTABLES_OWN_TABLES for item in ctx.nft or [])
 
 
+def _tool(backend: str, family: int = 4) -> str:
+    """The iptables (family 4) or ip6tables (6) binary of a backend."""
+    return f"{'ip6tables' if family == 6 else 'iptables'}-{backend}"
+
+
 def chain_rules(backend: str, table: str, chain: str, family: int = 4) -> tuple[str | None, list[str]] | None:
-    """(policy, rules as -S prints them) of a chain in one backend; None when it cannot be read."""
+    """(policy, rules as -S prints them) of a chain in one backend (and family); None when it cannot be read."""
     proc = _run([_tool(backend, family), "-w", "-t", table, "-S", chain])
     if proc is None or proc.returncode != 0:
         return None
@@ -410,12 +414,13 @@ def check_vxlan_port(ctx: Context) -> Finding:
                                        "other nodes never reaches vxsknf"))
         if chain.get("hook") == "input" and _nft_drops_by_default(ctx, chain) and not _chain_mentions(ctx, chain, port):
             problems.append((WARN, f"{where} drops by default and has no rule for UDP {port}"))
-    for backend, policy, rules in _builtin_chains(ctx, "INPUT"):
+    family = ctx.cfg.underlay_family if ctx.cfg is not None else 4  # VXLAN arrives in the underlay's family
+    for backend, policy, rules in _builtin_chains(ctx, "INPUT", family):
         for r in rules:
             if f"--dport {port}" in r and _drops(r) and "--comment sknf" not in r:
-                problems.append((FAIL, f"`{r}` (iptables-{backend}) drops VXLAN from the other nodes"))
+                problems.append((FAIL, f"`{r}` ({_tool(backend, family)}) drops VXLAN from the other nodes"))
         if policy == "DROP" and not any(f"--dport {port}" in r for r in rules):
-            problems.append((WARN, f"INPUT policy DROP in iptables-{backend} and no rule for UDP {port}"))
+            problems.append((WARN, f"INPUT policy DROP in {_tool(backend, family)} and no rule for UDP {port}"))
     if ctx.nft_error is not None:
         problems.append((WARN, f"the nftables ruleset was not read ({ctx.nft_error}): native nft rules unchecked"))
     if not problems:
@@ -426,16 +431,19 @@ def check_vxlan_port(ctx: Context) -> Finding:
 
 
 def check_sknf_rules(ctx: Context) -> Finding:
-    from sknf.iptables import COMMENT, FORWARD_CHAIN, INPUT_CHAIN, JUMPS, NAT_CHAIN
+    from sknf.iptables import COMMENT, FORWARD_CHAIN, INPUT_CHAIN, JUMPS, NAT_CHAIN, host
 
     assert ctx.cfg is not None
     ours = iptables_backend(ctx)
     missing = []
-    for family, net in _families(ctx):
+    underlay = ctx.cfg.underlay_family
+    for family in (4, 6):  # where overlay.ensure_rules puts them: the cluster's families, and the underlay's
+        net = ctx.cfg.cidr(family)
         cidr, tool = str(net), _tool(ours, family)
         v6 = "ip6tables " if family == 6 else ""  # what is missing where, when both families have rules
         for table, parent, chain in JUMPS:
-            if family == 6 and chain not in (FORWARD_CHAIN, NAT_CHAIN):  # the underlay is IPv4 (iptables.py)
+            if (chain in (FORWARD_CHAIN, NAT_CHAIN) and net is None) or (
+                    chain not in (FORWARD_CHAIN, NAT_CHAIN) and family != underlay):
                 continue
             got = chain_rules(ours, table, chain, family)
             if got is None:
@@ -447,9 +455,9 @@ def check_sknf_rules(ctx: Context) -> Finding:
             if chain == NAT_CHAIN and ctx.cfg.masquerade and not any("MASQUERADE" in r for r in rules):
                 missing.append(f"{v6}{table}/{chain}: masquerade of {cidr}")
             if chain == INPUT_CHAIN:
-                missing += [f"{table}/{chain}: VXLAN from {p['name']} ({p['underlay_ip']}) is dropped"
+                missing += [f"{v6}{table}/{chain}: VXLAN from {p['name']} ({p['underlay_ip']}) is dropped"
                             for p in ctx.others()
-                            if not any(f"-s {p['underlay_ip']}/32" in r and "RETURN" in r for r in rules)]
+                            if not any(f"-s {host(p['underlay_ip'])}" in r and "RETURN" in r for r in rules)]
             check = _run([tool, "-w", "-t", table, "-C", parent, *COMMENT, "-j", chain])
             if check is not None and check.returncode != 0:
                 missing.append(f"{v6}{table}/{parent}: jump to {chain}")
@@ -465,7 +473,7 @@ def check_sknf_rules(ctx: Context) -> Finding:
                        "something removes them (read the agent's log)")
     return Finding("sknf-rules", OK, f"forward, {'masquerade' if ctx.cfg.masquerade else 'no-masquerade'}, "
                    f"VXLAN-from-peers{' and source validation' if mode == 'kernel' else ''} rules in place "
-                   f"(iptables-{ours}{f', ip6tables-{ours}' if 6 in ctx.cfg.families else ''})")
+                   f"({', '.join(_tool(ours, f) for f in sorted({*ctx.cfg.families, underlay}))})")
 
 
 def check_sysctls(ctx: Context) -> Finding:
@@ -512,11 +520,13 @@ def check_mtu(ctx: Context) -> Finding:
         _, _, underlay_mtu = overlay.underlay(ctx.cfg)
     except overlay.OverlayError as e:
         return Finding("mtu", FAIL, str(e), "set host_physical_if to the interface between the nodes")
-    want = ctx.cfg.mtu or underlay_mtu - VXLAN_OVERHEAD
+    overhead = ctx.cfg.vxlan_overhead  # 50 over IPv4, 70 over IPv6
+    want = ctx.cfg.mtu or underlay_mtu - overhead
     problems: list[tuple[str, str]] = []
-    if want > underlay_mtu - VXLAN_OVERHEAD:
-        problems.append((FAIL, f"mtu {want} needs an underlay MTU of {want + VXLAN_OVERHEAD}, it is {underlay_mtu}: "
-                               "full-size pod packets are dropped"))
+    if want > underlay_mtu - overhead:
+        problems.append((FAIL, f"mtu {want} needs an underlay MTU of {want + overhead} (VXLAN over "
+                               f"IPv{ctx.cfg.underlay_family}), it is {underlay_mtu}: full-size pod packets are "
+                               "dropped"))
     wrong = {name: link.get("IFLA_MTU") for name, link in ctx.links.items()
              if (name in (BRIDGE, VXLAN) or (name.startswith(HOST_VETH_PREFIX) and netlink.link_kind(link) == "veth"))
              and link.get("IFLA_MTU") != want}
@@ -533,7 +543,8 @@ def check_mtu(ctx: Context) -> Finding:
         return Finding("mtu", _worst(problems), "; ".join(m for _, m in problems),
                        "give every node the same underlay MTU (or the same `mtu` setting), then restart the agents")
     unknown = len(ctx.others()) - len(published)
-    return Finding("mtu", OK, f"pods, {VXLAN} and {BRIDGE} at {want} (underlay {underlay_mtu}); "
+    return Finding("mtu", OK, f"pods, {VXLAN} and {BRIDGE} at {want} (underlay {underlay_mtu}, IPv"
+                   f"{ctx.cfg.underlay_family}); "
                    f"{_n(len(published), 'peer')} publish the same" + (f", {unknown} publish none" if unknown else ""))
 
 
@@ -596,8 +607,8 @@ def check_routes(ctx: Context) -> Finding:
     shadows = []
     with netlink.route() as ipr:
         for cluster in ctx.cfg.cluster_cidrs:
-            for r in ipr.route("dump", family=socket.AF_INET6 if cluster.version == 6 else socket.AF_INET):
-                table = r.get("RTA_TABLE")  # every table (get_routes(table=0) matches none)
+            for r in ipr.route("dump", family=netlink.AF[cluster.version]):  # every table (table=0 matches none)
+                table = r.get("RTA_TABLE")
                 if table in (255, overlay.PEER_ROUTE_TABLE) or r.get("RTA_DST") is None:
                     continue
                 dst = ipaddress.ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}")
@@ -630,16 +641,22 @@ def check_overlay(ctx: Context) -> Finding:
         if (data.get("IFLA_VXLAN_ID"), data.get("IFLA_VXLAN_PORT")) != (ctx.cfg.vxlan_vni, ctx.cfg.vxlan_port):
             problems.append(f"{VXLAN} has VNI {data.get('IFLA_VXLAN_ID')} port {data.get('IFLA_VXLAN_PORT')}, "
                             f"configured {ctx.cfg.vxlan_vni}/{ctx.cfg.vxlan_port}")
+        local = data.get("IFLA_VXLAN_LOCAL6") or data.get("IFLA_VXLAN_LOCAL")
+        family = ctx.cfg.underlay_family
+        if local is None or ipaddress.ip_address(local).version != family:
+            problems.append(f"{VXLAN} runs over {local or 'no local address'}, not the IPv{family} underlay "
+                            f"(underlay_family {family})")
         with netlink.route() as ipr:
-            flood = netlink.flood_entries(ipr, vx["index"])
-        wanted = {p["underlay_ip"] for p in ctx.others()}
+            flood = {str(ipaddress.ip_address(ip)) for ip in netlink.flood_entries(ipr, vx["index"])}
+        wanted = {str(ipaddress.ip_address(p["underlay_ip"])) for p in ctx.others()}
         if ctx.peers() is not None and flood != wanted:
             problems.append(f"flood list differs from the peers: missing {sorted(wanted - flood) or 'none'}, "
                             f"extra {sorted(flood - wanted) or 'none'}")
     if problems:
         return Finding("overlay", FAIL, "; ".join(problems) + ": pods cannot reach other nodes' pods",
                        "the agent rebuilds the overlay every reconcile_interval: start it or read its log")
-    return Finding("overlay", OK, f"{BRIDGE} and {VXLAN} up, {_n(len(ctx.others()), 'peer')} in the flood list")
+    return Finding("overlay", OK, f"{BRIDGE} and {VXLAN} up (VXLAN over IPv{ctx.cfg.underlay_family}), "
+                   f"{_n(len(ctx.others()), 'peer')} in the flood list")
 
 
 def _pinned_flow_table(ctx: Context) -> dict[str, Any] | None:
@@ -708,15 +725,18 @@ def check_peers(ctx: Context) -> Finding:
     for name in ctx.agent.get("unaddressed", []) if ctx.agent else []:
         problems.append((FAIL, f"{name}: its Node has no InternalIP and no valid sknf.io/underlay-ip, so it is not "
                                "a peer: its pods are unreachable from here"))
-    cluster = ctx.cfg.cluster_cidr if ctx.cfg is not None else None
+    clusters = ctx.cfg.cluster_cidrs if ctx.cfg is not None else ()
     with netlink.route() as ipr:
         for p in ctx.others():
-            ip = ipaddress.IPv4Address(p["underlay_ip"])
-            if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+            ip = ipaddress.ip_address(p["underlay_ip"])
+            family = ctx.cfg.underlay_family if ctx.cfg is not None else ip.version
+            if ip.version != family:
+                problems.append((FAIL, f"{p['name']}: underlay address {ip} is not IPv{family} (underlay_family)"))
+            elif ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
                 problems.append((FAIL, f"{p['name']}: underlay address {ip} is not usable"))
             elif p["underlay_ip"] == own:
                 problems.append((FAIL, f"{p['name']}: has this node's own underlay address {ip}"))
-            elif cluster is not None and ip in cluster:
+            elif any(ip.version == net.version and ip in net for net in clusters):
                 problems.append((FAIL, f"{p['name']}: underlay address {ip} lies inside the cluster CIDR"))
             else:
                 try:

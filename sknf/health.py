@@ -9,7 +9,8 @@ Why it looks like this:
   on-demand rounds (one pacer), so 5,000 peers take 200 s per cycle instead of flooding the underlay.
   Every peer is probed once per cycle (CYCLE seconds, longer when the cap needs it); a peer that did not
   answer is probed again every RETRY seconds, so a repaired peer is seen within seconds.
-- One raw ICMP socket per round (the agent is root; unprivileged ping sockets need a ping_group_range
+- One raw ICMP socket per round and family (ICMPv6 echoes over an IPv6 underlay, or to an IPv6-only
+  cluster's gateways; the agent is root; unprivileged ping sockets need a ping_group_range
   most nodes do not grant), replies matched by (address, id, sequence). The thread sleeps between
   probes; its CPU time is counted (`cpu_seconds`, a metric) so its cost stays visible.
 - Exported: how many peers are reachable and unreachable (by fault) and an RTT histogram per path,
@@ -18,6 +19,8 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import random
 import select
@@ -46,6 +49,7 @@ FRESH_LIMIT = 100  # an on-demand round (sknf doctor) probes afresh only up to t
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 PATHS = ("underlay", "overlay")
 ICMP_ECHO, ICMP_ECHO_REPLY = 8, 0
+ICMP6_ECHO, ICMP6_ECHO_REPLY = 128, 129  # the kernel fills in an ICMPv6 raw socket's checksums
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,32 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def echo_request(ident: int, seq: int) -> bytes:
+def echo_request(ident: int, seq: int, family: int = 4) -> bytes:
     payload = b"sknf-health"
+    if family == 6:
+        return struct.pack("!BBHHH", ICMP6_ECHO, 0, 0, ident, seq) + payload
     header = struct.pack("!BBHHH", ICMP_ECHO, 0, 0, ident, seq)
     return struct.pack("!BBHHH", ICMP_ECHO, 0, _checksum(header + payload), ident, seq) + payload
+
+
+def _family(address: str) -> int:
+    return 6 if ":" in address else 4
+
+
+def _open(family: int) -> socket.socket:
+    if family == 6:
+        return socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+
+
+def _echo_reply(data: bytes, family: int) -> tuple[int, int] | None:
+    """(id, sequence) of an echo reply as a raw socket of this family returns it (IPv4 with its header,
+    ICMPv6 without), else None."""
+    icmp = data[(data[0] & 0x0F) * 4:] if family == 4 else data
+    if len(icmp) < 8:
+        return None
+    kind, _code, _sum, rid, seq = struct.unpack("!BBHHH", icmp[:8])
+    return (rid, seq) if kind == (ICMP_ECHO_REPLY if family == 4 else ICMP6_ECHO_REPLY) else None
 
 
 def probe(targets: list[Target], pacer: Pacer, timeout: float = TIMEOUT,
@@ -111,27 +137,30 @@ def probe(targets: list[Target], pacer: Pacer, timeout: float = TIMEOUT,
     pending: dict[tuple[str, int], tuple[Target, float]] = {}
     rtts: dict[Target, float] = {}
     started = time.time()
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
-        sock.setblocking(False)
+    with contextlib.ExitStack() as stack:
+        socks = {f: stack.enter_context(_open(f)) for f in sorted({_family(t.address) for t in targets})}
+        for sock in socks.values():
+            sock.setblocking(False)
+        family_of = {sock: f for f, sock in socks.items()}
 
         def drain(until: float) -> None:
             while pending:
                 left = until - time.monotonic()
-                if not select.select([sock], [], [], max(left, 0.0))[0]:
+                ready = select.select(list(socks.values()), [], [], max(left, 0.0))[0]
+                if not ready:
                     if left <= 0:
                         return
                     continue
-                try:
-                    data, (src, _) = sock.recvfrom(2048)
-                except BlockingIOError:
-                    continue
-                icmp = data[(data[0] & 0x0F) * 4:]
-                if len(icmp) < 8:
-                    continue
-                kind, _code, _sum, rid, seq = struct.unpack("!BBHHH", icmp[:8])
-                if kind == ICMP_ECHO_REPLY and rid == ident and (src, seq) in pending:
-                    target, sent = pending.pop((src, seq))
-                    rtts[target] = time.monotonic() - sent
+                for sock in ready:
+                    try:
+                        data, addr = sock.recvfrom(2048)
+                    except BlockingIOError:
+                        continue
+                    reply = _echo_reply(data, family_of[sock])
+                    src = str(ipaddress.ip_address(addr[0].split("%")[0]))
+                    if reply is not None and reply[0] == ident and (src, reply[1]) in pending:
+                        target, sent = pending.pop((src, reply[1]))
+                        rtts[target] = time.monotonic() - sent
 
         last = time.monotonic()
         for seq, target in enumerate(targets):
@@ -142,11 +171,13 @@ def probe(targets: list[Target], pacer: Pacer, timeout: float = TIMEOUT,
             if (wait := slot - time.monotonic()) > 0:
                 time.sleep(wait)
             last = time.monotonic()
-            pending[(target.address, seq & 0xFFFF)] = (target, last)
+            family = _family(target.address)
+            key = (str(ipaddress.ip_address(target.address)), seq & 0xFFFF)
+            pending[key] = (target, last)
             try:
-                sock.sendto(echo_request(ident, seq & 0xFFFF), (target.address, 0))
+                socks[family].sendto(echo_request(ident, seq & 0xFFFF, family), (target.address, 0))
             except OSError:  # no route, unreachable at once: the probe failed
-                pending.pop((target.address, seq & 0xFFFF), None)
+                pending.pop(key, None)
         drain(last + timeout)
     return {t: Outcome(rtts.get(t), started) for t in targets}
 

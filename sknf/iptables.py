@@ -13,8 +13,9 @@ port) from any address but a known node's underlay address is dropped before the
 it, so nobody else can put a frame into the cluster's L2 domain or steer its FDB learning. Peers are
 RETURNed to INPUT, whose own policy still applies to them.
 
-IPv6 (dual-stack): the same FORWARD and POSTROUTING chains in ip6tables of the same backend, for the
-cluster's IPv6 network (masquerading what leaves it; the underlay is IPv4, so INPUT has no IPv6 chain).
+IPv6: the same FORWARD and POSTROUTING chains in ip6tables of the same backend, for the cluster's IPv6
+network (masquerading what leaves it). The INPUT and raw chains (and the node addresses NAT exempts) go
+in the tool of the underlay's family only: iptables over an IPv4 underlay, ip6tables over an IPv6 one.
 
 raw/SKNF-RAW-PREROUTING and raw/SKNF-RAW-OUTPUT: the overlay's outer packets (UDP to the VXLAN port,
 both directions) skip conntrack (`CT --notrack`): they are never NATed, and tracking them cost a
@@ -125,29 +126,38 @@ def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subpr
     return proc
 
 
-def desired_rules(cluster_cidr: str, node_ips: Iterable[str], masquerade: bool, peer_ips: Iterable[str] = (),
-                  vxlan_port: int = 4789) -> dict[str, list[list[str]]]:
-    """The rule specs (without -A CHAIN) of each sknf chain, keyed by chain; peer_ips are the other nodes'
-    underlay addresses, the only sources VXLAN is accepted from."""
-    forward = [
-        ["-s", cluster_cidr, *COMMENT, "-j", "ACCEPT"],
-        ["-d", cluster_cidr, *COMMENT, "-j", "ACCEPT"],
-    ]
-    nat: list[list[str]] = []
-    v6 = ":" in cluster_cidr
-    if masquerade:
-        nat.append(["-s", cluster_cidr, "-d", cluster_cidr, *COMMENT, "-j", "RETURN"])
-        nat += [["-s", cluster_cidr, "-d", f"{ip}/32", *COMMENT, "-j", "RETURN"] for ip in sorted(set(node_ips))]
-        multicast = "ff00::/8" if v6 else "224.0.0.0/4"
-        nat.append(["-s", cluster_cidr, "!", "-d", multicast, *COMMENT, "-j", "MASQUERADE", "--random-fully"])
-    if v6:  # the underlay is IPv4: VXLAN never arrives over IPv6
-        return {FORWARD_CHAIN: forward, NAT_CHAIN: nat}
-    udp = ["-p", "udp", "-m", "udp", "--dport", str(vxlan_port), *COMMENT]
-    overlay = [["-s", f"{ip}/32", *udp, "-j", "RETURN"] for ip in sorted(set(peer_ips))]
-    overlay.append([*udp, "-j", "DROP"])
-    notrack = [[*udp, "-j", "CT", "--notrack"]]
-    return {FORWARD_CHAIN: forward, NAT_CHAIN: nat, INPUT_CHAIN: overlay, RAW_PREROUTING_CHAIN: notrack,
-            RAW_OUTPUT_CHAIN: notrack}
+def host(ip: str) -> str:
+    """One address as a single-host network, as iptables and ip6tables print it."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def desired_rules(cluster_cidr: str | None, node_ips: Iterable[str], masquerade: bool,
+                  peer_ips: Iterable[str] | None = (), vxlan_port: int = 4789) -> dict[str, list[list[str]]]:
+    """The rule specs (without -A CHAIN) of each sknf chain this family needs, keyed by chain.
+
+    cluster_cidr: the cluster's network of this family (None: it has none, so no FORWARD or NAT chain);
+    peer_ips: the other nodes' underlay addresses, the only sources VXLAN is accepted from, or None when
+    the underlay is of the other family (no INPUT or raw chains here)."""
+    out: dict[str, list[list[str]]] = {}
+    if cluster_cidr is not None:
+        out[FORWARD_CHAIN] = [
+            ["-s", cluster_cidr, *COMMENT, "-j", "ACCEPT"],
+            ["-d", cluster_cidr, *COMMENT, "-j", "ACCEPT"],
+        ]
+        nat: list[list[str]] = []
+        if masquerade:
+            nat.append(["-s", cluster_cidr, "-d", cluster_cidr, *COMMENT, "-j", "RETURN"])
+            nat += [["-s", cluster_cidr, "-d", host(ip), *COMMENT, "-j", "RETURN"] for ip in sorted(set(node_ips))]
+            multicast = "ff00::/8" if ":" in cluster_cidr else "224.0.0.0/4"
+            nat.append(["-s", cluster_cidr, "!", "-d", multicast, *COMMENT, "-j", "MASQUERADE", "--random-fully"])
+        out[NAT_CHAIN] = nat
+    if peer_ips is not None:
+        udp = ["-p", "udp", "-m", "udp", "--dport", str(vxlan_port), *COMMENT]
+        overlay = [["-s", host(ip), *udp, "-j", "RETURN"] for ip in sorted(set(peer_ips))]
+        overlay.append([*udp, "-j", "DROP"])
+        notrack = [[*udp, "-j", "CT", "--notrack"]]
+        out |= {INPUT_CHAIN: overlay, RAW_PREROUTING_CHAIN: notrack, RAW_OUTPUT_CHAIN: notrack}
+    return out
 
 
 def _saved(backend: Backend) -> dict[tuple[str, str], list[str]]:
@@ -170,9 +180,10 @@ def _as_printed(chain: str, rules: list[list[str]]) -> list[str]:
     return [" ".join(["-A", chain, *r]) for r in rules]
 
 
-def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquerade: bool = True,
-           peer_ips: Iterable[str] = (), vxlan_port: int = 4789) -> bool:
-    """Reconcile every chain and its jump in the host's backend; True if anything was changed."""
+def ensure(backend: Backend, cluster_cidr: str | None, node_ips: Iterable[str], masquerade: bool = True,
+           peer_ips: Iterable[str] | None = (), vxlan_port: int = 4789) -> bool:
+    """Reconcile every chain and its jump in the host's backend (a chain this family no longer needs goes,
+    with its jump: the underlay moved to the other family, say); True if anything was changed."""
     wanted = desired_rules(cluster_cidr, node_ips, masquerade, peer_ips, vxlan_port)
     have = _saved(backend)
     stale: dict[str, list[str]] = {}  # table -> restore lines of its chains that differ
@@ -184,10 +195,16 @@ def ensure(backend: Backend, cluster_cidr: str, node_ips: Iterable[str], masquer
              stdin="".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in stale.items()))
     changed = bool(stale)
     for table, parent, chain in JUMPS:
+        jump = " ".join(["-A", parent, *COMMENT, "-j", chain])
         if chain not in wanted:
+            if (table, chain) in have:
+                if jump in have.get((table, parent), []):
+                    _run([backend.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain])
+                _run([backend.iptables, "-w", "-t", table, "-F", chain])
+                _run([backend.iptables, "-w", "-t", table, "-X", chain])
+                changed = True
             continue
-        jump = [parent, *COMMENT, "-j", chain]
-        if " ".join(["-A", *jump]) not in have.get((table, parent), []):
+        if jump not in have.get((table, parent), []):
             _run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
             changed = True
     return changed

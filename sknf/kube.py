@@ -8,7 +8,9 @@ Why it works this way:
   subnet the agent carved itself when the cluster allocates none -- each agent publishes as annotations
   on its own Node under one prefix, `sknf.io/`, as Flannel does with `flannel.alpha.coreos.com/`.
   Annotations written by other nodes are validated; a bad value is ignored (and logged once), falling
-  back to the InternalIP for the address.
+  back to the InternalIP for the address. Both are of the cluster's underlay family (`underlay_family`):
+  over an IPv6 underlay the agent publishes its IPv6 address and reads the Nodes' IPv6 InternalIPs, and an
+  annotation of the other family is ignored like any bad value.
 - One background thread lists the Nodes, then watches from the list's resourceVersion, keeping only the
   projection the overlay needs (not whole Node objects: those carry image lists and conditions). The
   agent polls changed()/nodes() from its reconcile loop, so no callback crosses threads.
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sknf.config import Config, Network, networks
-from sknf.peers import Node, join_subnets, pod_subnets
+from sknf.peers import Node, join_subnets, pod_subnets, underlay_address
 from sknf.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -107,11 +109,12 @@ def merge_subnets(first: str | None, then: str | None) -> str | None:
     return join_subnets(found.values())
 
 
-def internal_ip(obj: dict) -> str | None:
+def internal_ip(obj: dict, family: int = 4) -> str | None:
+    """The Node's InternalIP of the underlay family (a dual-stack Node lists one per family)."""
     for addr in (obj.get("status") or {}).get("addresses") or []:
         if addr.get("type") == "InternalIP":
             with contextlib.suppress(ValueError, TypeError):
-                return str(ipaddress.IPv4Address(addr.get("address")))
+                return underlay_address(addr.get("address"), family)
     return None
 
 
@@ -161,8 +164,7 @@ def _mtu(value: str) -> int:
     return int(value)
 
 
-_CHECKS = {
-    UNDERLAY_IP: lambda v: str(ipaddress.IPv4Address(v)),
+_CHECKS = {  # sknf.io/underlay-ip is checked against the parser's family (underlay_address)
     POD_CIDR: lambda v: join_subnets(networks(v, POD_CIDR)),
     VTEP_MAC: _mac,
     MTU: _mtu,
@@ -173,6 +175,7 @@ _CHECKS = {
 class _Parser:
     """Turns Node objects into peers; remembers which bad annotations it already complained about."""
 
+    family: int = 4  # the underlay's: an underlay-ip of the other family is not valid here
     warned: set[tuple[str, str, str]] = field(default_factory=set)
 
     def valid(self, name: str, annotations: dict[str, str], key: str) -> Any:
@@ -180,18 +183,19 @@ class _Parser:
         if raw is None:
             return None
         try:
-            return _CHECKS[key](raw.strip().lower())
-        except ValueError:
+            value = raw.strip().lower()
+            return underlay_address(value, self.family) if key == UNDERLAY_IP else _CHECKS[key](value)
+        except ValueError as e:
             if (name, key, raw) not in self.warned:
                 self.warned.add((name, key, raw))
-                log.warning("node %s: ignoring annotation %s=%r (not valid)", name, key, raw)
+                log.warning("node %s: ignoring annotation %s=%r (not valid: %s)", name, key, raw, e)
             return None
 
     def node(self, obj: dict) -> Node | None:
         """The peer, or None when it has no usable underlay address yet."""
         name = (obj.get("metadata") or {}).get("name") or ""
         ours = our_annotations(obj)
-        ip = self.valid(name, ours, UNDERLAY_IP) or internal_ip(obj)
+        ip = self.valid(name, ours, UNDERLAY_IP) or internal_ip(obj, self.family)
         if not name or ip is None:
             return None
         cidr = merge_subnets(spec_pod_cidr(obj), self.valid(name, ours, POD_CIDR))  # a family the spec lacks: carved
@@ -206,7 +210,7 @@ def list_peers(cfg: Config) -> list[Node]:
         doc = json.loads(api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
     except _api_errors() as e:
         raise KubeError(f"nodes cannot be listed ({_describe(e)})") from None
-    parser = _Parser()
+    parser = _Parser(cfg.underlay_family)
     return [n for obj in doc.get("items") or [] if (n := parser.node(obj)) is not None]
 
 
@@ -224,7 +228,7 @@ class KubePeerSource:
         self.poll = poll
         self.sync_wait = sync_wait
         self.api = connect(cfg)
-        self._parser = _Parser()
+        self._parser = _Parser(cfg.underlay_family)
         self._lock = threading.Lock()
         self._peers: dict[str, Node] = {}
         self._own: dict | None = None  # this node's sknf.io/ annotations and spec pod subnet, once seen

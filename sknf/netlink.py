@@ -125,22 +125,25 @@ def ensure_vxlan(ipr: IPRoute, name: str, *, vni: int, port: int, dev_index: int
                  mtu: int, master: int) -> int:
     """The FDB-mode VXLAN device with these parameters exists, enslaved to master and up.
 
-    VNI, port, underlay device and local address cannot change on a live device: a device that
-    differs in any of them is recreated (pods on the bridge keep their links).
+    VNI, port, underlay device and local address (its family included: an IPv6 local address makes an
+    IPv6 VXLAN device, whose remotes are all IPv6) cannot change on a live device: a device that differs in
+    any of them is recreated (pods on the bridge keep their links).
     """
+    local = "vxlan_local6" if _version(local_ip) == 6 else "vxlan_local"
     link = link_info(ipr, name)
     if link is not None:
         data = (link.get("IFLA_LINKINFO") or {}).get("IFLA_INFO_DATA") or {}
-        wanted = (vni, port, dev_index, local_ip)
+        wanted = (vni, port, dev_index, ipaddress.ip_address(local_ip))
+        have_local = data.get("IFLA_VXLAN_LOCAL6") or data.get("IFLA_VXLAN_LOCAL")
         have = (data.get("IFLA_VXLAN_ID"), data.get("IFLA_VXLAN_PORT"), data.get("IFLA_VXLAN_LINK"),
-                data.get("IFLA_VXLAN_LOCAL"))
+                ipaddress.ip_address(have_local) if have_local else None)
         if link_kind(link) != "vxlan" or have != wanted:
             delete_link(ipr, name)
             link = None
     if link is None:
         try:
             ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_port=port, vxlan_link=dev_index,
-                     vxlan_local=local_ip, vxlan_learning=1, mtu=mtu)
+                     vxlan_learning=1, mtu=mtu, **{local: local_ip})
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
@@ -166,14 +169,23 @@ def ensure_only_addrs(ipr: IPRoute, index: int, wanted: Sequence[tuple[str, int]
         _add_addr(ipr, index, str(addr), plen)
 
 
-def ipv4_of(ipr: IPRoute, index: int) -> str | None:
-    for a in ipr.get_addr(family=2, index=index):
-        return a.get("IFA_ADDRESS")
+IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x08, 0x20, 0x40
+RT_SCOPE_UNIVERSE = 0
+
+
+def address_of(ipr: IPRoute, index: int, family: int = 4) -> str | None:
+    """The link's first address of one family a VTEP can use: for IPv6 of global scope, not tentative
+    (duplicate address detection still running), deprecated or duplicated."""
+    unusable = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
+    for a in ipr.get_addr(family=AF[family], index=index):
+        flags = a.get("IFA_FLAGS", a["flags"])
+        if family == 4 or (a["scope"] == RT_SCOPE_UNIVERSE and not flags & unusable):
+            return a.get("IFA_ADDRESS")
     return None
 
 
-def default_route_ifindex(ipr: IPRoute) -> int | None:
-    for r in ipr.get_default_routes(family=2):
+def default_route_ifindex(ipr: IPRoute, family: int = 4) -> int | None:
+    for r in ipr.get_default_routes(family=AF[family]):
         oif = r.get("RTA_OIF")
         if oif:
             return oif
@@ -211,40 +223,45 @@ def sync_flood_list(vxlan_index: int, wanted: set[str]) -> tuple[set[str], set[s
 
 
 def ensure_source_rule(ipr: IPRoute, *, priority: int, src: str, iifname: str, table: int) -> None:
-    """The policy rule `from src iif iifname lookup table` exists at priority (once: a rerun adds nothing)."""
+    """The policy rule `from src iif iifname lookup table` exists at priority, in src's family (once: a rerun
+    adds nothing)."""
     net, _, plen = src.partition("/")
-    for r in ipr.get_rules(family=2, priority=priority):
+    family = AF[_version(net)]
+    for r in ipr.get_rules(family=family, priority=priority):
         if (r.get("FRA_TABLE"), r.get("FRA_SRC"), r["src_len"], r.get("FRA_IIFNAME")) == (table, net, int(plen),
                                                                                           iifname):
             return
-        ipr.rule("del", family=2, priority=priority, table=r.get("FRA_TABLE"))  # a stale rule of ours
+        ipr.rule("del", family=family, priority=priority, table=r.get("FRA_TABLE"))  # a stale rule of ours
     try:
-        ipr.rule("add", family=2, priority=priority, table=table, src=net, src_len=int(plen), iifname=iifname)
+        ipr.rule("add", family=family, priority=priority, table=table, src=net, src_len=int(plen), iifname=iifname)
     except NetlinkError as e:
         if e.code != errno.EEXIST:
             raise
 
 
-def remove_rules(ipr: IPRoute, priority: int) -> None:
-    """Every IPv4 policy rule at priority (uninstall)."""
-    for r in ipr.get_rules(family=2, priority=priority):
+def remove_rules(ipr: IPRoute, priority: int, family: int = 4) -> None:
+    """Every policy rule of one family at priority (uninstall, or the underlay moved to the other family)."""
+    for r in ipr.get_rules(family=AF[family], priority=priority):
         try:
-            ipr.rule("del", family=2, priority=priority, table=r.get("FRA_TABLE"))
+            ipr.rule("del", family=AF[family], priority=priority, table=r.get("FRA_TABLE"))
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.ESRCH):
                 raise
 
 
-def sync_host_routes(table: int, oif: int, wanted: dict[str, str]) -> None:
-    """Table holds exactly the IPv4 host routes {destination: gateway} via oif (an empty wanted empties it).
+def sync_host_routes(table: int, oif: int, wanted: dict[str, str], family: int = 4) -> None:
+    """Table holds exactly the host routes of one family {destination: gateway} via oif (an empty wanted
+    empties it).
 
     In bulk (`sknf.rtbulk`): one route per peer node, 5,000 of them in well under a second."""
+    plen_host = 32 if family == 4 else 128
     with rtbulk.Rtnl() as nl:
-        have = nl.routes(socket.AF_INET, table)
+        have = nl.routes(AF[family], table)
         nl.apply(((f"route {dst} via {gateway}", *rtbulk.route_request("replace", table, dst, gateway, oif))
-                  for dst, gateway in wanted.items() if have.get((dst, 32)) != (gateway, oif)))
+                  for dst, gateway in wanted.items() if have.get((dst, plen_host)) != (gateway, oif)))
         nl.apply(((f"route {dst}/{plen}", *rtbulk.route_request("del", table, dst, dst_len=plen))
-                  for dst, plen in have if plen != 32 or dst not in wanted), benign=(errno.ESRCH, errno.ENOENT))
+                  for dst, plen in have if plen != plen_host or dst not in wanted),
+                 benign=(errno.ESRCH, errno.ENOENT))
 
 
 def create_veth(ipr: IPRoute, host_ifname: str, peer_ifname: str, peer_netns: str, mtu: int,

@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 
 from sknf import iptables, netlink
-from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, VXLAN_OVERHEAD, Config, Network
+from sknf.config import BRIDGE, HOST_VETH_PREFIX, VXLAN, Config, Network
 from sknf.peers import Node, subnet_of
 
 log = logging.getLogger(__name__)
@@ -109,26 +109,36 @@ def gateway_of(pod_cidr: Network) -> str:
 
 
 def gateway_mac_of(gateway_ip: str) -> str:
-    """0a:58 + the gateway's last four bytes (all of an IPv4 one): locally administered, unique per node,
-    the same after any rebuild."""
-    return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *ipaddress.ip_address(gateway_ip).packed[-4:]))
+    """0a:58 + the gateway's address folded to four bytes (the XOR of its 32-bit words): all of an IPv4
+    one; for an IPv6 one the bits that tell node subnets apart survive (fd00:10:244:1::1 and :2::1 have
+    the same last four bytes, and every bridge of an IPv6-only cluster had the same MAC). Locally
+    administered, unique per node, the same after any rebuild."""
+    packed = ipaddress.ip_address(gateway_ip).packed
+    folded = 0
+    for i in range(0, len(packed), 4):
+        folded ^= int.from_bytes(packed[i:i + 4], "big")
+    return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *folded.to_bytes(4, "big")))
 
 
 def underlay(cfg: Config) -> tuple[int, str, int]:
-    """(ifindex, IPv4 address, MTU) of the physical interface VXLAN runs over."""
+    """(ifindex, address of the underlay family, MTU) of the physical interface VXLAN runs over."""
+    family = cfg.underlay_family
     with netlink.route() as ipr:
         if cfg.host_physical_if:
             idx = netlink.link_index(ipr, cfg.host_physical_if)
             if idx is None:
                 raise OverlayError(f"host_physical_if: no interface named {cfg.host_physical_if!r} on this node")
         else:
-            idx = netlink.default_route_ifindex(ipr)
+            idx = netlink.default_route_ifindex(ipr, family)
             if idx is None:
-                raise OverlayError("host_physical_if: not set and this node has no IPv4 default route to infer it")
+                raise OverlayError(f"host_physical_if: not set and this node has no IPv{family} default route to "
+                                   f"infer it (underlay_family {family})")
         link = ipr.link("get", index=idx)[0]
-        ip = netlink.ipv4_of(ipr, idx)
+        ip = netlink.address_of(ipr, idx, family)
         if ip is None:
-            raise OverlayError(f"host_physical_if: {link.get('IFLA_IFNAME')} has no IPv4 address")
+            usable = ": global scope, duplicate address detection done" if family == 6 else ""
+            raise OverlayError(f"host_physical_if: {link.get('IFLA_IFNAME')} has no usable IPv{family} address "
+                               f"(underlay_family {family}{usable})")
         return idx, ip, link.get("IFLA_MTU")
 
 
@@ -138,7 +148,7 @@ def ensure_node(cfg: Config, pod_cidrs: Network | tuple[Network, ...]) -> NodeOv
     The bridge holds the gateway of each family's pod subnet with that family's cluster prefix."""
     subnets = pod_cidrs if isinstance(pod_cidrs, tuple) else (pod_cidrs,)
     dev_index, local_ip, underlay_mtu = underlay(cfg)
-    mtu = cfg.mtu or underlay_mtu - VXLAN_OVERHEAD
+    mtu = cfg.mtu or underlay_mtu - cfg.vxlan_overhead
     gateway = gateway_of(subnets[0])
     gateway6 = next((gateway_of(n) for n in subnets[1:] if n.version == 6), None)
     with netlink.route() as ipr:
@@ -149,7 +159,7 @@ def ensure_node(cfg: Config, pod_cidrs: Network | tuple[Network, ...]) -> NodeOv
         gateway_mac = ipr.link("get", index=br)[0].get("IFLA_ADDRESS")
     for key, value in SYSCTLS.items():
         netlink.sysctl(key, value)
-    if os.path.isdir("/proc/sys/net/ipv6"):
+    if 6 in ip_families():
         for key, value in IPV6_SYSCTLS.items():
             netlink.sysctl(key, value)
     if 6 in cfg.families:
@@ -192,7 +202,8 @@ def ensure_neighbour_tables(cfg: Config, pod_cidr: Network, nodes: int) -> str |
 
 
 def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[set[str], set[str]]:
-    """Make the VXLAN flood list exactly the other nodes' underlay addresses; returns (added, removed)."""
+    """Make the VXLAN flood list exactly the other nodes' underlay addresses (all of the underlay family: the
+    peer sources check it); returns (added, removed)."""
     wanted = {p.underlay_ip for p in peers if p.name != self_name and p.underlay_ip != node.underlay_ip}
     added, removed = netlink.sync_flood_list(node.vxlan_ifindex, wanted)
     if added or removed:
@@ -200,44 +211,61 @@ def sync_peers(node: NodeOverlay, peers: list[Node], self_name: str) -> tuple[se
     return added, removed
 
 
+def ip_families() -> tuple[int, ...]:
+    """The IP versions this kernel has: (4, 6), or (4,) where IPv6 is disabled (ipv6.disable=1), whose rules
+    and routes cannot even be listed."""
+    return (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
+
+
 def sync_peer_routes(cfg: Config, node: NodeOverlay, peers: list[Node], self_name: str) -> None:
     """Pod-forwarded traffic for each peer node's address goes via that peer's gateway over the overlay.
 
-    A peer whose pod subnet is not known yet has no gateway: its address stays on the main table (the
-    underlay) until it is.
+    Node addresses are of the underlay family, so only that family's pods reach them this way (the other
+    family's rule and table are kept empty). A peer whose pod subnet of that family is not known yet has
+    no gateway: its address stays on the main table (the underlay) until it is.
     """
+    family = cfg.underlay_family
+    cluster = cfg.cidr(family)
+    routed = cfg.masquerade and cluster is not None
     wanted = {}
-    cluster = cfg.cidr(4)  # the underlay is IPv4: only IPv4 pods reach peer node addresses this way
-    if cfg.masquerade and cluster is not None:
+    if routed:
         wanted = {p.underlay_ip: gateway_of(subnet) for p in peers
-                  if p.name != self_name and p.underlay_ip != node.underlay_ip and (subnet := subnet_of(p, 4))}
+                  if p.name != self_name and p.underlay_ip != node.underlay_ip and (subnet := subnet_of(p, family))}
     with netlink.route() as ipr:
-        if cfg.masquerade and cluster is not None:
-            netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cluster), iifname=BRIDGE,
-                                       table=PEER_ROUTE_TABLE)
-        else:
-            netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
-    netlink.sync_host_routes(PEER_ROUTE_TABLE, node.bridge_ifindex, wanted)
+        for fam in ip_families():
+            if fam == family and routed:
+                netlink.ensure_source_rule(ipr, priority=PEER_RULE_PRIORITY, src=str(cluster), iifname=BRIDGE,
+                                           table=PEER_ROUTE_TABLE)
+            else:
+                netlink.remove_rules(ipr, PEER_RULE_PRIORITY, fam)
+    for fam in ip_families():
+        netlink.sync_host_routes(PEER_ROUTE_TABLE, node.bridge_ifindex, wanted if fam == family else {}, fam)
 
 
 def ensure_rules(cfg: Config, node: NodeOverlay, peers: list[Node], backend: iptables.Backend | None = None) -> bool:
     """FORWARD accept and masquerade-on-exit, keeping pod<->node traffic un-NATed; VXLAN only from peers; in
-    the host's iptables backend (the agent detects it once at start; detected here when not given)."""
+    the host's iptables backend (the agent detects it once at start; detected here when not given), each
+    family in its own tool (iptables, ip6tables). Node addresses and VXLAN are the underlay family's."""
     node_ips = {p.underlay_ip for p in peers} | {node.underlay_ip}
     backend = backend or iptables.detect()
     changed = False
-    for cidr in cfg.cluster_cidrs:  # IPv6 in the same backend's ip6tables; the underlay (node_ips) is IPv4
-        ips = node_ips if cidr.version == 4 else set()
-        changed |= iptables.ensure(backend if cidr.version == 4 else backend.v6(), str(cidr), ips, cfg.masquerade,
-                                   ips - {node.underlay_ip}, cfg.vxlan_port)
+    for family in (4, 6):
+        cidr = cfg.cidr(family)
+        underlay = family == cfg.underlay_family
+        if cidr is None and not underlay and family == 6:
+            continue  # no IPv6 anywhere: ip6tables is left alone (it may not even be usable)
+        ips = node_ips if underlay else set()
+        changed |= iptables.ensure(backend if family == 4 else backend.v6(), str(cidr) if cidr else None, ips,
+                                   cfg.masquerade, ips - {node.underlay_ip} if underlay else None, cfg.vxlan_port)
     return changed
 
 
 def teardown() -> None:
     """Remove the peer routing, the bridge, the VXLAN device and every pod host veth (uninstall)."""
     with netlink.route() as ipr:
-        netlink.remove_rules(ipr, PEER_RULE_PRIORITY)
-        netlink.sync_host_routes(PEER_ROUTE_TABLE, 0, {})
+        for family in ip_families():
+            netlink.remove_rules(ipr, PEER_RULE_PRIORITY, family)
+            netlink.sync_host_routes(PEER_ROUTE_TABLE, 0, {}, family)
         for name in netlink.host_veths(ipr, HOST_VETH_PREFIX):
             netlink.delete_link(ipr, name)
         netlink.delete_link(ipr, VXLAN)

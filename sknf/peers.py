@@ -72,8 +72,18 @@ class PeersFileError(ValueError):
     """The static peers file is unreadable or malformed; the message names the file and entry."""
 
 
-def parse_nodes(doc: object, where: str) -> list[Node]:
-    """Validate a peers document: {nodes: [{name, underlay_ip, pod_cidr?, vtep_mac?, mtu?}, ...]}."""
+def underlay_address(raw: object, family: int) -> str:
+    """A node's underlay address in canonical text, which must be of the cluster's underlay family (one
+    VXLAN device cannot reach both); ValueError saying which family was expected."""
+    ip = ipaddress.ip_address(str(raw).strip())
+    if ip.version != family:
+        raise ValueError(f"underlay_ip {ip} is not an IPv{family} address (underlay_family is {family})")
+    return str(ip)
+
+
+def parse_nodes(doc: object, where: str, family: int = 4) -> list[Node]:
+    """Validate a peers document: {nodes: [{name, underlay_ip, pod_cidr?, vtep_mac?, mtu?}, ...]}, every
+    underlay_ip of the underlay family."""
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise PeersFileError(f"{where}: expected a mapping with a 'nodes' list")
     out: list[Node] = []
@@ -81,7 +91,7 @@ def parse_nodes(doc: object, where: str) -> list[Node]:
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("underlay_ip"):
             raise PeersFileError(f"{where}: nodes[{i}] needs 'name' and 'underlay_ip'")
         try:
-            ip = str(ipaddress.IPv4Address(str(entry["underlay_ip"])))
+            ip = underlay_address(entry["underlay_ip"], family)
             cidr = entry.get("pod_cidr")
             cidr = join_subnets(networks(cidr, "pod_cidr")) if cidr else None
         except ValueError as e:  # ConfigError included
@@ -97,8 +107,9 @@ def parse_nodes(doc: object, where: str) -> list[Node]:
 class StaticPeerSource:
     """Nodes from a YAML file; re-read when it is replaced (inode) or its mtime or size changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, family: int = 4) -> None:
         self.path = path
+        self.family = family  # of the underlay: every node's underlay_ip must be one
         self._stamp: tuple[int, int, int] | None = None
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
@@ -119,7 +130,7 @@ class StaticPeerSource:
             raise PeersFileError(f"{self.path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise PeersFileError(f"{self.path}: not valid YAML: {e}") from None
-        return parse_nodes(doc, str(self.path))
+        return parse_nodes(doc, str(self.path), self.family)
 
     def publish_self(self, node: Node) -> None:
         """The file is written by whoever lays out the cluster; nothing to publish."""

@@ -219,7 +219,7 @@ def _local_pod_cidrs(cfg: Config) -> tuple[Network, ...]:
         return cfg.pod_cidrs
     if cfg.peer_source == "static" and cfg.peers_file is not None:
         try:
-            own = [n for n in StaticPeerSource(cfg.peers_file).nodes() if n.name == cfg.node_name]
+            own = [n for n in StaticPeerSource(cfg.peers_file, cfg.underlay_family).nodes() if n.name == cfg.node_name]
         except PeersFileError:
             return ()
         if own and own[0].pod_cidr:

@@ -1,9 +1,10 @@
 """`sknf sysdump`: one tarball with what is needed to debug a node's pod networking, and nothing secret.
 
 What goes in (each a member; a command that fails or is not installed leaves a note, never a gap):
-links, addresses, routes (every table), policy rules, neighbours, the FDB and bridge ports; tc
+links, addresses, routes (every table) and policy rules of both families, neighbours, the FDB and bridge ports; tc
 qdiscs and filters of `vxsknf`, every pod veth and shaped pod ifb; bpftool's view of programs, tc attachments and
-a dump of each map pinned under bpf_pin_dir; both iptables backends and the nftables ruleset;
+a dump of each map pinned under bpf_pin_dir; both iptables backends (iptables and ip6tables) and the
+nftables ruleset;
 conntrack statistics; the sysctls sknf depends on; the agent's configuration (the file and the
 effective settings), the IPAM leases and parked DELs; and from the running agent its metrics, its
 health, stats and flows replies (the last 100 flow events) and its recent log lines (its bounded
@@ -45,11 +46,15 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("net/addresses.txt", ["ip", "-d", "address", "show"]),
     ("net/routes.txt", ["ip", "-d", "route", "show", "table", "all"]),
     ("net/rules.txt", ["ip", "rule", "show"]),
+    ("net/routes6.txt", ["ip", "-6", "-d", "route", "show", "table", "all"]),  # IPv6 pods or underlay
+    ("net/rules6.txt", ["ip", "-6", "rule", "show"]),
     ("net/neighbours.txt", ["ip", "-s", "neighbour", "show"]),
     ("net/fdb.txt", ["bridge", "fdb", "show"]),
     ("net/bridge-ports.txt", ["bridge", "-d", "link", "show"]),
     ("firewall/iptables-nft.txt", ["iptables-nft-save", "-c"]),
     ("firewall/iptables-legacy.txt", ["iptables-legacy-save", "-c"]),
+    ("firewall/ip6tables-nft.txt", ["ip6tables-nft-save", "-c"]),
+    ("firewall/ip6tables-legacy.txt", ["ip6tables-legacy-save", "-c"]),
     ("firewall/nft-ruleset.txt", ["nft", "-a", "list", "ruleset"]),
     ("firewall/conntrack-stats.txt", ["conntrack", "-S"]),
     ("bpf/programs.txt", ["bpftool", "prog", "show"]),

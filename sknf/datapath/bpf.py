@@ -125,7 +125,7 @@ class BpfDatapath:
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
-        cluster, pods = ipaddress.IPv4Network(node.cluster_cidr), ipaddress.IPv4Network(node.pod_cidr)
+        cluster, pods = _ipv4_net(node.cluster_cidr), _ipv4_net(node.pod_cidr)
         self._cluster = cluster
         leaf = bpfmaps.Config(cluster_net=_be32(cluster.network_address), cluster_mask=_be32(cluster.netmask),
                               pod_net=_be32(pods.network_address), pod_mask=_be32(pods.netmask),
@@ -175,12 +175,13 @@ class BpfDatapath:
                                     | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._policy else 0))
         leaf.mac[:] = _mac(ep.mac)
         bpfmaps.update(self.maps["local_macs"], _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))
-        bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
+        if ":" not in ep.ip:  # an IPv6-only pod has no IPv4 endpoint: its frames take the kernel path
+            bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
 
     def detach_pod(self, ep: Endpoint) -> None:
         """Endpoint entry first (no new fast-path deliveries), then the pod's own hooks, then its counters:
         in this order no frame in flight can re-create the counters of a pod that is gone."""
-        key = ctypes.c_uint32(_be32(ep.ip))
+        key = ctypes.c_uint32(_be32(ep.ip) if ":" not in ep.ip else 0)  # 0.0.0.0: never an endpoint's
         ifindex = ep.host_ifindex
         entry = bpfmaps.lookup(self.maps["endpoints"], key, bpfmaps.EndpointInfo)
         if entry is not None and ifindex in (0, entry.ifindex):  # leave a newer pod reusing the address alone
@@ -199,7 +200,7 @@ class BpfDatapath:
         # Its sources, and its address wherever a sibling attachment was allowed it; a newer pod that
         # already holds the address (GC releases before detaching) keeps its own entry.
         owner = entry.ifindex if entry is not None else 0
-        addr = _be32(ep.ip)
+        addr = key.value
         for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
             if key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner):
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
@@ -223,7 +224,7 @@ class BpfDatapath:
                 self.attach_pod(ep, lambda hook, program, ep=ep: ep.host_ifindex in verified or tc.running(
                     nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]))
         self._filters_verified = {ep.host_ifindex for ep in eps}
-        wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps}
+        wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps if ":" not in ep.ip}
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
                 bpfmaps.delete(self.maps["endpoints"], ctypes.c_uint32(key))
@@ -231,7 +232,7 @@ class BpfDatapath:
         for key, _ in bpfmaps.read_map(self.maps["local_macs"], bpfmaps.MacKey, ctypes.c_uint32):
             if bytes(key) not in macs:
                 bpfmaps.delete(self.maps["local_macs"], key)
-        live = set(wanted.values())
+        live = {ep.host_ifindex for ep in eps}
         for name, value_type in (("pod_counters", bpfmaps.CounterValues), ("pod_refused", bpfmaps.RefusedValues),
                                  ("pod_identity", bpfmaps.PodIdentity)):
             for key, _ in bpfmaps.read_map(self.maps[name], ctypes.c_uint32, value_type):
@@ -259,7 +260,7 @@ class BpfDatapath:
                 bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
 
     def read_counters(self) -> dict[str, PodCounters]:
-        return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"], self.maps["pod_refused"])
+        return _pod_counters(self.maps["pod_identity"], self.maps["pod_counters"], self.maps["pod_refused"])
 
     def cleanup(self) -> None:
         self.close()
@@ -413,9 +414,9 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
 
     Nothing is compiled or loaded (see bpfmaps); FileNotFoundError when the maps are not pinned.
     """
-    with (bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
-          bpfmaps.pinned(pin_dir / "pod_refused") as refused):
-        return _pod_counters(endpoints, counters, refused)
+    with (bpfmaps.pinned(pin_dir / "pod_identity") as identities,
+          bpfmaps.pinned(pin_dir / "pod_counters") as counters, bpfmaps.pinned(pin_dir / "pod_refused") as refused):
+        return _pod_counters(identities, counters, refused)
 
 
 def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:
@@ -438,23 +439,25 @@ def _guard_slot(fd: int, slot: int) -> int:
     return value.value if value is not None else 0
 
 
-def _pod_counters(endpoints_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
-    """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth."""
+def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
+    """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth.
+    Attached pods are those with an identity (an IPv6-only pod has no IPv4 endpoint entry)."""
     links = host_veth_stats()
     counted = dict(bpfmaps.read_map(counters_fd, ctypes.c_uint32, bpfmaps.CounterValues))
     refused = dict(bpfmaps.read_map(refused_fd, ctypes.c_uint32, bpfmaps.RefusedValues))
     out = {}
-    for _, entry in bpfmaps.read_map(endpoints_fd, ctypes.c_uint32, bpfmaps.EndpointInfo):
+    for key, _ in bpfmaps.read_map(identity_fd, ctypes.c_uint32, bpfmaps.PodIdentity):
+        ifindex = int(key)
         try:
-            name = socket.if_indextoname(entry.ifindex)
+            name = socket.if_indextoname(ifindex)
         except OSError:
             continue  # the pod's veth is gone: its DEL is under way
         if (stats := links.get(name)) is None:
             continue  # not a pod's host veth (a stale entry whose ifindex was reused)
-        per_cpu = counted.get(entry.ifindex)
+        per_cpu = counted.get(ifindex)
         sums = bpfmaps.sum_cpus(per_cpu) if per_cpu is not None else dict.fromkeys(bpfmaps.COUNTER_FIELDS, 0)
         sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
-        per_cpu = refused.get(entry.ifindex)
+        per_cpu = refused.get(ifindex)
         reasons = (bpfmaps.sum_cpus(per_cpu, bpfmaps.REFUSED_FIELDS) if per_cpu is not None
                    else dict.fromkeys(bpfmaps.REFUSED_FIELDS, 0))
         out[name] = PodCounters(**sums, refused=reasons)
@@ -515,6 +518,15 @@ def _source6(ifindex: int, addr: str) -> bpfmaps.Source6Key:
     key = bpfmaps.Source6Key(ifindex=ifindex)
     key.addr[:] = ipaddress.IPv6Address(addr).packed
     return key
+
+
+NO_IPV4 = ipaddress.IPv4Network("0.0.0.0/32")  # an IPv6-only cluster's IPv4 network: no destination is a pod
+
+
+def _ipv4_net(cidr: str) -> ipaddress.IPv4Network:
+    """The IPv4 network the programs match (they parse IPv4 only); NO_IPV4 for an IPv6 one."""
+    net = ipaddress.ip_network(cidr)
+    return net if isinstance(net, ipaddress.IPv4Network) else NO_IPV4
 
 
 def _be32(addr: str | ipaddress.IPv4Address) -> int:

@@ -24,10 +24,6 @@ def choose(cfg: Config, bpf_dir: Path = BPF_DIR) -> Datapath:
     """The datapath cfg asks for; BpfUnavailable only when `datapath: bpf` cannot be honoured."""
     if cfg.datapath == "kernel":
         return _kernel(cfg, "datapath: kernel in config")
-    if 4 not in cfg.families:  # its endpoints, flows and fast path are keyed by IPv4 addresses
-        if cfg.datapath == "bpf":
-            raise BpfUnavailable("the eBPF datapath needs IPv4 pods: an IPv6-only cluster runs the kernel datapath")
-        return _kernel(cfg, "IPv6-only cluster: the eBPF datapath needs IPv4 pods")
     try:
         return BpfDatapath(cfg, bpf_dir)
     except BpfUnavailable as e:

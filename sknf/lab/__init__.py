@@ -16,6 +16,11 @@ on the IPv4 underlay, nodes also hold 2001:db8:100::(10+i) on it, and the Intern
 an IPv6 twin (fd00:10:96::a + k); `check` runs the pod<->pod, node->pod, pod->Internet and
 pod->ClusterIP rows for IPv6 too.
 
+IPv6-only (`--ipv6-only`): nothing in the lab has IPv4. Nodes hold only 2001:db8:100::(10+i) on the
+underlay and VXLAN runs over it (MTU 1500 - 70), pods get only IPv6 from fd00:10:244::/56, the Internet
+host is 2001:db8:203::10, and the Services' ClusterIPs are IPv6 (fd00:10:96::/112); `check` runs the
+whole matrix, every row of it, over IPv6.
+
 `check` proves the seed design's flows with real TCP/UDP and asserts who the far end saw as the
 source: pod<->pod on a node and across nodes, node<->pod, pod->Internet (SNATed to the node),
 pod->ClusterIP on the same and on another node, a bulk transfer and a full-MTU datagram over VXLAN.
@@ -66,6 +71,8 @@ KUBERNETES_IP = "10.96.0.1"  # the `kubernetes` Service: the API server on node 
 HOSTNET_IP = "10.96.0.2"  # a Service backed by a hostNetwork pod on the last node
 MANAGED_IP = "10.96.0.4"  # a managed control plane: the API server on an address outside the cluster
 CLOSED_IP = "10.96.0.3"  # a UDP Service whose backend (node 1's first pod) has no listener on its port
+# IPv6-only: the same ClusterIPs in fd00:10:96::/112 (kubernetes ::1, hostnet ::2, closed ::3, managed ::4)
+SERVICE_NET6 = ipaddress.IPv6Network("fd00:10:96::/112")
 SERVER_PORT = 8080
 CLOSED_PORT = 9  # nothing listens here
 SVC_TCP_PORT, SVC_UDP_PORT, KUBERNETES_PORT = 80, 53, 443
@@ -117,6 +124,7 @@ class LabState:
     server_pid: int = 0
     agent_image: str = ""  # run each agent from this image (podman) instead of the checkout
     dual_stack: bool = False
+    ipv6_only: bool = False  # every address IPv6, the underlay too
 
 
 # -- the underlay ---------------------------------------------------------------------------------
@@ -158,21 +166,40 @@ class Lab:
 
     def __init__(self, prefix: str = "sknf-lab", nodes: int = 2, pods_per_node: int = 2, datapath: str = "auto",
                  extra_services: int = 0, kube_proxy: str = "iptables", agent_image: str = "",
-                 node_setup: Sequence[Sequence[str]] = (), shaped_pod: bool = False, dual_stack: bool = False) -> None:
+                 node_setup: Sequence[Sequence[str]] = (), shaped_pod: bool = False, dual_stack: bool = False,
+                 ipv6_only: bool = False) -> None:
         """node_setup: commands run in every node's namespace before its agent starts (a host's own
         firewall, say); agent_image: an sknf image whose agent (and plugin) the nodes run, via podman;
         shaped_pod: also a bandwidth-annotated pod on node 1, with its rows in the matrix; dual_stack: pods
-        get IPv6 too (see the module docstring)."""
+        get IPv6 too; ipv6_only: everything is IPv6, the underlay included (see the module docstring)."""
         if not 1 <= nodes <= 50 or not 1 <= pods_per_node <= 60:
             raise LabError("nodes must be 1-50 and pods per node 1-60")
+        if dual_stack and ipv6_only:
+            raise LabError("a lab is dual-stack or IPv6-only, not both")
         self.prefix = prefix
         if kube_proxy not in kubeproxy.MODES:
             raise LabError(f"kube-proxy mode must be one of {', '.join(kubeproxy.MODES)}")
         self.n_nodes, self.n_pods, self.shaped_pod = nodes, pods_per_node, shaped_pod
         self.root = ROOT / prefix
         self.state = LabState(prefix=prefix, datapath=datapath, extra_services=extra_services, kube_proxy=kube_proxy,
-                              agent_image=agent_image, dual_stack=dual_stack)
+                              agent_image=agent_image, dual_stack=dual_stack, ipv6_only=ipv6_only)
         self.node_setup = [list(argv) for argv in node_setup]
+
+    # the lab's family and the addresses that depend on it
+    @property
+    def family(self) -> int:
+        """The family of the underlay and of every pod's first address: 6 in an IPv6-only lab, else 4."""
+        return 6 if self.state.ipv6_only else 4
+
+    @property
+    def internet_host(self) -> str:
+        return INTERNET_HOST6 if self.state.ipv6_only else INTERNET_HOST
+
+    def cluster_ip(self, ipv4: str) -> str:
+        """A Service's ClusterIP in the lab's family: an IPv4 one, or its twin in SERVICE_NET6 (same last bytes)."""
+        if not self.state.ipv6_only:
+            return ipv4
+        return str(SERVICE_NET6.network_address + (int(ipaddress.IPv4Address(ipv4)) & 0xFFFF))
 
     # paths and names
     @property
@@ -219,6 +246,7 @@ class Lab:
         lab.state = LabState(prefix=prefix, datapath=raw["datapath"], extra_services=raw["extra_services"],
                              kube_proxy=raw["kube_proxy"], server_pid=raw["server_pid"],
                              agent_image=raw.get("agent_image", ""), dual_stack=raw.get("dual_stack", False),
+                             ipv6_only=raw.get("ipv6_only", False),
                              nodes=[LabNode(**n) for n in raw["nodes"]], pods=[LabPod(**p) for p in raw["pods"]],
                              shaped=[LabPod(**p) for p in raw["shaped"]])
         return lab
@@ -265,30 +293,36 @@ class Lab:
     def _underlay(self) -> None:
         for ns in (self.ul, self.inet):
             pnetns.create(ns)
+        v4 = not self.state.ipv6_only
+        v6 = self.state.dual_stack or self.state.ipv6_only
         with netlink.route(nsutil.netns_path(self.ul)) as ul:
             ul.link("add", ifname="ul0", kind="bridge")
             br = netlink.link_index(ul, "ul0")
-            ul.addr("add", index=br, address=str(UNDERLAY.network_address + 1), prefixlen=UNDERLAY.prefixlen)
+            if v4:
+                ul.addr("add", index=br, address=str(UNDERLAY.network_address + 1), prefixlen=UNDERLAY.prefixlen)
             ul.link("set", index=br, state="up")
             netlink.create_veth(ul, "inet0", "eth0", nsutil.netns_path(self.inet), LAB_MTU)
             idx = netlink.link_index(ul, "inet0")
-            ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
+            if v4:
+                ul.addr("add", index=idx, address=INTERNET_GW, prefixlen=24)
             ul.link("set", index=idx, state="up")
-            if self.state.dual_stack:
+            if v6:
                 _add6(ul, br, str(UNDERLAY6.network_address + 1), UNDERLAY6.prefixlen)
                 _add6(ul, idx, INTERNET_GW6, INTERNET6.prefixlen)
         with nsutil.entered(self.ul):
             netlink.sysctl("net.ipv4.ip_forward", 1)
-            if self.state.dual_stack:
+            if v6:
                 netlink.sysctl("net.ipv6.conf.all.forwarding", 1)
         kubeproxy.run_nft(self.ul, underlay_source_check())
         with netlink.route(nsutil.netns_path(self.inet)) as inet:
             idx = netlink.link_index(inet, "eth0")
-            inet.addr("add", index=idx, address=INTERNET_HOST, prefixlen=24)
+            if v4:
+                inet.addr("add", index=idx, address=INTERNET_HOST, prefixlen=24)
             inet.link("set", index=idx, state="up")
             inet.link("set", index=netlink.link_index(inet, "lo"), state="up")
-            inet.route("add", dst="0.0.0.0/0", gateway=INTERNET_GW)
-            if self.state.dual_stack:
+            if v4:
+                inet.route("add", dst="0.0.0.0/0", gateway=INTERNET_GW)
+            if v6:
                 _add6(inet, idx, INTERNET_HOST6, INTERNET6.prefixlen)
                 inet.route("add", dst="::/0", gateway=INTERNET_GW6, family=socket.AF_INET6)
 
@@ -296,39 +330,46 @@ class Lab:
         name = f"n{i}"
         ns = f"{self.prefix}-{name}"
         pnetns.create(ns)
-        underlay_ip = str(UNDERLAY.network_address + 10 + i)
+        only6 = self.state.ipv6_only
+        underlay_ip = str((UNDERLAY6 if only6 else UNDERLAY).network_address + 10 + i)
         with netlink.route(nsutil.netns_path(self.ul)) as ul:
             netlink.create_veth(ul, f"{self.prefix[:8]}-{name}"[:15], "eth0", nsutil.netns_path(ns), LAB_MTU)
             netlink.set_port(ul, netlink.link_index(ul, f"{self.prefix[:8]}-{name}"[:15]),
                              netlink.link_index(ul, "ul0"))
         with netlink.route(nsutil.netns_path(ns)) as n:
             idx = netlink.link_index(n, "eth0")
-            n.addr("add", index=idx, address=underlay_ip, prefixlen=UNDERLAY.prefixlen)
+            if not only6:
+                n.addr("add", index=idx, address=underlay_ip, prefixlen=UNDERLAY.prefixlen)
             n.link("set", index=idx, state="up")
             n.link("set", index=netlink.link_index(n, "lo"), state="up")
-            n.route("add", dst="0.0.0.0/0", gateway=str(UNDERLAY.network_address + 1))
-            if self.state.dual_stack:
+            if not only6:
+                n.route("add", dst="0.0.0.0/0", gateway=str(UNDERLAY.network_address + 1))
+            if self.state.dual_stack or only6:
                 _add6(n, idx, str(UNDERLAY6.network_address + 10 + i), UNDERLAY6.prefixlen)
                 n.route("add", dst="::/0", gateway=str(UNDERLAY6.network_address + 1), family=socket.AF_INET6)
         pod_cidr = f"10.244.{i}.0/24"
         pod_cidr6 = f"fd00:10:244:{i:x}::/64"
+        cluster = {(False, False): CLUSTER_CIDR, (True, False): f"{CLUSTER_CIDR},{CLUSTER_CIDR6}",
+                   (False, True): CLUSTER_CIDR6}[(self.state.dual_stack, only6)]
         d = self.node_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         settings = {
             "node_name": name, "host_physical_if": "eth0",
-            "cluster_cidr": f"{CLUSTER_CIDR},{CLUSTER_CIDR6}" if self.state.dual_stack else CLUSTER_CIDR,
+            "cluster_cidr": cluster,
             "peer_source": "static", "peers_file": str(self.root / "peers.yaml"),
             "state_dir": str(d / "state"), "run_dir": str(d / "run"),
             "bpf_pin_dir": f"/sys/fs/bpf/{self.prefix}-{name}", "datapath": self.state.datapath,
-            "metrics_bind": f"{underlay_ip}:{METRICS_PORT}", "reconcile_interval": 2,
+            "metrics_bind": f"[{underlay_ip}]:{METRICS_PORT}" if only6 else f"{underlay_ip}:{METRICS_PORT}",
+            "reconcile_interval": 2,
             "install_cni": True, "cni_bin_dir": str(self.root / "bin"), "cni_conf_dir": str(d / "net.d"),
             "cni_conf_name": CONFLIST, "policy_dir": str(self.manifest_dir),
         }
         (d / "config.yaml").write_text(yaml.safe_dump(settings))
         dual = self.state.dual_stack
+        first = pod_cidr6 if only6 else pod_cidr
         self.state.nodes.append(LabNode(name=name, netns=ns, underlay_ip=underlay_ip,
-                                        pod_cidr=f"{pod_cidr},{pod_cidr6}" if dual else pod_cidr,
-                                        gateway_ip=str(ipaddress.IPv4Network(pod_cidr).network_address + 1),
+                                        pod_cidr=f"{pod_cidr},{pod_cidr6}" if dual else first,
+                                        gateway_ip=str(ipaddress.ip_network(first).network_address + 1),
                                         config=str(d / "config.yaml"),
                                         underlay_ip6=str(UNDERLAY6.network_address + 10 + i) if dual else "",
                                         gateway_ip6=str(ipaddress.IPv6Network(pod_cidr6).network_address + 1)
@@ -337,7 +378,7 @@ class Lab:
 
     def _write_peers(self) -> None:
         doc = {"nodes": [{"name": n.name, "underlay_ip": n.underlay_ip, "pod_cidr": n.pod_cidr,
-                          "mtu": LAB_MTU - VXLAN_OVERHEAD} for n in self.state.nodes]}
+                          "mtu": LAB_MTU - VXLAN_OVERHEAD[self.family]} for n in self.state.nodes]}
         tmp = self.root / "peers.yaml.tmp"
         tmp.write_text(yaml.safe_dump(doc))
         tmp.replace(self.root / "peers.yaml")
@@ -413,7 +454,8 @@ class Lab:
                            netns=nsutil.netns_path(ns),
                            args=f"K8S_POD_NAMESPACE={manifests.LAB_NAMESPACE};K8S_POD_NAME={name}")
         pod.ip = result["ips"][0]["address"].split("/")[0]
-        pod.ip6 = next((ip["address"].split("/")[0] for ip in result["ips"] if ":" in ip["address"]), "")
+        pod.ip6 = next((ip["address"].split("/")[0] for ip in result["ips"] if ":" in ip["address"]),
+                       "") if self.state.dual_stack else ""
         pod.host_ifname = result["interfaces"][0]["name"]
         self.save()
         manifests.write(self.manifest_dir, f"pod-{name}",
@@ -427,7 +469,7 @@ class Lab:
         firsts = [next(p for p in self.state.pods if p.node == n.name) for n in nodes]
         svcs: list[Service] = []
         for k, b in enumerate(firsts):
-            ip = str(SERVICE_BASE + k)
+            ip = self.cluster_ip(str(SERVICE_BASE + k))
             svcs += [Service(f"pod-{b.name}", "tcp", SVC_TCP_PORT, ((b.ip, SERVER_PORT, b.node),), ip),
                      Service(f"pod-{b.name}", "udp", SVC_UDP_PORT, ((b.ip, SERVER_PORT, b.node),), ip)]
             if self.state.dual_stack:
@@ -436,17 +478,19 @@ class Lab:
                          for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT))]
         api, host = (nodes[0].underlay_ip, SERVER_PORT, nodes[0].name), (nodes[-1].underlay_ip, SERVER_PORT,
                                                                          nodes[-1].name)
-        svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), KUBERNETES_IP),
-                 Service("managed", "tcp", KUBERNETES_PORT, ((INTERNET_HOST, SERVER_PORT, ""),), MANAGED_IP),
-                 Service("hostnet", "tcp", SVC_TCP_PORT, (host,), HOSTNET_IP),
-                 Service("hostnet", "udp", SVC_UDP_PORT, (host,), HOSTNET_IP),
-                 Service("closed", "udp", SVC_UDP_PORT, ((firsts[0].ip, CLOSED_PORT, firsts[0].node),), CLOSED_IP),
+        at = self.cluster_ip
+        svcs += [Service("kubernetes", "tcp", KUBERNETES_PORT, (api,), at(KUBERNETES_IP)),
+                 Service("managed", "tcp", KUBERNETES_PORT, ((self.internet_host, SERVER_PORT, ""),), at(MANAGED_IP)),
+                 Service("hostnet", "tcp", SVC_TCP_PORT, (host,), at(HOSTNET_IP)),
+                 Service("hostnet", "udp", SVC_UDP_PORT, (host,), at(HOSTNET_IP)),
+                 Service("closed", "udp", SVC_UDP_PORT, ((firsts[0].ip, CLOSED_PORT, firsts[0].node),),
+                         at(CLOSED_IP)),
                  Service("nodeport", "tcp", NODEPORT, ((firsts[0].ip, SERVER_PORT, firsts[0].node),)),
                  Service("nodeport-local", "tcp", NODEPORT_LOCAL, tuple((b.ip, SERVER_PORT, b.node) for b in firsts),
                          local=True)]
         for k in range(self.state.extra_services if extra else 0):
             b = firsts[k % len(firsts)]
-            ip = str(SERVICE_BASE + 1000 + k)
+            ip = self.cluster_ip(str(SERVICE_BASE + 1000 + k))
             svcs += [Service(f"extra-{k}", proto, port, ((b.ip, SERVER_PORT, b.node),), ip)
                      for proto, port in (("tcp", SVC_TCP_PORT), ("udp", SVC_UDP_PORT))]
         return svcs
@@ -647,7 +691,8 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
     st = lab.state
     node_of = {n.name: n for n in st.nodes}
     pods_by_node = {n.name: [p for p in st.pods if p.node == n.name] for n in st.nodes}
-    answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes} | {INTERNET_HOST: "inet"}
+    internet = lab.internet_host
+    answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes} | {internet: "inet"}
     jobs = []
 
     def expect(flow: str, src: str, dst: str, fn, want) -> None:
@@ -665,12 +710,12 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
         for n in st.nodes:
             flow = "pod->node (own)" if n.name == a.node else "pod->node (other)"
             expect(flow, a.name, n.name, lambda a=a, n=n: who(a.netns, n.underlay_ip), (a.ip, n.name))
-        expect("pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, INTERNET_HOST),
+        expect("pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, internet),
                (node_of[a.node].underlay_ip, "inet"))
         for svc in lab.services():
             ip, node = svc.endpoints[0][0], svc.endpoints[0][2]
-            # NodePorts come from the Internet; no hairpin here; IPv6 Services are ipv6_rows'
-            if svc.cluster_ip is None or ip == a.ip or svc.family == 6:
+            # NodePorts come from the Internet; no hairpin here; a dual-stack lab's IPv6 Services are ipv6_rows'
+            if svc.cluster_ip is None or ip == a.ip or svc.family != lab.family:
                 continue
             dst = f"{svc.cluster_ip}:{svc.port}({answers[ip]})"
             if svc.name == "closed":
@@ -693,7 +738,7 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
     for svc in (s for s in lab.services() if s.cluster_ip is None):
         for n in st.nodes:
             ip = svc.endpoints_on(n.name)[0][0]
-            flow, seen = (("Internet->NodePort, Local policy: client kept", INTERNET_HOST) if svc.local else
+            flow, seen = (("Internet->NodePort, Local policy: client kept", internet) if svc.local else
                           ("Internet->NodePort, Cluster policy: SNAT to the node", n.gateway_ip))
             expect(flow, "inet", f"{n.name}:{svc.port}({answers[ip]})",
                    lambda n=n, s=svc: who(lab.inet, n.underlay_ip, s.port), (seen, answers[ip]))
@@ -714,9 +759,11 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
         a, b = pods_by_node[st.nodes[0].name][0], pods_by_node[st.nodes[1].name][0]
         mtu = _mtu(a.netns)
         underlay_mtu = _mtu(node_of[a.node].netns)
-        expect("pod MTU = underlay MTU - 50", a.name, a.node, lambda: mtu, underlay_mtu - 50)
+        overhead = VXLAN_OVERHEAD[lab.family]
+        payload = mtu - (28 if lab.family == 4 else 48)  # less the IP (20 or 40) and UDP (8) headers
+        expect(f"pod MTU = underlay MTU - {overhead}", a.name, a.node, lambda: mtu, underlay_mtu - overhead)
         expect("full-MTU datagram across nodes", a.name, b.name,
-               lambda: who_udp(a.netns, b.ip, SERVER_PORT, mtu - 28), (a.ip, b.name, mtu - 28, f"{b.ip}:{SERVER_PORT}"))
+               lambda: who_udp(a.netns, b.ip, SERVER_PORT, payload), (a.ip, b.name, payload, f"{b.ip}:{SERVER_PORT}"))
         if not services_only:
             jobs.append(("bulk TCP across VXLAN", a.name, b.name, lambda: bulk(a.netns, b.ip, bulk_bytes), None))
 
@@ -812,8 +859,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Service NAT kube-proxy would program: its iptables or its nftables mode")
     parser.add_argument("--agent-image", default="", metavar="IMAGE",
                         help="run the nodes' agents (and so their plugin) from this sknf image, with podman")
-    parser.add_argument("--dual-stack", action="store_true",
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--dual-stack", action="store_true",
                         help="pods get IPv6 too (fd00:10:244::/56 beside 10.244.0.0/16; the underlay stays IPv4)")
+    family.add_argument("--ipv6-only", action="store_true",
+                        help="no IPv4 anywhere: IPv6 pods (fd00:10:244::/56), Services and underlay (VXLAN over IPv6)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -829,7 +879,8 @@ def run(args: argparse.Namespace) -> int:
             lab = Lab.load(args.prefix)
             return 0 if print_matrix(lab.check()) else 1
         lab = Lab(args.prefix, args.nodes, args.pods, args.datapath, args.services, args.kube_proxy,
-                  args.agent_image, shaped_pod=True, dual_stack=args.dual_stack)
+                  args.agent_image, shaped_pod=True, dual_stack=args.dual_stack,
+                  ipv6_only=args.ipv6_only)
         if args.action == "up":
             try:
                 lab.up()

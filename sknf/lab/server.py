@@ -46,6 +46,8 @@ class _TCP(socketserver.ThreadingTCPServer):
 
 IP_PKTINFO = 8
 PKTINFO = struct.Struct("I4s4s")  # struct in_pktinfo: ifindex, local address, destination address
+IPV6_RECVPKTINFO, IPV6_PKTINFO = 49, 50
+PKTINFO6 = struct.Struct("16sI")  # struct in6_pktinfo: address, ifindex
 
 
 class _UDP(socketserver.ThreadingUDPServer):
@@ -75,8 +77,8 @@ class _TCP6(_TCP):
 
 
 class _UDP6(socketserver.ThreadingUDPServer):
-    """UDP over IPv6 (dual-stack labs). Pods hold one global IPv6 address, which the kernel picks as the
-    reply's source: no packet info needed."""
+    """UDP over IPv6, replying from the address the datagram was sent to (IPV6_PKTINFO) as the IPv4
+    server does: an IPv6-only lab's node holds its underlay address and its pod gateway."""
 
     allow_reuse_address = True
     daemon_threads = True
@@ -85,11 +87,14 @@ class _UDP6(socketserver.ThreadingUDPServer):
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.socket.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
         super().server_bind()
 
     def get_request(self):
-        data, client = self.socket.recvfrom(self.max_packet_size)
-        return (data, self.socket, None), client
+        data, ancillary, _, client = self.socket.recvmsg(self.max_packet_size, socket.CMSG_SPACE(PKTINFO6.size))
+        to = next((PKTINFO6.unpack(d)[0] for level, kind, d in ancillary
+                   if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO), None)
+        return (data, self.socket, to), client
 
 
 class TcpHandler(socketserver.StreamRequestHandler):
@@ -112,7 +117,12 @@ class UdpHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock, to = self.request
         reply = f"{self.client_address[0]} {self.server.name} {len(data)}".encode()
-        source = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, to, bytes(4)))] if to else []
+        if to is None:
+            source = []
+        elif len(to) == 16:
+            source = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, PKTINFO6.pack(to, 0))]
+        else:
+            source = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, to, bytes(4)))]
         sock.sendmsg([reply], source, 0, self.client_address)
 
 

@@ -460,7 +460,7 @@ def kernel_wiring(lab: Lab, node: LabNode) -> bool:
             return False
         ports = [netlink.link_info(ipr, p.host_ifname) for p in pods_of(lab, node)]
         return (br.get("IFLA_ADDRESS") == overlay.gateway_mac_of(node.gateway_ip)
-                and netlink.ipv4_of(ipr, br["index"]) == node.gateway_ip
+                and netlink.address_of(ipr, br["index"]) == node.gateway_ip
                 and all(p.get("IFLA_MASTER") == br["index"] and p.get("state") == "up" for p in ports)
                 and netlink.flood_entries(ipr, vx["index"]) == peers)
 

@@ -97,3 +97,20 @@ def test_peers_file_mtu_is_optional_and_checked() -> None:
     for bad in (100, "1450", True, 10000):
         with pytest.raises(PeersFileError, match="mtu"):
             parse_nodes({"nodes": [{"name": "a", "underlay_ip": "192.0.2.1", "mtu": bad}]}, "peers.yaml")
+
+
+def test_an_icmpv6_echo_request_and_its_reply() -> None:
+    packet = health.echo_request(0x1234, 7, family=6)
+    assert packet[0] == health.ICMP6_ECHO and struct.unpack("!HH", packet[4:8]) == (0x1234, 7)
+    reply = bytes([health.ICMP6_ECHO_REPLY]) + packet[1:]
+    assert health._echo_reply(reply, 6) == (0x1234, 7)
+    assert health._echo_reply(packet, 6) is None  # our own request, seen by the raw socket: not an answer
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw ICMP sockets need root")
+def test_a_round_probes_both_families() -> None:
+    """An IPv6 underlay (or an IPv6-only cluster's gateways) is probed with ICMPv6, beside IPv4 in one round."""
+    targets = [health.Target("lo4", "underlay", "127.0.0.1"), health.Target("lo6", "underlay", "::1"),
+               health.Target("lo6", "overlay", "0:0:0::1")]
+    got = health.probe(targets, health.Pacer(rate=50), timeout=0.3)
+    assert all(o.rtt is not None for o in got.values()), got
