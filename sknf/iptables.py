@@ -43,6 +43,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sknf import nsutil
+
 FORWARD_CHAIN = "SKNF-FORWARD"
 NAT_CHAIN = "SKNF-POSTROUTING"
 INPUT_CHAIN = "SKNF-INPUT"
@@ -119,10 +121,15 @@ def detect() -> Backend:
     return Backend(mode, f"no KUBE-* chains; {counts}" + ("; empty host: nft" if not seen[mode][1] else ""))
 
 
-def _run(args: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, input=stdin, capture_output=True, text=True)
+def run(args: list[str], stdin: str | None = None, check: bool = True,
+        netns: str | None = None) -> subprocess.CompletedProcess:
+    """One iptables command (argv), in the named network namespace if given; IptablesError if it fails
+    and `check`. Also the lab's kube-proxy's runner (sknf.lab.kubeproxy)."""
+    proc = subprocess.run(args, input=stdin, capture_output=True, text=True,
+                          preexec_fn=nsutil.preexec_enter(netns) if netns else None)
     if check and proc.returncode != 0:
-        raise IptablesError(f"{' '.join(args[:4])}...: {proc.stderr.strip() or proc.stdout.strip()}")
+        where = f" in {netns}" if netns else ""
+        raise IptablesError(f"{' '.join(args[:4])}...{where}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
@@ -165,7 +172,7 @@ def _saved(backend: Backend) -> dict[tuple[str, str], list[str]]:
     (ten `iptables -S`/`-C` execs per reconcile cost more than the rest of an idle node's reconcile)."""
     out: dict[tuple[str, str], list[str]] = {}
     table = ""
-    for line in _run([backend.save]).stdout.splitlines():
+    for line in run([backend.save]).stdout.splitlines():
         if line.startswith("*"):
             table = line[1:]
         elif line.startswith(":"):
@@ -191,7 +198,7 @@ def ensure(backend: Backend, cluster_cidr: str | None, node_ips: Iterable[str], 
         if chain in wanted and have.get((table, chain)) != _as_printed(chain, wanted[chain]):
             stale.setdefault(table, []).extend([f":{chain} - [0:0]", *_as_printed(chain, wanted[chain])])
     if stale:  # one restore for every table: one exec, one commit per table
-        _run([backend.restore, "-w", "--noflush"],
+        run([backend.restore, "-w", "--noflush"],
              stdin="".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in stale.items()))
     changed = bool(stale)
     for table, parent, chain in JUMPS:
@@ -199,13 +206,13 @@ def ensure(backend: Backend, cluster_cidr: str | None, node_ips: Iterable[str], 
         if chain not in wanted:
             if (table, chain) in have:
                 if jump in have.get((table, parent), []):
-                    _run([backend.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain])
-                _run([backend.iptables, "-w", "-t", table, "-F", chain])
-                _run([backend.iptables, "-w", "-t", table, "-X", chain])
+                    run([backend.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain])
+                run([backend.iptables, "-w", "-t", table, "-F", chain])
+                run([backend.iptables, "-w", "-t", table, "-X", chain])
                 changed = True
             continue
         if jump not in have.get((table, parent), []):
-            _run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
+            run([backend.iptables, "-w", "-t", table, "-I", parent, "1", *COMMENT, "-j", chain])
             changed = True
     return changed
 
@@ -217,8 +224,8 @@ def teardown(backend: Backend | None = None) -> None:
     backends = [backend] if backend else [Backend(m) for m in MODES]
     for b in [x for base in backends for x in (base, base.v6()) if shutil.which(x.iptables)]:
         for table, parent, chain in JUMPS:
-            while _run([b.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain],
+            while run([b.iptables, "-w", "-t", table, "-D", parent, *COMMENT, "-j", chain],
                        check=False).returncode == 0:
                 pass
-            _run([b.iptables, "-w", "-t", table, "-F", chain], check=False)
-            _run([b.iptables, "-w", "-t", table, "-X", chain], check=False)
+            run([b.iptables, "-w", "-t", table, "-F", chain], check=False)
+            run([b.iptables, "-w", "-t", table, "-X", chain], check=False)

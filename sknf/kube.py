@@ -91,6 +91,101 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+class ListWatch:
+    """One resource's list+watch thread, shared by the peer source and the policy source.
+
+    It lists, then watches from the list's resourceVersion; a watch that ends resumes from the last
+    version seen (a BOOKMARK only moves that version on); an ERROR event is raised as the ApiException
+    it stands for, so 410 Gone relists like a 410 answer does. A relist every `resync` seconds repairs
+    whatever a watch missed. Any other failure backs off exponentially (jittered, capped) and keeps the
+    version, so the next watch resumes where the failed one was. The owner gets the list's raw items
+    (on_list) and each ADDED/MODIFIED/DELETED event (on_event), on this thread, and keeps what it needs.
+    """
+
+    def __init__(self, what: str, list_fn: Callable[..., Any], on_list: Callable[[list[dict]], None],
+                 on_event: Callable[[str, dict], None], *, stop: threading.Event, resync: float,
+                 watch_timeout: float, backoff: tuple[float, float], thread: str,
+                 logger: logging.Logger = log) -> None:
+        self.what, self.list_fn, self.on_list, self.on_event = what, list_fn, on_list, on_event
+        self.stop, self.resync, self.watch_timeout, self.backoff = stop, resync, watch_timeout, backoff
+        self.log = logger
+        self._resp: Any = None  # the open watch response, so cut() can end it
+        self.thread = threading.Thread(target=self._run, name=thread, daemon=True)
+
+    def cut(self) -> None:
+        """End an open watch at once (set `stop` first, or the thread simply watches again)."""
+        sock = getattr(getattr(self._resp, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        delay = self.backoff[0]
+        version: str | None = None
+        relist_at = 0.0
+        while not self.stop.is_set():
+            try:
+                if version is None or time.monotonic() >= relist_at:
+                    version = self._list()
+                    relist_at = time.monotonic() + self.resync
+                version = self._watch(version, relist_at)
+                delay = self.backoff[0]
+            except ApiException as e:
+                if e.status == 410:
+                    self.log.info("%s watch expired (410 Gone at resourceVersion %s); relisting", self.what, version)
+                    version = None
+                    continue
+                delay = self._pause(e, delay)
+            except _api_errors() as e:
+                delay = self._pause(e, delay)
+            except Exception as e:  # a garbled event must not end the thread: what it feeds would freeze
+                self.log.exception("%s list/watch: unexpected error", self.what)
+                delay = self._pause(e, delay)
+
+    def _pause(self, e: BaseException, delay: float) -> float:
+        if not self.stop.is_set():
+            wait = random.uniform(delay / 2, delay)
+            self.log.warning("%s list/watch failed (%s); retrying in %.1fs", self.what, _describe(e), wait)
+            self.stop.wait(wait)
+        return min(delay * 2, self.backoff[1])
+
+    def _list(self) -> str | None:
+        doc = json.loads(self.list_fn(_preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
+        self.on_list(list(doc.get("items") or []))
+        return (doc.get("metadata") or {}).get("resourceVersion")
+
+    def _watch(self, version: str | None, relist_at: float) -> str | None:
+        """Hand over watch events until the server ends the watch; returns the last resourceVersion seen."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ReadTimeoutError
+
+        timeout = max(1, int(min(self.watch_timeout, relist_at - time.monotonic())))
+        self._resp = resp = self.list_fn(
+            watch=True, resource_version=version, timeout_seconds=timeout, allow_watch_bookmarks=True,
+            _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], timeout + 15))
+        try:
+            for line in resp:
+                if self.stop.is_set():
+                    break
+                if not line.strip():  # a keep-alive (and how a watch starts): not an event
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_event(event["type"], obj)  # a BOOKMARK: only its resourceVersion matters
+        except ReadTimeoutError:
+            self.log.debug("%s watch idle past its timeout; reconnecting", self.what)
+        finally:
+            self._resp = None
+            resp.release_conn()
+        return version
+
+
 def spec_pod_cidr(obj: dict) -> str | None:
     """The Node's pod subnets from spec.podCIDRs (dual-stack lists one per family, in the cluster's order)
     or spec.podCIDR, as `pod_cidr` text: IPv4 first, whatever order the Node lists them in."""
@@ -222,8 +317,6 @@ class KubePeerSource:
                  sync_wait: float = 10.0) -> None:
         self.cfg = cfg
         self.name = cfg.node_name
-        self.resync = resync
-        self.watch_timeout = watch_timeout
         self.backoff = backoff
         self.poll = poll
         self.sync_wait = sync_wait
@@ -238,9 +331,10 @@ class KubePeerSource:
         self._on_change: Callable[[], None] = lambda: None  # watch(): the agent's wake-up
         self._synced = threading.Event()
         self._stop = threading.Event()
-        self._resp: Any = None  # the open watch response, so close() can cut it
-        self._thread = threading.Thread(target=self._run, name="sknf-kube-watch", daemon=True)
-        self._thread.start()
+        self._nodes_lw = ListWatch("node", self.api.list_node, self._take_list, self._apply, stop=self._stop,
+                                   resync=resync, watch_timeout=watch_timeout, backoff=backoff,
+                                   thread="sknf-kube-watch")
+        self._nodes_lw.thread.start()
 
     # -- PeerSource ------------------------------------------------------------------------------
     def nodes(self) -> list[Node]:
@@ -332,11 +426,8 @@ class KubePeerSource:
     def close(self) -> None:
         """Stop the watch thread (cuts an open watch at once)."""
         self._stop.set()
-        sock = getattr(getattr(self._resp, "connection", None), "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=10)
+        self._nodes_lw.cut()
+        self._nodes_lw.thread.join(timeout=10)
 
     def __enter__(self) -> KubePeerSource:
         return self
@@ -344,45 +435,11 @@ class KubePeerSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        delay = self.backoff[0]
-        version: str | None = None
-        relist_at = 0.0
-        while not self._stop.is_set():
-            try:
-                if version is None or time.monotonic() >= relist_at:
-                    version = self._list()
-                    relist_at = time.monotonic() + self.resync
-                version = self._watch(version, relist_at)
-                delay = self.backoff[0]
-            except ApiException as e:
-                if e.status == 410:
-                    log.info("node watch expired (410 Gone at resourceVersion %s); relisting", version)
-                    version = None
-                    continue
-                delay = self._pause(e, delay)
-            except _api_errors() as e:
-                delay = self._pause(e, delay)
-            except Exception as e:  # a garbled event must not end the thread: peers would freeze silently
-                log.exception("node list/watch: unexpected error")
-                delay = self._pause(e, delay)
-
-    def _pause(self, e: BaseException, delay: float) -> float:
-        if not self._stop.is_set():
-            wait = random.uniform(delay / 2, delay)
-            log.warning("node list/watch failed (%s); retrying in %.1fs", _describe(e), wait)
-            self._stop.wait(wait)
-        return min(delay * 2, self.backoff[1])
-
-    def _list(self) -> str | None:
-        resp = self.api.list_node(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-        doc = json.loads(resp.data)
+    def _take_list(self, items: list[dict]) -> None:
         peers: dict[str, Node] = {}
         unaddressed = set()
         own = None
-        for obj in doc.get("items") or []:
+        for obj in items:
             if (node := self._parser.node(obj)) is not None:
                 peers[node.name] = node
             elif name := (obj.get("metadata") or {}).get("name"):
@@ -397,40 +454,11 @@ class KubePeerSource:
             self._own = own
         self._synced.set()
         log.debug("listed %d nodes", len(peers))
-        return (doc.get("metadata") or {}).get("resourceVersion")
 
-    def _watch(self, version: str | None, relist_at: float) -> str | None:
-        """Apply watch events until the server ends the watch; returns the last resourceVersion seen."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import ReadTimeoutError
-
-        timeout = max(1, int(min(self.watch_timeout, relist_at - time.monotonic())))
-        self._resp = resp = self.api.list_node(
-            watch=True, resource_version=version, timeout_seconds=timeout, allow_watch_bookmarks=True,
-            _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], timeout + 15))
-        try:
-            for line in resp:
-                if self._stop.is_set():
-                    break
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event.get("type") == "ERROR":
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                self._apply(event.get("type"), obj)
-        except ReadTimeoutError:
-            log.debug("node watch idle past its timeout; reconnecting")
-        finally:
-            self._resp = None
-            resp.release_conn()
-        return version
-
-    def _apply(self, kind: str | None, obj: dict) -> None:
+    def _apply(self, kind: str, obj: dict) -> None:
         name = (obj.get("metadata") or {}).get("name")
-        if kind not in ("ADDED", "MODIFIED", "DELETED") or not name:
-            return  # BOOKMARK: only its resourceVersion matters
+        if not name:
+            return
         node = self._parser.node(obj) if kind != "DELETED" else None
         with self._lock:
             if kind == "DELETED" or node is not None:

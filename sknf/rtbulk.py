@@ -3,8 +3,8 @@
 Why not pyroute2 here: it costs ~0.2-0.5 ms of Python per request (its asyncio core, message objects)
 and ~0.3 ms per decoded link, so 5,000 FDB entries took 1-4 s to program and a 1,000-pod node spent
 most of its idle CPU decoding the link dump of each reconcile. The few request and dump kinds the
-reconcile repeats at scale are encoded and decoded here with struct (as `sknf.conntrack` does for
-ctnetlink); everything else stays on pyroute2.
+reconcile repeats at scale are encoded and decoded here with struct, over `sknf.nlsock`'s batching
+socket (as `sknf.conntrack` does for ctnetlink); everything else stays on pyroute2.
 
 - `Rtnl.apply` sends requests in batches of at most `batch` (sized so their acks fit the receive
   buffer), each with NLM_F_ACK, and returns the error of every request that failed, by its key: the
@@ -19,25 +19,30 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import socket
 import struct
 from collections.abc import Hashable, Iterable, Iterator
 
+from sknf.nlsock import (
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLMSG,
+    NetlinkSocket,
+    attr,
+    attrs,
+    error_code,
+    nested,
+)
+
 NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 10, 12
-SO_RCVBUFFORCE = 33
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 37, 44, 45, 46
 RTMGRP_TC = 0x8  # the multicast group of tc changes (RTNLGRP_TC)
 AF_BRIDGE = 7
-NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_IFALIAS, IFLA_EXT_MASK = 18, 20, 29
 IFLA_INFO_KIND = 1
@@ -51,13 +56,10 @@ TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_NAME, TCA_BPF_ID = 7, 11
 RT_TABLE_COMPAT = 252  # rtm_table for ids above 255 (RTA_TABLE holds the real one)
 RTPROT_STATIC, RTN_UNICAST = 4, 1
-RCVBUF = 8 << 20
 ACK_ROOM = 2048  # receive-buffer bytes one queued ack may take (a small skb's truesize, rounded up)
 MAX_BATCH = 512  # requests per sendmsg
 ZERO_MAC = b"\0" * 6
 
-_NLMSG = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
 _NDMSG = struct.Struct("=BBHiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _IFINFO = struct.Struct("=BBHiII")
@@ -68,25 +70,6 @@ _U32_LINK_FIELDS = {IFLA_MTU: "IFLA_MTU", IFLA_MASTER: "IFLA_MASTER", IFLA_LINK:
 _LINK_ATTRS = frozenset((IFLA_IFNAME, IFLA_ADDRESS, IFLA_IFALIAS, IFLA_LINKINFO, *_U32_LINK_FIELDS))
 
 Request = tuple[Hashable, int, int, bytes]  # (key for errors, message type, extra flags, body)
-
-
-def attr(kind: int, payload: bytes) -> bytes:
-    return _NLA.pack(_NLA.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-
-def attrs(data: memoryview, start: int, wanted: frozenset[int] | None = None) -> Iterator[tuple[int, memoryview]]:
-    """(type, payload) of each attribute from start on; with `wanted`, only those types (the others are
-    skipped without slicing: a link message carries ~45 attributes, sknf reads 7)."""
-    end = len(data)
-    unpack = _NLA.unpack_from
-    while start + _NLA.size <= end:
-        length, kind = unpack(data, start)
-        if length < _NLA.size:
-            return
-        kind &= ~NLA_F_NESTED
-        if wanted is None or kind in wanted:
-            yield kind, data[start + _NLA.size: start + length]
-        start += (length + 3) & ~3
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -144,46 +127,11 @@ class BulkError(OSError):
         super().__init__(code, f"{len(failed)} rtnetlink requests refused: {shown}{more}")
 
 
-class Rtnl:
+class Rtnl(NetlinkSocket):
     """A raw rtnetlink socket in the calling thread's namespace; use as a context manager."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        try:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-            except PermissionError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)  # capped by rmem_max
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acks without the request echoed
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # dumps filtered by the kernel
-            self.sock.bind((0, 0))
-            rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        except OSError:
-            self.sock.close()
-            raise
-        self.batch = min(MAX_BATCH, max(16, rcvbuf // ACK_ROOM))
-        self._seq = itertools.count(1)
-
-    def __enter__(self) -> Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _message(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
-        seq = next(self._seq)
-        return seq, _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
-
-    def _replies(self) -> Iterator[tuple[int, int, int, memoryview]]:
-        """(type, flags, seq, message) of everything one recv returns."""
-        data = memoryview(self.sock.recv(1 << 20))
-        offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length, kind, flags, seq, _pid = _NLMSG.unpack_from(data, offset)
-            if length < _NLMSG.size:
-                return
-            yield kind, flags, seq, data[offset: offset + length]
-            offset += (length + 3) & ~3
+        super().__init__(NETLINK_ROUTE, ACK_ROOM, MAX_BATCH, strict=True)
 
     def apply(self, requests: Iterable[Request], benign: Iterable[int] = ()) -> None:
         """Send every request (acked); raises BulkError naming each one the kernel refused with a code
@@ -191,56 +139,28 @@ class Rtnl:
 
         A refusal does not stop the others: rtnetlink handles each message of a sendmsg on its own.
         """
-        pending = list(requests)
         ok = set(benign)
         failed: dict[Hashable, int] = {}
-        for i in range(0, len(pending), self.batch):
-            sent: dict[int, Hashable] = {}
-            buf = []
-            for key, kind, flags, body in pending[i: i + self.batch]:
-                seq, msg = self._message(kind, NLM_F_ACK | flags, body)
-                sent[seq] = key
-                buf.append(msg)
-            self.sock.sendall(b"".join(buf))
-            while sent:
-                for kind, _flags, seq, msg in self._replies():
-                    if kind != NLMSG_ERROR or seq not in sent:
-                        continue
-                    key = sent.pop(seq)
-                    code = -_I32.unpack_from(msg, _NLMSG.size)[0]
-                    if code and code not in ok:
-                        failed[key] = code
+        acked = ((key, kind, NLM_F_ACK | flags, body) for key, kind, flags, body in requests)
+        for key, _kind, msg in self.exchange(acked):
+            code = error_code(msg)
+            if code and code not in ok:
+                failed[key] = code
         if failed:
             raise BulkError(failed)
 
     def dump(self, kind: int, body: bytes) -> Iterator[memoryview]:
         """The messages of one (kernel-filtered) dump request."""
-        seq, msg = self._message(kind, NLM_F_DUMP, body)
-        self.sock.sendall(msg)
-        while True:
-            for got, _flags, reply_seq, reply in self._replies():
-                if reply_seq != seq:
-                    continue
-                if got == NLMSG_DONE:  # its payload is the dump's errno (0, or why it stopped)
-                    code = -_I32.unpack_from(reply, _NLMSG.size)[0] if len(reply) >= _NLMSG.size + 4 else 0
-                    if code:
-                        raise OSError(code, f"rtnetlink dump {kind}: {errno.errorcode.get(code, code)}")
-                    return
-                if got == NLMSG_ERROR:
-                    code = -_I32.unpack_from(reply, _NLMSG.size)[0]
-                    if code:
-                        raise OSError(code, f"rtnetlink dump {kind}: {errno.errorcode.get(code, code)}")
-                    continue
-                yield reply
+        return self.dump_messages(kind, 0, body, f"rtnetlink dump {kind}")
 
     # -- the dumps the reconcile repeats ---------------------------------------------------------
 
     def fdb(self, ifindex: int) -> Iterator[tuple[str, str]]:
         """(MAC, remote address) of the device's own FDB entries that have a remote (a VXLAN's)."""
         body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, 0, 0, 0)
-        start = _NLMSG.size + _NDMSG.size
+        start = NLMSG.size + _NDMSG.size
         for msg in self.dump(RTM_GETNEIGH, body):
-            if _I32.unpack_from(msg, _NLMSG.size + 4)[0] != ifindex:
+            if _I32.unpack_from(msg, NLMSG.size + 4)[0] != ifindex:
                 continue
             mac = dst = None
             for kind, payload in attrs(msg, start):
@@ -256,7 +176,7 @@ class Rtnl:
         body = _RTMSG.pack(family, 0, 0, 0, _rtm_table(table), 0, 0, 0, 0)
         body += attr(RTA_TABLE, _U32.pack(table))
         out: dict[tuple[str, int], tuple[str | None, int | None]] = {}
-        start = _NLMSG.size + _RTMSG.size
+        start = NLMSG.size + _RTMSG.size
         try:
             msgs = list(self.dump(RTM_GETROUTE, body))
         except OSError as e:
@@ -264,7 +184,7 @@ class Rtnl:
                 return out
             raise
         for msg in msgs:
-            fam, dst_len, _src_len, _tos, rtm_table = msg[_NLMSG.size: _NLMSG.size + 5]
+            fam, dst_len, _src_len, _tos, rtm_table = msg[NLMSG.size: NLMSG.size + 5]
             got_table, dst, gateway, oif = rtm_table, None, None, None
             for kind, payload in attrs(msg, start):
                 if kind == RTA_TABLE:
@@ -284,12 +204,12 @@ class Rtnl:
         messages ("index", "state", "IFLA_IFNAME", "IFLA_MTU", "IFLA_MASTER", "IFLA_LINK",
         "IFLA_ADDRESS", "IFLA_IFALIAS"), so its callers read either alike."""
         body = (_IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0)
-                + attr(IFLA_LINKINFO | NLA_F_NESTED, attr(IFLA_INFO_KIND, kind.encode()))
+                + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, kind.encode()))
                 + attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS)))
-        start = _NLMSG.size + _IFINFO.size
+        start = NLMSG.size + _IFINFO.size
         want = kind.encode()
         for msg in self.dump(RTM_GETLINK, body):
-            _fam, _pad, _type, index, flags, _change = _IFINFO.unpack_from(msg, _NLMSG.size)
+            _fam, _pad, _type, index, flags, _change = _IFINFO.unpack_from(msg, NLMSG.size)
             link: dict = {"index": index, "state": "up" if flags & IFF_UP else "down"}
             got_kind = None
             for k, payload in attrs(msg, start, _LINK_ATTRS):
@@ -312,7 +232,7 @@ class Rtnl:
         """(name, program id) of the cls_bpf filters on one hook of a link; [] when the link or its
         qdisc is gone."""
         body = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, ifindex, 0, parent, 0)
-        start = _NLMSG.size + _TCMSG.size
+        start = NLMSG.size + _TCMSG.size
         out = []
         try:
             msgs = list(self.dump(RTM_GETTFILTER, body))
@@ -365,12 +285,12 @@ class TcEvents:
                 lost = True
                 continue
             offset = 0
-            while offset + _NLMSG.size + _TCMSG.size <= len(data):
-                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
+            while offset + NLMSG.size + _TCMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = NLMSG.unpack_from(data, offset)
+                if length < NLMSG.size:
                     break
                 if kind in (RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER):
-                    touched.add(_TCMSG.unpack_from(data, offset + _NLMSG.size)[3])
+                    touched.add(_TCMSG.unpack_from(data, offset + NLMSG.size)[3])
                 offset += (length + 3) & ~3
 
     def close(self) -> None:

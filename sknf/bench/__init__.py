@@ -3,12 +3,16 @@
 Each module provides `add_arguments(parser)` and `run(args) -> int`, like the `sknf` subcommands.
 To add a benchmark, write `sknf/bench/<name>.py` and add one line to BENCHES. All of them are
 imported when `sknf bench` parses its arguments, so keep heavy imports (bcc) inside functions.
+What more than one benchmark needs (median_seconds) lives here.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
+import time
+from collections.abc import Callable
 
 BENCHES = {
     "cni": ("sknf.bench.cni", "CNI ADD/DEL latency: sknf vs the reference bridge + host-local plugins"),
@@ -29,3 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHES[args.benchmark][0]).run(args) or 0)
+
+
+def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    """The median wall time of `rounds` calls of fn: one slow round (the shared machine) does not move it."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)

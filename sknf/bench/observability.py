@@ -21,7 +21,6 @@ import functools
 import ipaddress
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import api, netlink, nsutil, stats
+from sknf.bench import median_seconds
 from sknf.config import HOST_VETH_PREFIX, Config
 from sknf.datapath import Datapath, Endpoint, bpfmaps
 from sknf.datapath.kernel import KernelDatapath
@@ -71,15 +71,6 @@ def _make_veths(ns: str, leases: list[Lease]) -> None:
     with netlink.route(nsutil.netns_path(ns)) as ipr:
         for i, lease in enumerate(leases):
             ipr.link("add", ifname=lease.host_ifname, kind="veth", peer={"ifname": f"skdp{i:07x}"})
-
-
-def _median(fn: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _snapshot_fn(store: Store, dp: Datapath) -> Callable[[], Snapshot]:
@@ -135,14 +126,14 @@ def bench_scrape(ns: str, leases: list[Lease], dp: Datapath, rounds: int, work: 
         body, _ = metrics.exposition(PROMETHEUS_ACCEPT)
         if body.count(b"sknf_pod_receive_bytes_total{") != len(leases):
             raise RuntimeError("scrape did not show every pod")
-        in_process = _median(lambda: metrics.exposition(PROMETHEUS_ACCEPT), rounds)
-        counters = _median(dp.read_counters, rounds)
+        in_process = median_seconds(lambda: metrics.exposition(PROMETHEUS_ACCEPT), rounds)
+        counters = median_seconds(dp.read_counters, rounds)
         server = metrics.serve(("127.0.0.1", 0), lambda: True)
         try:
             request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
                                              headers={"Accept": PROMETHEUS_ACCEPT})
             # urllib opens its socket in the calling thread, which is inside the namespace.
-            over_http = _median(lambda: urllib.request.urlopen(request, timeout=10).read(), rounds)
+            over_http = median_seconds(lambda: urllib.request.urlopen(request, timeout=10).read(), rounds)
         finally:
             server.shutdown()
     return in_process, over_http, counters, len(body)
@@ -175,7 +166,7 @@ def bench_stats(ns: str, cfg: Config, leases: list[Lease], dp: Datapath, rounds:
         if out.returncode or len(out.stdout.splitlines()) != len(leases) + 2:
             raise RuntimeError(f"sknf stats {' '.join(args)} gave {len(out.stdout.splitlines())} lines for "
                                f"{len(leases)} pods: {out.stderr.strip()}")
-        return _median(run, rounds)
+        return median_seconds(run, rounds)
 
     results = []
     for name, handler in (("live", handle), ("ready", lambda _req: ready)):

@@ -28,6 +28,7 @@ import time
 from pyroute2 import netns as pnetns
 
 from sknf import nsutil, stats
+from sknf.bench import median_seconds
 from sknf.bench.datapath import Pair, servers, throughput
 from sknf.lab import Lab, manifests
 from sknf.policy import LocalEndpoint, compile_policies
@@ -75,15 +76,6 @@ def cluster(pods: int, policies: int, namespaces: int) -> tuple[list[dict], list
     pols = [{"metadata": {"namespace": f"ns{k % namespaces}", "name": f"pol{k}"}, "spec": kinds[k % len(kinds)](k)}
             for k in range(policies)]
     return pols, objs, ns, local
-
-
-def _median(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 STATES = ("none", "installed", "selected")
@@ -142,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return run_throughput(args)
     pols, pods, namespaces, local = cluster(args.pods, args.policies, args.namespaces)
     compiled = compile_policies(pols, pods, namespaces, local)
-    compile_s = _median(lambda: compile_policies(pols, pods, namespaces, local), args.rounds)
+    compile_s = median_seconds(lambda: compile_policies(pols, pods, namespaces, local), args.rounds)
     chains, _ = policy_nft.desired(compiled)
     rules = sum(len(policy_nft.chain_rules(*c)) for c in chains.values())
     print(f"{args.pods} pods, {args.policies} policies, {args.namespaces} namespaces: "
@@ -163,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 policy_nft.remove()
                 policy_nft.apply(compiled)
 
-            first_s = _median(first, args.rounds)
+            first_s = median_seconds(first, args.rounds)
             flips = iter(range(10**6))
 
             def one_change() -> None:
@@ -171,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
                 changed[0] = {**pols[0], "spec": {**pols[0]["spec"], "ingress": [{"ports": [{"port": 1 + k}]}]}}
                 policy_nft.apply(compile_policies(changed, pods, namespaces, local))
 
-            change_s = _median(one_change, args.rounds)
+            change_s = median_seconds(one_change, args.rounds)
             policy_nft.apply(compiled)
-            noop_s = _median(lambda: policy_nft.apply(compiled), args.rounds)
+            noop_s = median_seconds(lambda: policy_nft.apply(compiled), args.rounds)
             policy_nft.remove()
     finally:
         with contextlib.suppress(OSError):

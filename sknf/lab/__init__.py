@@ -693,6 +693,7 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
     pods_by_node = {n.name: [p for p in st.pods if p.node == n.name] for n in st.nodes}
     internet = lab.internet_host
     answers = {p.ip: p.name for p in st.pods} | {n.underlay_ip: n.name for n in st.nodes} | {internet: "inet"}
+    services = lab.services()
     jobs = []
 
     def expect(flow: str, src: str, dst: str, fn, want) -> None:
@@ -712,7 +713,7 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
             expect(flow, a.name, n.name, lambda a=a, n=n: who(a.netns, n.underlay_ip), (a.ip, n.name))
         expect("pod->Internet (SNAT)", a.name, "inet", lambda a=a: who(a.netns, internet),
                (node_of[a.node].underlay_ip, "inet"))
-        for svc in lab.services():
+        for svc in services:
             ip, node = svc.endpoints[0][0], svc.endpoints[0][2]
             # NodePorts come from the Internet; no hairpin here; a dual-stack lab's IPv6 Services are ipv6_rows'
             if svc.cluster_ip is None or ip == a.ip or svc.family != lab.family:
@@ -735,7 +736,7 @@ def run_checks(lab: Lab, bulk_bytes: int, services_only: bool = False) -> list[C
                 expect(f"{kind} {where(a, node)}", a.name, dst,
                        lambda a=a, s=svc: _without_length(who_udp(a.netns, s.cluster_ip, s.port)),
                        (a.ip, answers[ip], f"{svc.cluster_ip}:{svc.port}"))
-    for svc in (s for s in lab.services() if s.cluster_ip is None):
+    for svc in (s for s in services if s.cluster_ip is None):
         for n in st.nodes:
             ip = svc.endpoints_on(n.name)[0][0]
             flow, seen = (("Internet->NodePort, Local policy: client kept", internet) if svc.local else

@@ -21,7 +21,6 @@ IPv6 Services (dual-stack labs) get the same rules in ip6tables of the same back
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 
 import nftables
@@ -174,9 +173,9 @@ def install(netns: str, mode: str, services: list[Service], node: str) -> None:
             continue
         if mode == "iptables":
             tool = backend if family == 4 else backend.v6()
-            _iptables(netns, [tool.restore, "-w", "--noflush"], iptables_rules(ours, node))
+            iptables.run([tool.restore, "-w", "--noflush"], iptables_rules(ours, node), netns=netns)
             for parent, chain in IPT_JUMPS:
-                _iptables(netns, [tool.iptables, "-w", "-t", "nat", "-A", parent, "-j", chain])
+                iptables.run([tool.iptables, "-w", "-t", "nat", "-A", parent, "-j", chain], netns=netns)
         else:
             run_nft(netns, nftables_ruleset(ours, node, "ip" if family == 4 else "ip6"))
 
@@ -186,26 +185,18 @@ def remove(netns: str) -> None:
     backends = [iptables.Backend(mode) for mode in iptables.MODES]
     for binary in (tool.iptables for b in backends for tool in (b, b.v6())):
         for parent, chain in IPT_JUMPS:
-            while _iptables(netns, [binary, "-w", "-t", "nat", "-D", parent, "-j", chain], check=False) == 0:
+            while iptables.run([binary, "-w", "-t", "nat", "-D", parent, "-j", chain], check=False,
+                               netns=netns).returncode == 0:
                 pass
-        listed = subprocess.run([binary, "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=False,
-                                preexec_fn=nsutil.preexec_enter(netns)).stdout.splitlines()
+        listed = iptables.run([binary, "-w", "-t", "nat", "-S"], check=False, netns=netns).stdout.splitlines()
         ours = [line.split()[1] for line in listed if line.startswith("-N KUBE-")]
         for flag in ("-F", "-X"):
             for chain in ours:
-                _iptables(netns, [binary, "-w", "-t", "nat", flag, chain], check=False)
+                iptables.run([binary, "-w", "-t", "nat", flag, chain], check=False, netns=netns)
     for family in ("ip", "ip6"):
         tables = run_nft(netns, {"nftables": [{"list": {"tables": {"family": family}}}]})
         if any(t.get("table", {}).get("name") == NFT_TABLE for t in tables):
             run_nft(netns, {"nftables": [{"delete": {"table": {"family": family, "name": NFT_TABLE}}}]})
-
-
-def _iptables(netns: str, argv: list[str], stdin: str | None = None, check: bool = True) -> int:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
-                          preexec_fn=nsutil.preexec_enter(netns))
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:5])} in {netns}: {proc.stderr.strip()}")
-    return proc.returncode
 
 
 def run_nft(netns: str, commands: dict) -> list[dict]:

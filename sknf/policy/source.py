@@ -7,8 +7,8 @@ its loop, as it does the peer source, so no callback crosses threads.
   documents each (a `List`'s items count too). A file that does not parse keeps the objects it held
   last (logged once by file name): a typo must not silently lift the policies it holds.
 - KubePolicySource: one list+watch thread per kind (Pods of every namespace, Namespaces,
-  NetworkPolicies), with the Node watch's resume, 410-relist, periodic relist and jittered backoff
-  (sknf.kube). Pods are kept as the projection the compiler reads (labels, IPs, named ports), not
+  NetworkPolicies): sknf.kube.ListWatch, the Node watch's loop (resume, 410-relist, periodic relist,
+  jittered backoff). Pods are kept as the projection the compiler reads (labels, IPs, named ports), not
   whole objects. Until every kind has been listed once, objects() is None and the agent enforces
   nothing new: it cannot tell a policy-free cluster from one it has not heard from.
 """
@@ -16,12 +16,8 @@ its loop, as it does the peer source, so no callback crosses threads.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import random
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -128,95 +124,27 @@ def _key(obj: dict) -> tuple[str, str]:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
-class _Watch:
-    """One kind's list+watch loop (sknf.kube's pattern), keeping {(namespace, name): object}."""
+class _Kind:
+    """What one kind's list+watch (sknf.kube.ListWatch) keeps: {(namespace, name): projected object}."""
 
     def __init__(self, owner: KubePolicySource, kind: str, list_fn: Any, project: Any) -> None:
-        self.owner, self.kind, self.list_fn, self.project = owner, kind, list_fn, project
+        from sknf.kube import ListWatch
+
+        self.owner, self.project = owner, project
         self.items: dict[tuple[str, str], dict] = {}
         self.synced = False
-        self.resp: Any = None
-        self.thread = threading.Thread(target=self.run, name=f"sknf-policy-{kind}", daemon=True)
+        self.watch = ListWatch(kind, list_fn, self.take_list, self.apply, stop=owner.stop, resync=owner.resync,
+                               watch_timeout=owner.watch_timeout, backoff=owner.backoff,
+                               thread=f"sknf-policy-{kind}", logger=log)
 
-    def run(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        from sknf.kube import _api_errors
-
-        o = self.owner
-        delay, version, relist_at = o.backoff[0], None, 0.0
-        while not o.stop.is_set():
-            try:
-                if version is None or time.monotonic() >= relist_at:
-                    version = self.list()
-                    relist_at = time.monotonic() + o.resync
-                version = self.watch(version, relist_at)
-                delay = o.backoff[0]
-            except ApiException as e:
-                if e.status == 410:
-                    log.info("%s watch expired (410 Gone); relisting", self.kind)
-                    version = None
-                    continue
-                delay = self.pause(e, delay)
-            except _api_errors() as e:
-                delay = self.pause(e, delay)
-            except Exception as e:  # a garbled event must not end the thread: policy would freeze silently
-                log.exception("%s list/watch: unexpected error", self.kind)
-                delay = self.pause(e, delay)
-
-    def pause(self, e: BaseException, delay: float) -> float:
-        from sknf.kube import _describe
-
-        o = self.owner
-        if not o.stop.is_set():
-            wait = random.uniform(delay / 2, delay)
-            log.warning("%s list/watch failed (%s); retrying in %.1fs", self.kind, _describe(e), wait)
-            o.stop.wait(wait)
-        return min(delay * 2, o.backoff[1])
-
-    def list(self) -> str | None:
-        from sknf.kube import REQUEST_TIMEOUT
-
-        doc = json.loads(self.list_fn(_preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
-        items = {_key(obj): self.project(obj) for obj in doc.get("items") or []}
+    def take_list(self, objs: list[dict]) -> None:
+        items = {_key(obj): self.project(obj) for obj in objs}
         with self.owner.lock:
             if items != self.items or not self.synced:
                 self.owner.version += 1
             self.items, self.synced = items, True
-        return (doc.get("metadata") or {}).get("resourceVersion")
 
-    def watch(self, version: str | None, relist_at: float) -> str | None:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import ReadTimeoutError
-
-        from sknf.kube import REQUEST_TIMEOUT
-
-        timeout = max(1, int(min(self.owner.watch_timeout, relist_at - time.monotonic())))
-        self.resp = resp = self.list_fn(watch=True, resource_version=version, timeout_seconds=timeout,
-                                        allow_watch_bookmarks=True, _preload_content=False,
-                                        _request_timeout=(REQUEST_TIMEOUT[0], timeout + 15))
-        try:
-            for line in resp:
-                if self.owner.stop.is_set():
-                    break
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event.get("type") == "ERROR":
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                self.apply(event.get("type"), obj)
-        except ReadTimeoutError:
-            log.debug("%s watch idle past its timeout; reconnecting", self.kind)
-        finally:
-            self.resp = None
-            resp.release_conn()
-        return version
-
-    def apply(self, kind: str | None, obj: dict) -> None:
-        if kind not in ("ADDED", "MODIFIED", "DELETED"):
-            return  # BOOKMARK: only its resourceVersion matters
+    def apply(self, kind: str, obj: dict) -> None:
         key = _key(obj)
         with self.owner.lock:
             if kind == "DELETED":
@@ -227,12 +155,6 @@ class _Watch:
             if self.items.get(key) != projected:
                 self.items[key] = projected
                 self.owner.version += 1
-
-    def cut(self) -> None:
-        sock = getattr(getattr(self.resp, "connection", None), "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _plain(obj: dict) -> dict:
@@ -254,12 +176,11 @@ class KubePolicySource:
         self.version = 0
         self._returned = -1
         net = client.NetworkingV1Api(api.api_client)
-        self._watches = {"pods": _Watch(self, "pod", api.list_pod_for_all_namespaces, project_pod),
-                         "namespaces": _Watch(self, "namespace", api.list_namespace, _plain),
-                         "policies": _Watch(self, "networkpolicy", net.list_network_policy_for_all_namespaces,
-                                            _plain)}
-        for w in self._watches.values():
-            w.thread.start()
+        self._kinds = {"pods": _Kind(self, "pod", api.list_pod_for_all_namespaces, project_pod),
+                       "namespaces": _Kind(self, "namespace", api.list_namespace, _plain),
+                       "policies": _Kind(self, "networkpolicy", net.list_network_policy_for_all_namespaces, _plain)}
+        for k in self._kinds.values():
+            k.watch.thread.start()
 
     def changed(self) -> bool:
         with self.lock:
@@ -267,14 +188,14 @@ class KubePolicySource:
 
     def objects(self) -> Objects | None:
         with self.lock:
-            if not all(w.synced for w in self._watches.values()):
+            if not all(k.synced for k in self._kinds.values()):
                 return None
             self._returned = self.version
-            return Objects(**{k: list(w.items.values()) for k, w in self._watches.items()})
+            return Objects(**{name: list(k.items.values()) for name, k in self._kinds.items()})
 
     def close(self) -> None:
         self.stop.set()
-        for w in self._watches.values():
-            w.cut()
-        for w in self._watches.values():
-            w.thread.join(timeout=10)
+        for k in self._kinds.values():
+            k.watch.cut()
+        for k in self._kinds.values():
+            k.watch.thread.join(timeout=10)

@@ -442,3 +442,17 @@ class Stream:
         self._server.join(timeout=30)
         self._client.close()
         return self.sent, self.received
+
+
+def broken_programs(tmp: Path, unit: str, old: str, new: str) -> Callable[[Config], Datapath]:
+    """BpfDatapath over a copy of bpf/ with one check replaced, for a negative control: the production
+    programs carry no switch for it, so the test breaks its own copy of their source."""
+    from sknf.datapath.bpf import BPF_DIR, BpfDatapath
+
+    broken = tmp / "bpf"
+    shutil.copytree(BPF_DIR, broken)
+    path = broken / unit
+    source = path.read_text()
+    assert old in source, f"the check to break is not in {unit} any more"
+    path.write_text(source.replace(old, new))
+    return lambda cfg: BpfDatapath(cfg, bpf_dir=broken)

@@ -20,26 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from frames import ETH_P_IPV6, checksum, ether, listening, mac_bytes, mac_of, marker, router_advertisement, send
 from leftovers import assert_lab_gone
 from test_doctor import assert_all_ok, run_doctor
-from test_spoofing import (
-    ETH_P_IPV6,
-    checksum,
-    defence_removed,
-    ether,
-    in_node,
-    listening,
-    mac_bytes,
-    mac_of,
-    marker,
-    node,
-    pod,
-    refused,
-    remove_pod_guard,
-    router_advertisement,
-    send,
-    wait_counted,
-)
+from test_spoofing import defence_removed, in_node, node, pod, refused, remove_pod_guard, wait_counted
 
 from sknf import doctor, netlink, nsutil, stats
 from sknf.config import BRIDGE, VXLAN

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from frames import ETH_P_IP, ether, mac_of, raw_socket, udp4
 from leftovers import managed_lab
-from test_spoofing import ETH_P_IP, ether, mac_of, raw_socket, udp4
 
 from sknf import api, nsutil
 from sknf.config import load as load_config

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from frames import ETH_P_IPV6, ether, listening, mac_of, marker
 from leftovers import managed_lab
 from test_doctor import assert_all_ok
 from test_dualstack import udp6
-from test_spoofing import ETH_P_IPV6, defence_removed, ether, in_node, listening, mac_of, marker, node, pod
+from test_spoofing import defence_removed, in_node, node, pod
 
 from sknf import netlink, nsutil, overlay
 from sknf.config import BRIDGE, VXLAN

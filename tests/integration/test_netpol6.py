@@ -9,33 +9,18 @@ and n2p2 on the other node.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from leftovers import managed_lab
-from test_netpol import Flows, agent_pods, apply, assert_flows, netpol, only
+from netpolrig import Flows, agent_pods, apply, assert_flows, lab_fixture, netpol, only, policies_fixture
 
-from sknf.lab import Lab, manifests
+from sknf.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PREFIX = "skv"
 OPEN: Flows = {("n1p2", "n1p1", "tcp"): True, ("n2p1", "n1p1", "udp"): True}
 
-
-@pytest.fixture(scope="module", params=["kernel", "bpf"])
-def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath=request.param, dual_stack=True) as built:
-        yield built
-
-
-@pytest.fixture
-def policies(lab: Lab) -> Iterator[list[str]]:
-    written: list[str] = []
-    yield written
-    for name in written:
-        manifests.remove(lab.manifest_dir, name)
-    assert_flows6(lab, OPEN)
+lab = lab_fixture(PREFIX, dual_stack=True)
+policies = policies_fixture(OPEN, family=6)
 
 
 def assert_flows6(lab: Lab, want: Flows) -> float:

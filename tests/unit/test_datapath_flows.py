@@ -6,7 +6,7 @@ import socket
 import struct
 import sys
 
-from sknf import conntrack
+from sknf import conntrack, nlsock
 from sknf.datapath import flows
 from sknf.datapath.bpf import _be32, _ip, _port
 from sknf.datapath.bpfload import _diagnostic
@@ -29,8 +29,8 @@ def _entry_message(orig: tuple, reply: tuple, status: int) -> bytes:
     """A ctnetlink NEW message as the kernel sends it (netlink and nfgen headers, then attributes)."""
     body = (conntrack._NFGEN.pack(socket.AF_INET, 0, 0) + conntrack._tuple_attr(conntrack.CTA_TUPLE_ORIG, orig)
             + conntrack._tuple_attr(conntrack.CTA_TUPLE_REPLY, reply)
-            + conntrack._attr(conntrack.CTA_STATUS, struct.pack("!I", status)))
-    return conntrack._NLMSG.pack(conntrack._NLMSG.size + len(body), 0x100, 0, 1, 0) + body
+            + nlsock.attr(conntrack.CTA_STATUS, struct.pack("!I", status)))
+    return nlsock.NLMSG.pack(nlsock.NLMSG.size + len(body), 0x100, 0, 1, 0) + body
 
 
 def test_ctnetlink_entries_decode_to_flow_tuples() -> None:

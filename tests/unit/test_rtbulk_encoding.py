@@ -9,7 +9,7 @@ import struct
 import pytest
 from pyroute2 import IPBatch
 
-from sknf import rtbulk
+from sknf import nlsock, rtbulk
 
 NLMSG = struct.Struct("=IHHII")
 
@@ -30,7 +30,7 @@ def compiled(call) -> tuple[int, int, bytes]:
 def sent(request: tuple[int, int, bytes]) -> tuple[int, int, bytes]:
     """What Rtnl.apply sends for a request: REQUEST and ACK added to its flags."""
     kind, flags, body = request
-    return kind, flags | rtbulk.NLM_F_REQUEST | rtbulk.NLM_F_ACK, body
+    return kind, flags | nlsock.NLM_F_REQUEST | nlsock.NLM_F_ACK, body
 
 
 @pytest.mark.parametrize("op", ["append", "del"])
