@@ -156,11 +156,14 @@ def ensure_vxlan(ipr: IPRoute, name: str, *, vni: int, port: int, dev_index: int
 
 def ensure_only_addrs(ipr: IPRoute, index: int, wanted: Sequence[tuple[str, int]]) -> None:
     """The (address, prefixlen) pairs are the link's only IPv4 and global IPv6 addresses (a stale gateway
-    from an old subnet or family goes; the kernel's IPv6 link-local stays)."""
+    from an old subnet or family goes; the kernel's IPv6 link-local stays). ipr is of the calling thread's
+    namespace: the link's addresses are read there, in one dump the kernel filters (`rtbulk`)."""
     want = {(ipaddress.ip_address(ip), plen) for ip, plen in wanted}
     present = set()
-    for a in ipr.get_addr(index=index):
-        addr, plen = ipaddress.ip_address(a.get("IFA_ADDRESS")), a["prefixlen"]
+    with rtbulk.Rtnl() as nl:
+        found = nl.addresses(index)
+    for text, plen in found:
+        addr = ipaddress.ip_address(text)
         if (addr, plen) in want:
             present.add((addr, plen))
         elif not addr.is_link_local:

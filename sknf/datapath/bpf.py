@@ -17,7 +17,8 @@ Why it works this way:
   flows that existed before (the retired map's entries, conntrack's NATed flows); FULL from a learn
   the map refused until the sweep has made room and seeded conntrack's NATed flows again.
 - The agent keeps no state of its own: endpoints, counters and learned flows live in the pinned
-  maps, and interface names come from the kernel when counters are read.
+  maps. It remembers only each endpoint's host veth name (from the reconcile and the CNI verbs), so
+  reading counters (every sampler tick, scrape and query) resolves no interface names.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 import sknf
 from sknf import guard, netlink, rtbulk
-from sknf.config import Config
+from sknf.config import HOST_VETH_PREFIX, Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, events, flows, pins, tc
-from sknf.datapath.kernel import host_veth_stats, remove_bpf_leftovers
+from sknf.datapath.kernel import remove_bpf_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's ho
 SHAPED_FROM_POD = "from_shaped_pod"  # in from_pod's place when the pod's sending is shaped
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
 PROGRAMS = bpfload.PROGRAMS  # what the loader pins: these four
+POD_MAPS = ("pod_identity", "pod_sources", "pod_sources6", "local_macs", "endpoints")  # what attach_pod writes
 # {map: (key type, value type)}: checked against each pinned map once, when the agent opens it.
 MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "endpoints": (ctypes.c_uint32, bpfmaps.EndpointInfo),
@@ -111,11 +114,12 @@ class BpfDatapath:
             self._close_fds()
             raise BpfUnavailable(str(e)) from None
         self._filters_verified: set[int] = set()  # pod veths whose filters were right, as of the last sync
+        self._names: dict[int, str] = {}  # host veth names by ifindex, of the endpoints attached or synced
         self._cluster: ipaddress.IPv4Network | None = None
         # Endpoints a NetworkPolicy selects (set_policy_endpoints); at start, what the pinned entries say,
         # so re-attaching pods before the policy source has answered keeps them on the kernel path.
         self._policy: set[str] = {
-            str(ipaddress.IPv4Address(socket.ntohl(key)))
+            _ip(key)
             for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
             if entry.flags & bpfmaps.ENDPOINT_POLICY}
         self._full_seen = bool(self._guard(GUARD_FULL))
@@ -153,14 +157,9 @@ class BpfDatapath:
         """Identity and sources first (the filter drops everything from a veth it has no identity for), then
         the filters, then the endpoint entry: nothing is fast-pathed into a pod before its rx is counted.
         With `in_place(hook, program)` (the reconcile), filters it vouches for are left as they are."""
-        ident = bpfmaps.PodIdentity()
-        ident.mac[:] = _mac(ep.mac)
-        bpfmaps.update(self.maps["pod_identity"], ctypes.c_uint32(ep.host_ifindex), ident)
-        for ip in ep.sources:
-            if ":" in ip:
-                bpfmaps.update(self.maps["pod_sources6"], _source6(ep.host_ifindex, ip), ident)
-            else:
-                bpfmaps.update(self.maps["pod_sources"], bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident)
+        first, last = self._pod_entries(ep)
+        for name, key, value in first:
+            bpfmaps.update(self.maps[name], key, value)
         wrong = []
         for name, hook in POD_PROGRAMS.items():
             program = SHAPED_FROM_POD if name == "from_pod" and ep.shaped_from_pod else name
@@ -170,13 +169,29 @@ class BpfDatapath:
             with netlink.route() as ipr:
                 for hook, program in wrong:
                     tc.attach(ipr, ep.host_ifindex, hook, self.fds[program], f"sknf_{program}")
+        for name, key, value in last:
+            bpfmaps.update(self.maps[name], key, value)
+        self._names[ep.host_ifindex] = ep.host_ifname
+
+    def _pod_entries(self, ep: Endpoint) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+        """The pod's map entries as (map, key, value): those its filters need before they run (identity,
+        sources), and those that send traffic its way (its MAC, its endpoint)."""
+        ident = bpfmaps.PodIdentity()
+        ident.mac[:] = _mac(ep.mac)
+        first: list[tuple[str, Any, Any]] = [("pod_identity", ctypes.c_uint32(ep.host_ifindex), ident)]
+        for ip in ep.sources:
+            if ":" in ip:
+                first.append(("pod_sources6", _source6(ep.host_ifindex, ip), ident))
+            else:
+                first.append(("pod_sources", bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident))
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
                                     flags=(bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
                                     | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._policy else 0))
         leaf.mac[:] = _mac(ep.mac)
-        bpfmaps.update(self.maps["local_macs"], _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))
+        last: list[tuple[str, Any, Any]] = [("local_macs", _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))]
         if ":" not in ep.ip:  # an IPv6-only pod has no IPv4 endpoint: its frames take the kernel path
-            bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(_be32(ep.ip)), leaf)
+            last.append(("endpoints", ctypes.c_uint32(_be32(ep.ip)), leaf))
+        return first, last
 
     def detach_pod(self, ep: Endpoint) -> None:
         """Endpoint entry first (no new fast-path deliveries), then the pod's own hooks, then its counters:
@@ -197,6 +212,7 @@ class BpfDatapath:
             bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(ifindex))
             bpfmaps.delete(self.maps["pod_refused"], ctypes.c_uint32(ifindex))
             bpfmaps.delete(self.maps["pod_identity"], ctypes.c_uint32(ifindex))
+            self._names.pop(ifindex, None)
         # Its sources, and its address wherever a sibling attachment was allowed it; a newer pod that
         # already holds the address (GC releases before detaching) keeps its own entry.
         owner = entry.ifindex if entry is not None else 0
@@ -216,14 +232,20 @@ class BpfDatapath:
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         """Pods' filters are dumped and checked only where tc changed since the last round (tc's
         notifications: a filter or clsact removed by hand, a new pod), or everywhere when notifications
-        were lost; each check is one lean dump per hook, each repair three pyroute2 requests."""
+        were lost; each check is one lean dump per hook, each repair three pyroute2 requests. A pod whose
+        filters stand and whose map entries all hold what they should (one batch read per map) is left alone."""
         touched = self._tc_events.drain() if self._tc_events is not None else None
         verified = set() if touched is None else self._filters_verified - touched
+        held = {name: bpfmaps.read_raw(self.maps[name]) for name in POD_MAPS}
         with rtbulk.Rtnl() as nl:
             for ep in eps:
+                if ep.host_ifindex in verified and all(held[name].get(bytes(key)) == bytes(value)
+                                                       for name, key, value in itertools.chain(*self._pod_entries(ep))):
+                    continue
                 self.attach_pod(ep, lambda hook, program, ep=ep: ep.host_ifindex in verified or tc.running(
                     nl, ep.host_ifindex, hook, f"sknf_{program}", self._prog_ids[program]))
         self._filters_verified = {ep.host_ifindex for ep in eps}
+        self._names = {ep.host_ifindex: ep.host_ifname for ep in eps}
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps if ":" not in ep.ip}
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
@@ -252,7 +274,7 @@ class BpfDatapath:
         where sknf.policy.nft's rules are (called after those rules are in place)."""
         self._policy = set(ips)
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
-            ip = str(ipaddress.IPv4Address(socket.ntohl(key)))
+            ip = _ip(key)
             flags = entry.flags | bpfmaps.ENDPOINT_POLICY if ip in self._policy else \
                 entry.flags & ~bpfmaps.ENDPOINT_POLICY
             if flags != entry.flags:
@@ -260,7 +282,8 @@ class BpfDatapath:
                 bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
 
     def read_counters(self) -> dict[str, PodCounters]:
-        return _pod_counters(self.maps["pod_identity"], self.maps["pod_counters"], self.maps["pod_refused"])
+        return _pod_counters(self.maps["pod_identity"], self.maps["pod_counters"], self.maps["pod_refused"],
+                             self._names)
 
     def cleanup(self) -> None:
         self.close()
@@ -439,24 +462,31 @@ def _guard_slot(fd: int, slot: int) -> int:
     return value.value if value is not None else 0
 
 
-def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int) -> dict[str, PodCounters]:
-    """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth.
-    Attached pods are those with an identity (an IPv6-only pod has no IPv4 endpoint entry)."""
-    links = host_veth_stats()
+def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int,
+                  names: Mapping[int, str] | None = None) -> dict[str, PodCounters]:
+    """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth;
+    drops include the kernel's for the link. Attached pods are those with an identity (an IPv6-only pod
+    has no IPv4 endpoint entry). `names`: host veths by ifindex, as far as known (others are resolved here)."""
+    names = names or {}
+    with rtbulk.Rtnl() as nl:
+        links = nl.link_stats()
     counted = dict(bpfmaps.read_map(counters_fd, ctypes.c_uint32, bpfmaps.CounterValues))
     refused = dict(bpfmaps.read_map(refused_fd, ctypes.c_uint32, bpfmaps.RefusedValues))
     out = {}
     for key, _ in bpfmaps.read_map(identity_fd, ctypes.c_uint32, bpfmaps.PodIdentity):
         ifindex = int(key)
-        try:
-            name = socket.if_indextoname(ifindex)
-        except OSError:
+        if (stats := links.get(ifindex)) is None:
             continue  # the pod's veth is gone: its DEL is under way
-        if (stats := links.get(name)) is None:
-            continue  # not a pod's host veth (a stale entry whose ifindex was reused)
+        if (name := names.get(ifindex)) is None:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                continue  # gone since the statistics were read
+            if not name.startswith(HOST_VETH_PREFIX):
+                continue  # not a pod's host veth (a stale entry whose ifindex was reused)
         per_cpu = counted.get(ifindex)
         sums = bpfmaps.sum_cpus(per_cpu) if per_cpu is not None else dict.fromkeys(bpfmaps.COUNTER_FIELDS, 0)
-        sums["drops"] += stats.get("rx_dropped", 0) + stats.get("tx_dropped", 0)
+        sums["drops"] += stats.rx_dropped + stats.tx_dropped
         per_cpu = refused.get(ifindex)
         reasons = (bpfmaps.sum_cpus(per_cpu, bpfmaps.REFUSED_FIELDS) if per_cpu is not None
                    else dict.fromkeys(bpfmaps.REFUSED_FIELDS, 0))
@@ -530,12 +560,14 @@ def _ipv4_net(cidr: str) -> ipaddress.IPv4Network:
 
 
 def _be32(addr: str | ipaddress.IPv4Address) -> int:
-    """An IPv4 address as the native integer whose bytes are in network order (__be32 in C)."""
-    return int.from_bytes(ipaddress.IPv4Address(addr).packed, sys.byteorder)
+    """An IPv4 address as the native integer whose bytes are in network order (__be32 in C). inet_pton, not
+    ipaddress: the reconcile converts a few per pod (ipaddress parses in Python, ~20 µs each)."""
+    packed = addr.packed if isinstance(addr, ipaddress.IPv4Address) else socket.inet_pton(socket.AF_INET, addr)
+    return int.from_bytes(packed, sys.byteorder)
 
 
 def _ip(be32: int) -> str:
-    return str(ipaddress.IPv4Address(be32.to_bytes(4, sys.byteorder)))
+    return socket.inet_ntop(socket.AF_INET, be32.to_bytes(4, sys.byteorder))
 
 
 def _port(be16: int) -> int:

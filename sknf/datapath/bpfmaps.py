@@ -199,25 +199,42 @@ def prog_id(fd: int) -> int:
     return info.id
 
 
-def count(fd: int) -> int:
-    """How many entries a hash map (not per-CPU) holds: batch reads into scratch buffers, no Python
-    object per entry."""
+def _raw_batches(fd: int) -> Iterator[tuple[_MapInfo, bytes, bytes, int]]:
+    """(info, keys, values, how many) of each batch of a map that is not per-CPU, read into scratch
+    buffers: no Python object per entry. The buffers are reused: use each batch before the next."""
     lib = _libbpf()
     info = map_info(fd)
+    if info.type in PERCPU_TYPES:
+        raise LayoutMismatch(f"BPF map {info.id} is per-CPU: read it with read_map")
     keys, values = ctypes.create_string_buffer(info.key_size * BATCH), ctypes.create_string_buffer(
         info.value_size * BATCH)
     token, next_token, got = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
-    start, total = None, 0
+    start = None
     while True:
         got.value = BATCH
         rc = lib.bpf_map_lookup_batch(fd, start, ctypes.byref(next_token), keys, values, ctypes.byref(got), None)
-        if rc < 0 and ctypes.get_errno() != errno.ENOENT:
+        if rc < 0 and ctypes.get_errno() != errno.ENOENT:  # ENOENT: the last batch
             raise _oserror(f"cannot read BPF map {info.id}")
-        total += got.value
+        yield info, keys, values, got.value
         if rc < 0:
-            return total
+            return
         token.value = next_token.value
         start = ctypes.byref(token)
+
+
+def count(fd: int) -> int:
+    """How many entries a hash map (not per-CPU) holds."""
+    return sum(n for _, _, _, n in _raw_batches(fd))
+
+
+def read_raw(fd: int) -> dict[bytes, bytes]:
+    """Every entry of a hash map that is not per-CPU, as {key bytes: value bytes}: for comparing a map
+    with what it should hold without a ctypes object per entry."""
+    out = {}
+    for info, keys, values, n in _raw_batches(fd):
+        k, v, ks, vs = keys.raw, values.raw, info.key_size, info.value_size
+        out.update((k[i * ks:(i + 1) * ks], v[i * vs:(i + 1) * vs]) for i in range(n))
+    return out
 
 
 def check_layout(fd: int, key_type: Any, value_type: Any) -> _MapInfo:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil, rtbulk
+from sknf.datapath.kernel import host_veth_stats
 
 NS = "skt-bulk"
 LOCAL = "192.0.2.1"  # TEST-NET-1, held by the namespace's own veth
@@ -138,3 +141,95 @@ def test_lean_link_dump_reads_what_pyroute2_reads(vxlan: tuple[int, int]) -> Non
             netlink.delete_link(ipr, "sknfbulk0")
             netlink.delete_link(ipr, "brbulk")
     assert netlink.host_veth_links("sknf") == {}
+
+
+def test_one_links_addresses_both_families(vxlan: tuple[int, int]) -> None:
+    """The kernel-filtered address dump reads the link's addresses as pyroute2 does, and no other link's."""
+    vx, ul = vxlan
+    with netlink.route() as ipr:
+        ipr.addr("add", index=vx, address="fd00:b::1", prefixlen=64)
+        ipr.addr("add", index=vx, address="10.99.0.1", prefixlen=16)
+        try:
+            for index in (ul, vx):
+                theirs = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
+                with rtbulk.Rtnl() as nl:
+                    ours = nl.addresses(index)
+                assert sorted(ours) == sorted(theirs) and len(ours) == len(set(ours)), index
+            assert (LOCAL, 24) in theirs_of(ipr, ul) and (LOCAL, 24) not in set(rtbulk_addresses(vx))
+            assert {("fd00:b::1", 64), ("10.99.0.1", 16)} <= set(rtbulk_addresses(vx))
+        finally:
+            ipr.addr("del", index=vx, address="fd00:b::1", prefixlen=64)
+            ipr.addr("del", index=vx, address="10.99.0.1", prefixlen=16)
+
+
+def theirs_of(ipr, index: int) -> set[tuple[str, int]]:
+    return {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
+
+
+def rtbulk_addresses(index: int) -> list[tuple[str, int]]:
+    with rtbulk.Rtnl() as nl:
+        return nl.addresses(index)
+
+
+def test_ipv6_settings_of_a_link_in_another_namespace(vxlan: tuple[int, int]) -> None:
+    """ipv6_conf reads the far end of a veth in another namespace as that namespace's /proc/sys shows it,
+    sees a change made there, says None while the link has no IPv6 state (MTU below 1280), and leaves
+    out a link that is gone."""
+    other = f"{NS}-far"
+    pnetns.create(other)
+    try:
+        with netlink.route() as ipr:
+            ipr.link("add", ifname="sknfbulk1", kind="veth", peer={"ifname": "farend", "net_ns_fd": other})
+        host = netlink.host_veth_links("sknf")["sknfbulk1"]
+        nsid, index = host["IFLA_LINK_NETNSID"], host["IFLA_LINK"]
+        conf = "/proc/sys/net/ipv6/conf/farend"
+
+        def there() -> tuple[int, int, int]:
+            with nsutil.entered(other):
+                return tuple(int(Path(f"{conf}/{k}").read_text()) for k in ("accept_ra", "accept_redirects",
+                                                                            "disable_ipv6"))
+
+        def read() -> tuple[int, int, int] | None:
+            with rtbulk.Rtnl() as nl:
+                got = nl.ipv6_conf([("far", nsid, index), ("gone", nsid, 999_999)])
+            assert "gone" not in got
+            c = got["far"]
+            return None if c is None else (c[3], c[4], c[26])  # DEVCONF_ACCEPT_RA, _ACCEPT_REDIRECTS, _DISABLE_IPV6
+
+        assert read() == there()
+        with nsutil.entered(other):
+            for key in ("accept_ra", "disable_ipv6"):
+                setting = Path(f"{conf}/{key}")
+                setting.write_text(str(1 - int(setting.read_text())))
+        assert read() == there()  # the change made there is what is read here
+        with netlink.route(nsutil.netns_path(other)) as far:
+            far.link("set", index=index, mtu=1200)
+            assert read() is None
+            far.link("set", index=index, mtu=1500)
+        assert read() == there() and there()[2] == 0  # the kernel's defaults again: IPv6 on
+    finally:
+        with netlink.route() as ipr:
+            netlink.delete_link(ipr, "sknfbulk1")
+        pnetns.remove(other)
+
+
+def test_link_statistics_read_what_proc_net_dev_shows(vxlan: tuple[int, int]) -> None:
+    """RTM_GETSTATS's figures per ifindex are /proc/net/dev's (links down: nothing moves in between)."""
+    vx, _ = vxlan
+    with netlink.route() as ipr:
+        ipr.link("add", ifname="sknfbulk2", kind="veth", peer={"ifname": "bulkpeer2"})
+        try:
+            index = netlink.link_index(ipr, "sknfbulk2")
+            ipr.link("set", index=index, state="up")  # a few IPv6 frames (DAD, MLD) would count if it stayed up
+            ipr.link("set", index=netlink.link_index(ipr, "bulkpeer2"), state="up")
+            time.sleep(0.5)
+            ipr.link("set", index=index, state="down")
+            with rtbulk.Rtnl() as nl:
+                ours = nl.link_stats()
+            theirs = host_veth_stats()["sknfbulk2"]
+            assert ours[index].tx_packets == theirs["tx_packets"] > 0  # negative control: something was counted
+            assert (ours[index].rx_bytes, ours[index].tx_bytes, ours[index].rx_dropped, ours[index].tx_dropped) == \
+                (theirs["rx_bytes"], theirs["tx_bytes"], theirs["rx_dropped"], theirs["tx_dropped"])
+            assert vx in ours
+        finally:
+            netlink.delete_link(ipr, "sknfbulk2")
