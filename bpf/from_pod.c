@@ -27,10 +27,13 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 		policy_mark_icmp_error(skb);
 		return TC_ACT_OK;
 	}
-	/* A sender whose NetworkPolicy the programs cannot hold: its egress rules live on the kernel path. */
+	/* A sender whose NetworkPolicy the programs cannot hold: its egress rules live on the kernel path
+	 * (flows the programs allowed before it came to that go on, marked). */
 	src = endpoints.lookup(&pkt.tuple.saddr);
-	if (src && src->flags & ENDPOINT_POLICY)
+	if (src && src->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
 		return TC_ACT_OK;
+	}
 	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask))
 		return TC_ACT_OK;
 	if (is_kernel_flow(&pkt.tuple)) {
@@ -38,8 +41,10 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	ep = endpoints.lookup(&pkt.tuple.daddr);
-	if (ep && ep->flags & ENDPOINT_POLICY)
+	if (ep && ep->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
 		return TC_ACT_OK;
+	}
 	policy = policy_verdict(skb, &pkt.tuple, src, ep, HOOK_FROM_POD);
 	if (policy == POLICY_DENIED)
 		return SKNF_ACT_POLICY;

@@ -25,8 +25,12 @@ static __always_inline int forward_from_overlay(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	ep = endpoints.lookup(&pkt.tuple.daddr);
-	if (!ep || ep->flags & ENDPOINT_POLICY)
+	if (!ep)
 		return TC_ACT_OK;
+	if (ep->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
+		return TC_ACT_OK;
+	}
 	verdict = policy_verdict(skb, &pkt.tuple, NULL, ep, HOOK_FROM_OVERLAY);
 	if (verdict == POLICY_KERNEL)
 		return TC_ACT_OK;

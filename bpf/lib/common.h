@@ -54,6 +54,7 @@ struct sknf_config {
 #define ENDPOINT_INGRESS 0x4
 #define ENDPOINT_EGRESS 0x8
 #define ENDPOINT_POLICY_GEN 0x10
+#define ENDPOINT_DECIDED (ENDPOINT_INGRESS | ENDPOINT_EGRESS)
 
 /* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
 struct endpoint_info {

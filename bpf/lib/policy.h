@@ -14,22 +14,26 @@
  * A flow is decided on its first frame: the sender's egress (if decided here) and the receiver's
  * ingress (if decided here) must both allow it, else the frame is dropped, counted in policy_drops
  * against the pod whose rule refused it and reported as a drop with reason DROP_POLICY. An allowed
- * flow is remembered in policy_flows by canonical tuple, so its replies pass without any rule being
- * looked at. policy_flows has no LRU: the agent deletes an entry only after the flow has been idle for
+ * flow with either end decided here (in any direction) is remembered in policy_flows by canonical
+ * tuple, so its replies pass without any rule being looked at. policy_flows has no LRU: the agent deletes an entry only after the flow has been idle for
  * conntrack's timeout of its kind (sknf/datapath/bpf.py, sweep), so a live flow keeps its entry. When it
  * is full, a new flow takes the kernel path unremembered: nftables and conntrack decide it, and its
  * reply tuple is learned in kernel_flows as any kernel-path flow's, so its later frames keep to the
  * kernel path (is_kernel_flow, or the reversed tuple below) without being decided here again.
  *
  * A remembered flow's frames that must take the kernel path anyway (an ICMP error about it, every frame
- * while flow_guard holds the fast path off) carry SKNF_MARK_POLICY there: netfilter never saw the flow,
- * and the table accepts what the programs already allowed rather than judging a reply as a new flow.
+ * while flow_guard holds the fast path off, an end that has since got ENDPOINT_POLICY) carry
+ * SKNF_MARK_POLICY there: netfilter never saw the flow, and the table accepts what the programs allowed
+ * (as conntrack's established flows go on after a change) rather than judging a reply as a new flow. A
+ * flow is remembered only when every local end of it was decided here, so the mark never skips a rule
+ * the programs did not check.
  */
 #ifndef SKNF_POLICY_H
 #define SKNF_POLICY_H
 
 #include <uapi/linux/tcp.h>
 
+#include "counters.h"
 #include "events.h"
 
 /* policy_key.direction, ORed with POLICY_GEN for generation 1. */
@@ -87,25 +91,40 @@ static __always_inline void policy_refuse(struct __sk_buff *skb, __u32 ifindex, 
 	event_drop(skb, hook, DROP_POLICY);
 }
 
-/* A TCP FIN or RST: the flow is closing, and the agent forgets it after conntrack's shorter timeout. */
-static __always_inline int tcp_closing(struct __sk_buff *skb)
+/* The TCP flags of an IPv4 frame (0 when they cannot be read). */
+static __always_inline __u8 tcp_flags(struct __sk_buff *skb)
 {
 	__u8 ihl, flags;
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ihl, 1) < 0 ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + (ihl & 0xf) * 4 + 13, &flags, 1) < 0)
 		return 0;
-	return flags & (0x01 | 0x04); /* FIN, RST */
+	return flags;
 }
 
-static __always_inline void flow_touch(struct __sk_buff *skb, struct policy_flow *f, struct flow_key *t)
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* A remembered flow's frame: refreshes it, and notes a TCP FIN or RST (the agent then forgets it after
+ * conntrack's shorter timeout). Returns 0 for a SYN opening a new connection on the tuple of a closing
+ * one: that is a new flow, decided again (as conntrack would see it). */
+static __always_inline int flow_touch(struct __sk_buff *skb, struct policy_flow *f, struct flow_key *t)
 {
 	__u64 now = bpf_ktime_get_boot_ns();
 
+	if (t->proto == IPPROTO_TCP) {
+		__u8 flags = tcp_flags(skb);
+
+		if (f->closing && (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			return 0;
+		if (!f->closing && flags & (TCP_FIN | TCP_RST))
+			f->closing = 1;
+	}
 	if (now - f->last_seen > 1000000000ULL) /* at most one write a second per flow */
 		f->last_seen = now;
-	if (t->proto == IPPROTO_TCP && !f->closing && tcp_closing(skb))
-		f->closing = 1;
+	return 1;
 }
 
 /* The frame of a flow between src and dst (each the local endpoint, or NULL), neither of them
@@ -119,14 +138,14 @@ static __always_inline int policy_verdict(struct __sk_buff *skb, struct flow_key
 	struct flow_key key = {}, reverse = {};
 	struct policy_flow *known;
 
-	if (!egress && !ingress)
+	/* A flow with a decided end is remembered even when no rule applies to its first frame (a pod
+	 * selected for ingress only opening a connection): its replies will meet that end's rules. */
+	if (!(src && src->flags & ENDPOINT_DECIDED) && !(dst && dst->flags & ENDPOINT_DECIDED))
 		return POLICY_PASS;
 	event_canonical(&key, t);
 	known = policy_flows.lookup(&key);
-	if (known) {
-		flow_touch(skb, known, t);
+	if (known && flow_touch(skb, known, t))
 		return POLICY_PASS;
-	}
 	/* Not remembered but known to conntrack (it went the kernel path while the map was full). */
 	reverse.saddr = t->daddr;
 	reverse.daddr = t->saddr;
@@ -141,6 +160,8 @@ static __always_inline int policy_verdict(struct __sk_buff *skb, struct flow_key
 	}
 	if (ingress && !rules_allow(dst, t->daddr, POLICY_INGRESS, t->saddr, t)) {
 		policy_refuse(skb, dst->ifindex, hook);
+		if (hook == HOOK_FROM_POD) /* a drop of the receiver's too (from_overlay counts its own) */
+			count_received(dst->ifindex, skb->len, TC_ACT_SHOT);
 		return POLICY_DENIED;
 	}
 	fresh.last_seen = bpf_ktime_get_boot_ns();
