@@ -316,23 +316,6 @@ class BpfDatapath:
         for ip, why in sorted(self.policy_kernel.items()):
             log.info("network policy: %s is enforced on the kernel path: %s", ip, why)
 
-    def sweep_policy_flows(self, now_ns: int | None = None) -> int:
-        """Forget the allowed flows idle for longer than conntrack would keep them; returns how many went.
-        Each is looked up again right before its delete: a frame in between keeps it."""
-        fd = self.maps["policy_flows"]
-        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if now_ns is None else now_ns
-        timeouts = {proto: _ct_timeout(*what) for proto, what in CT_TIMEOUTS.items()}
-        closing, other = _ct_timeout(*CT_CLOSING), _ct_timeout(*CT_OTHER)
-        gone = 0
-        for key, flow in bpfmaps.read_map(fd, bpfmaps.FlowKey, bpfmaps.PolicyFlow):
-            limit = closing if flow.closing else timeouts.get(key.proto, other)
-            if now - flow.last_seen <= limit * 1_000_000_000:
-                continue
-            again = bpfmaps.lookup(fd, key, bpfmaps.PolicyFlow)
-            if again is not None and again.last_seen == flow.last_seen and bpfmaps.delete(fd, key):
-                gone += 1
-        return gone
-
     def read_counters(self) -> dict[str, PodCounters]:
         return _pod_counters(self.maps["endpoints"], self.maps["pod_counters"], self.maps["pod_refused"],
                              self.maps["policy_drops"])
@@ -480,7 +463,7 @@ class BpfDatapath:
         while not self._stop.wait(self.sweep_interval):
             try:
                 self.sweep_flows()
-                self.sweep_policy_flows()
+                sweep_policy_flows(self.maps["policy_flows"])
             except Exception:  # keep sweeping: a failed round only delays forgetting
                 log.exception("learned-flow sweep failed")
 
@@ -493,6 +476,23 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
     with (bpfmaps.pinned(pin_dir / "endpoints") as endpoints, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
           bpfmaps.pinned(pin_dir / "pod_refused") as refused, bpfmaps.pinned(pin_dir / "policy_drops") as policy):
         return _pod_counters(endpoints, counters, refused, policy)
+
+
+def sweep_policy_flows(fd: int, now_ns: int | None = None) -> int:
+    """Forget the allowed flows (policy_flows) idle for longer than conntrack would keep them; returns how
+    many went. Each is looked up again right before its delete: a frame in between keeps it."""
+    now = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if now_ns is None else now_ns
+    timeouts = {proto: _ct_timeout(*what) for proto, what in CT_TIMEOUTS.items()}
+    closing, other = _ct_timeout(*CT_CLOSING), _ct_timeout(*CT_OTHER)
+    gone = 0
+    for key, flow in bpfmaps.read_map(fd, bpfmaps.FlowKey, bpfmaps.PolicyFlow):
+        limit = closing if flow.closing else timeouts.get(key.proto, other)
+        if now - flow.last_seen <= limit * 1_000_000_000:
+            continue
+        again = bpfmaps.lookup(fd, key, bpfmaps.PolicyFlow)
+        if again is not None and again.last_seen == flow.last_seen and bpfmaps.delete(fd, key):
+            gone += 1
+    return gone
 
 
 def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:

@@ -25,6 +25,7 @@ from test_netpol import PROBE_TIMEOUT, _netns, apply, assert_flows, netpol, only
 
 from sknf import api, nsutil
 from sknf.datapath import bpfmaps
+from sknf.datapath.bpf import sweep_policy_flows
 from sknf.lab import SERVER_PORT, Lab, LabNode, LabPod, manifests
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.bpf]
@@ -134,6 +135,45 @@ def test_denied_in_bpf_replies_and_icmp_errors_pass(lab: Lab, policies: list[str
         sock.send(b"x")
         with pytest.raises(ConnectionRefusedError):
             sock.recv(16)
+
+
+def flow_entries(lab: Lab, fd: int, port: int) -> list[bpfmaps.FlowKey]:
+    """policy_flows' keys of flows between n1p2 and n1p1 with `port` on either side."""
+    ends = {be32(pod(lab, "n1p1").ip), be32(pod(lab, "n1p2").ip)}
+    want = socket.htons(port)
+    return [k for k, _ in bpfmaps.read_map(fd, bpfmaps.FlowKey, bpfmaps.PolicyFlow)
+            if {k.saddr, k.daddr} == ends and want in (k.sport, k.dport)]
+
+
+def test_a_live_flow_keeps_its_state_and_its_replies_need_it(lab: Lab, policies: list[str]) -> None:
+    """n1p1 may not send anything of its own (egress denied): an open connection's replies pass on its
+    policy_flows entry alone. The sweep, even 200 s ahead, keeps that entry (TCP established: conntrack's
+    5 days) while it forgets an idle UDP flow's (120 s); swept 6 days ahead the entry goes, and the
+    connection's next frame from n1p2 is decided again as a new flow (allowed) and remembered anew."""
+    apply(lab, policies, "n1p1", netpol("n1p1", {
+        "podSelector": only("n1p1"), "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": only("n1p2")}]}]}))
+    assert_flows(lab, {("n1p2", "n1p1", "udp"): True, ("n1p1", "n1p2", "tcp"): False})
+    with nsutil.entered(_netns(lab, "n1p2")):
+        first = socket.create_connection((pod(lab, "n1p1").ip, SERVER_PORT), timeout=PROBE_TIMEOUT * 3)
+        second = socket.create_connection((pod(lab, "n1p1").ip, SERVER_PORT), timeout=PROBE_TIMEOUT * 3)
+    with first, second, bpfmaps.pinned(lab_pins(lab, "n1") / "policy_flows") as fd:
+        first.sendall(b"SINK 8\nfour")
+        second.sendall(b"SINK 8\nfour")
+        port = first.getsockname()[1]
+        assert flow_entries(lab, fd, port) and flow_entries(lab, fd, SERVER_PORT)
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        sweep_policy_flows(fd, now + 200 * 10**9)
+        assert flow_entries(lab, fd, port)  # the open connection's
+        udp = [k for k in flow_entries(lab, fd, SERVER_PORT) if k.proto == socket.IPPROTO_UDP]
+        assert not udp  # the probes' idle UDP flows
+        first.sendall(b"more")
+        assert first.makefile().readline().split()[:1] == ["8"]
+        sweep_policy_flows(fd, now + 6 * 86400 * 10**9)
+        assert not flow_entries(lab, fd, second.getsockname()[1])
+        second.sendall(b"more")  # n1p2's frame meets n1p1's ingress again, allowed: remembered anew
+        assert second.makefile().readline().split()[:1] == ["8"]
+        assert flow_entries(lab, fd, second.getsockname()[1])
 
 
 def test_a_change_reaches_new_flows(lab: Lab, policies: list[str]) -> None:
