@@ -3,6 +3,7 @@
 #include "lib/events.h"
 #include "lib/flows.h"
 #include "lib/guard.h"
+#include "lib/policy.h"
 
 static __always_inline int is_local_mac(const __u8 *mac)
 {
@@ -18,18 +19,37 @@ static __always_inline int is_local_mac(const __u8 *mac)
 static __always_inline int forward_from_pod(struct __sk_buff *skb)
 {
 	struct sknf_config *cfg = node_config();
-	struct endpoint_info *ep;
+	struct endpoint_info *ep, *src;
 	struct packet pkt = {};
+	int policy;
 
-	if (!cfg || parse_ipv4(skb, &pkt) < 0)
+	if (!cfg || parse_ipv4(skb, &pkt) < 0) {
+		policy_mark_icmp_error(skb);
 		return TC_ACT_OK;
-	/* A sender a NetworkPolicy selects: its egress rules live on the kernel path. */
-	ep = endpoints.lookup(&pkt.tuple.saddr);
-	if (ep && ep->flags & ENDPOINT_POLICY)
+	}
+	/* A sender whose NetworkPolicy the programs cannot hold: its egress rules live on the kernel path
+	 * (flows the programs allowed before it came to that go on, marked). */
+	src = endpoints.lookup(&pkt.tuple.saddr);
+	if (src && src->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
 		return TC_ACT_OK;
-	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask) || is_kernel_flow(&pkt.tuple))
+	}
+	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask))
 		return TC_ACT_OK;
+	if (is_kernel_flow(&pkt.tuple)) {
+		policy_mark_known(skb, &pkt.tuple);
+		return TC_ACT_OK;
+	}
 	ep = endpoints.lookup(&pkt.tuple.daddr);
+	if (ep && ep->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
+		return TC_ACT_OK;
+	}
+	policy = policy_verdict(skb, &pkt.tuple, src, ep, HOOK_FROM_POD);
+	if (policy == POLICY_DENIED)
+		return SKNF_ACT_POLICY;
+	if (policy == POLICY_KERNEL)
+		return TC_ACT_OK;
 	if (ep)
 		return deliver_to_pod(skb, &pkt, ep);
 	/* Local but unknown (the gateway, a pod not attached yet), routed (sent to the gateway's
@@ -52,7 +72,10 @@ static __always_inline int sent_by_pod(struct __sk_buff *skb)
 
 	if (verdict == TC_ACT_OK) {
 		verdict = forward_from_pod(skb);
-		event_forwarded(skb, HOOK_FROM_POD, verdict);
+		if (verdict == SKNF_ACT_POLICY)
+			verdict = TC_ACT_SHOT; /* reported by policy_verdict */
+		else
+			event_forwarded(skb, HOOK_FROM_POD, verdict);
 	}
 	count_sent(skb->ifindex, len, verdict);
 	return verdict;

@@ -3,6 +3,7 @@
 #include "lib/deliver.h"
 #include "lib/events.h"
 #include "lib/flows.h"
+#include "lib/policy.h"
 
 /* A frame from another node for a local pod goes straight into it unless its flow is a learned NAT
  * flow. */
@@ -13,12 +14,27 @@ static __always_inline int forward_from_overlay(struct __sk_buff *skb)
 	struct packet pkt = {};
 	int verdict;
 
-	if (!cfg || parse_ipv4(skb, &pkt) < 0 || is_kernel_flow(&pkt.tuple))
+	if (skb->mark & SKNF_MARK_POLICY) /* only the programs of this node say so */
+		skb->mark &= ~SKNF_MARK_POLICY;
+	if (!cfg || parse_ipv4(skb, &pkt) < 0) {
+		policy_mark_icmp_error(skb);
 		return TC_ACT_OK;
+	}
+	if (is_kernel_flow(&pkt.tuple)) {
+		policy_mark_known(skb, &pkt.tuple);
+		return TC_ACT_OK;
+	}
 	ep = endpoints.lookup(&pkt.tuple.daddr);
 	if (!ep)
 		return TC_ACT_OK;
-	verdict = deliver_to_pod(skb, &pkt, ep);
+	if (ep->flags & ENDPOINT_POLICY) {
+		policy_mark_known(skb, &pkt.tuple);
+		return TC_ACT_OK;
+	}
+	verdict = policy_verdict(skb, &pkt.tuple, NULL, ep, HOOK_FROM_OVERLAY);
+	if (verdict == POLICY_KERNEL)
+		return TC_ACT_OK;
+	verdict = verdict == POLICY_DENIED ? SKNF_ACT_POLICY : deliver_to_pod(skb, &pkt, ep);
 	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
 		count_received(ep->ifindex, skb->len, verdict);
 	return verdict;
@@ -29,6 +45,8 @@ int from_overlay(struct __sk_buff *skb)
 {
 	int verdict = forward_from_overlay(skb);
 
+	if (verdict == SKNF_ACT_POLICY)
+		return TC_ACT_SHOT; /* reported by policy_verdict */
 	event_forwarded(skb, HOOK_FROM_OVERLAY, verdict);
 	return verdict;
 }
@@ -41,6 +59,8 @@ int to_overlay(struct __sk_buff *skb)
 	struct sknf_config *cfg;
 	__u32 mark = skb->mark;
 
+	if (mark & SKNF_MARK_POLICY) /* netfilter has seen it: not for the outer packet */
+		skb->mark = mark &= ~SKNF_MARK_POLICY;
 	if (mark & SKNF_MARK_FAST) {
 		skb->mark = mark & ~SKNF_MARK_FAST;
 		return TC_ACT_OK;

@@ -119,7 +119,7 @@ def take_snapshot(node: str, store: Store, datapath: Datapath, peers: int | None
     for lease in leases if policy_drops else ():
         if n := sum(policy_drops.get(str(ip), 0) for ip in lease.ips):  # IPv6 drops count for the same pod
             c = counters.setdefault(lease.host_ifname, PodCounters())
-            c.refused = {**c.refused, "policy": n}
+            c.refused = {**c.refused, "policy": c.refused.get("policy", 0) + n}  # + the BPF programs' own
             c.drops += n
     flow_table = getattr(datapath, "flow_table", None)  # only the BPF datapath learns flows
     events_lost = getattr(datapath, "events_lost", None)  # and reports flow events

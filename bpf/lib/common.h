@@ -21,6 +21,10 @@
  * from frames the kernel path (bridge, netfilter) sent and learns nothing from them. Chosen clear of
  * kube-proxy's 0x4000/0x8000 bits. */
 #define SKNF_MARK_FAST 0x00200000
+/* skb->mark bit on a frame the programs send to the kernel path although its flow is one they allowed
+ * by NetworkPolicy (bpf/lib/policy.h): `table inet sknf-policy` accepts it (netfilter never saw the
+ * flow begin). Set only by the programs; cleared on vxsknf's egress. */
+#define SKNF_MARK_POLICY 0x00400000
 
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
@@ -44,6 +48,13 @@ struct sknf_config {
 /* endpoint_info.flags: a NetworkPolicy selects the pod (sknf/policy_agent.py). Every frame to or from
  * it takes the kernel path, where nftables enforces the policy with conntrack (sknf/policy_nft.py). */
 #define ENDPOINT_POLICY 0x2
+/* endpoint_info.flags: a NetworkPolicy selects the pod in this direction and the programs decide its
+ * flows from policy_rules (bpf/lib/policy.h); ENDPOINT_POLICY_GEN: which generation of its entries is
+ * live. Set instead of ENDPOINT_POLICY when its rules fit the maps' bounds. */
+#define ENDPOINT_INGRESS 0x4
+#define ENDPOINT_EGRESS 0x8
+#define ENDPOINT_POLICY_GEN 0x10
+#define ENDPOINT_DECIDED (ENDPOINT_INGRESS | ENDPOINT_EGRESS)
 
 /* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
 struct endpoint_info {
@@ -123,6 +134,41 @@ struct flow_key {
  * learned in between clears it again. */
 struct flow_state {
 	__u32 exempt;
+};
+
+/* policy_rules' key: an endpoint's rules for one direction (POLICY_* in policy.h), by peer prefix. */
+struct policy_key {
+	__u32 prefixlen; /* 64 + the peer prefix's length */
+	__be32 endpoint;
+	__u32 direction;
+	__be32 peer;
+};
+
+#ifndef SKNF_POLICY_PORTS
+#define SKNF_POLICY_PORTS 16 /* port ranges allowed to one peer prefix; more: the kernel path */
+#endif
+
+/* One allowed range of destination ports (host byte order) of one IP protocol. */
+struct port_range {
+	__u8 proto;
+	__u8 pad;
+	__u16 first;
+	__u16 last;
+};
+
+/* What a peer prefix may use: any protocol and port, or count ranges. */
+struct policy_ports {
+	__u8 any;
+	__u8 count;
+	__u16 pad;
+	struct port_range ranges[SKNF_POLICY_PORTS];
+};
+
+/* A flow the programs allowed by policy, by canonical tuple (events.h). */
+struct policy_flow {
+	__u64 last_seen; /* bpf_ktime_get_boot_ns(), refreshed at most once a second */
+	__u32 closing; /* a TCP FIN or RST was seen */
+	__u32 pad;
 };
 
 /* What the programs need from one frame: its destination MAC and, for IPv4, its own 5-tuple. */

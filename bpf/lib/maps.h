@@ -41,6 +41,18 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKN
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,
 		 SKNF_PIN_DIR "/kernel_flows", BPF_F_NO_PREALLOC);
 
+/* NetworkPolicy (bpf/lib/policy.h), written by the agent (sknf/datapath/bpf.py set_policy): the selected
+ * endpoints' rules, both generations (each at most half); read by from_pod and from_overlay. The flows
+ * allowed (no LRU: the agent's sweep deletes idle ones); the frames refused, per CPU, by host veth. */
+#ifndef SKNF_POLICY_PREFIXES
+#define SKNF_POLICY_PREFIXES 65536
+#endif
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_ports, policy_rules, SKNF_POLICY_PREFIXES,
+		 SKNF_PIN_DIR "/policy_rules", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct flow_key, struct policy_flow, policy_flows, SKNF_MAX_FLOWS,
+		 SKNF_PIN_DIR "/policy_flows", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_hash", __u32, __u64, policy_drops, SKNF_MAX_ENDPOINTS, SKNF_PIN_DIR "/policy_drops");
+
 /* Slots of the flow_guard array (__u64 each). While FULL or SYNCING is non-zero every pod frame the
  * fast path would take goes to the kernel path instead: a learn that failed (FULL, set by the
  * programs) or flows not learned yet (SYNCING, set by the agent while it seeds the map from

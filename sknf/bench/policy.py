@@ -9,11 +9,12 @@ the transaction after one policy changed (what a change costs on a running node)
 (what every reconcile costs). Target: compile <= 1 s for 1,000 pods and 200 policies.
 
 --throughput: one TCP stream (iperf3, sknf.bench.datapath's load generators) to n1p1 from its neighbour and
-from the other node, in a 2-node lab on the BPF datapath, interleaved per round between three states:
+from the other node, in a 2-node lab on the BPF datapath, interleaved per round between four states:
 no policy; --policies policies installed that select none of the measured pods (their fast path, with
-the policy table and a selected pod elsewhere on the node); n1p1 selected with an allow-all ingress
-rule (its frames take the kernel path through the rules). Printed: medians of per-round ratios to the
-no-policy state.
+the policy table and a selected pod elsewhere on the node); n1p1 selected with an ingress rule allowing its
+two clients on every TCP port, decided in the BPF programs (bpf); the same allow written as 17 port
+ranges, beyond the programs' bounds, so n1p1 keeps the kernel path and nftables (kernel). Printed:
+medians of per-round ratios to the no-policy state, with their range.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def cluster(pods: int, policies: int, namespaces: int) -> tuple[list[dict], list
     return pols, objs, ns, local
 
 
-STATES = ("none", "installed", "selected")
+STATES = ("none", "installed", "bpf", "kernel")
+# n1p1 selected, allowing its two clients on every TCP port: as 1 range (the programs decide), or as 1
+# TCP range + 16 UDP ports (beyond the programs' 16 ranges: ENDPOINT_POLICY, nftables on the kernel path)
+SELECTED_PORTS = {"bpf": [{"protocol": "TCP"}],
+                  "kernel": [{"protocol": "TCP", "port": 1, "endPort": 65535}]
+                  + [{"protocol": "UDP", "port": 40000 + 2 * i} for i in range(16)]}
 
 
 def _state(lab: Lab, state: str, policies: int) -> None:
@@ -86,15 +92,17 @@ def _state(lab: Lab, state: str, policies: int) -> None:
     docs = [{"kind": "NetworkPolicy", "metadata": {"namespace": manifests.LAB_NAMESPACE, "name": f"p{k}"},
              "spec": {"podSelector": {"matchLabels": {"pod": "n1p2" if k == 0 else f"nobody{k}"}},
                       "ingress": [{"ports": [{"port": 9000 + k}]}]}} for k in range(policies)]
-    if state == "selected":
+    if state in SELECTED_PORTS:
+        clients = [{"podSelector": {"matchLabels": {"pod": p}}} for p in ("n1p2", "n2p1")]
         docs.append({"kind": "NetworkPolicy", "metadata": {"namespace": manifests.LAB_NAMESPACE, "name": "all"},
-                     "spec": {"podSelector": {"matchLabels": {"pod": "n1p1"}}, "ingress": [{}]}})
+                     "spec": {"podSelector": {"matchLabels": {"pod": "n1p1"}},
+                              "ingress": [{"from": clients, "ports": SELECTED_PORTS[state]}]}})
     if state == "none":
         manifests.remove(lab.manifest_dir, "bench")
     else:
         manifests.write(lab.manifest_dir, "bench", docs)
     node = lab.state.nodes[0]
-    want = {"ingress": ["lab/all"]} if state == "selected" else {}
+    want = {"ingress": ["lab/all"]} if state in SELECTED_PORTS else {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         rows = stats.query_agent(lab.node_dir(node.name) / "run" / "sknf.sock")["pods"]
@@ -113,12 +121,13 @@ def run_throughput(args: argparse.Namespace) -> int:
                  for src in ("n1p2", "n2p1")]
         with servers(pairs, 0):
             for r in range(args.rounds):
-                for state in STATES[r % 3:] + STATES[:r % 3]:  # the order rotates between rounds
+                for state in STATES[r % len(STATES):] + STATES[:r % len(STATES)]:  # the order rotates
                     _state(lab, state, args.policies)
                     for pair in pairs:
                         samples.setdefault((state, pair.name), []).append(throughput(pair, args.seconds, 0))
         _state(lab, "none", args.policies)
-    print(f"sknf bench policy --throughput: {args.rounds} rounds x {args.seconds} s, one TCP stream, BPF datapath")
+    print(f"sknf bench policy --throughput: {args.rounds} rounds x {args.seconds} s, one TCP stream, BPF datapath "
+          "(ratios of samples taken side by side; a shared machine's noise is in the ranges)")
     for pair in pairs:
         base = samples[("none", pair.name)]
         print(f"  {pair.name}: no policy {statistics.median(base):.2f} Gbit/s")

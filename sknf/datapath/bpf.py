@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from sknf import guard, netlink, rtbulk
 from sknf.config import HOST_VETH_PREFIX, Config
 from sknf.datapath import Endpoint, NodeNet, PodCounters, bpfload, bpfmaps, events, flows, pins, tc
 from sknf.datapath.kernel import remove_bpf_leftovers
+from sknf.policy import Compiled, bpfrules
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,18 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "flow_guard": (ctypes.c_uint32, ctypes.c_uint64),
                "events_enabled": (ctypes.c_uint32, ctypes.c_uint32),
                "events_lost": (ctypes.c_uint32, ctypes.c_uint64),
-               "events_seen": (bpfmaps.FlowKey, ctypes.c_uint64)}
+               "events_seen": (bpfmaps.FlowKey, ctypes.c_uint64),
+               "policy_rules": (bpfmaps.PolicyKey, bpfmaps.PolicyPorts),
+               "policy_flows": (bpfmaps.FlowKey, bpfmaps.PolicyFlow),
+               "policy_drops": (ctypes.c_uint32, ctypes.c_uint64)}
 DEFAULT_MAX_FLOWS = 262144
 GUARD_FULL, GUARD_SYNCING, GUARD_FAILED_LEARNS = 0, 1, 2  # flow_guard's slots (FLOW_GUARD_* in bpf/lib/maps.h)
 ROOM = 0.9  # FULL clears only once the map, re-seeded, is at most this full: no flapping at the brim
+# policy_flows: an entry goes once its flow has been idle for conntrack's timeout of its kind (the sysctl,
+# else its default), so the programs forget an allowed flow no sooner than the kernel path would.
+CT_TIMEOUTS = {6: ("tcp_timeout_established", 432000), 17: ("udp_timeout_stream", 120), 1: ("icmp_timeout", 30)}
+CT_CLOSING = ("tcp_timeout_time_wait", 120)  # a TCP flow that sent a FIN or RST
+CT_OTHER = ("generic_timeout", 600)
 PROBE_LINK = "probe-sknf"  # a throwaway veth proving clsact + cls_bpf work in this namespace
 
 
@@ -116,12 +126,14 @@ class BpfDatapath:
         self._filters_verified: set[int] = set()  # pod veths whose filters were right, as of the last sync
         self._names: dict[int, str] = {}  # host veth names by ifindex, of the endpoints attached or synced
         self._cluster: ipaddress.IPv4Network | None = None
-        # Endpoints a NetworkPolicy selects (set_policy_endpoints); at start, what the pinned entries say,
-        # so re-attaching pods before the policy source has answered keeps them on the kernel path.
-        self._policy: set[str] = {
-            _ip(key)
+        # {endpoint: its POLICY_FLAGS} of those a NetworkPolicy selects (set_policy); at start, what the
+        # pinned entries say, so re-attaching pods before the policy source has answered keeps their rules.
+        self._policy: dict[str, int] = {
+            _ip(key): entry.flags & bpfmaps.POLICY_FLAGS
             for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
-            if entry.flags & bpfmaps.ENDPOINT_POLICY}
+            if entry.flags & bpfmaps.POLICY_FLAGS}
+        self._policy_applied: tuple[Any, Any] | None = None  # the compiled rules set_policy last wrote
+        self.policy_kernel: dict[str, str] = {}  # selected endpoints left to the kernel path: why
         self._full_seen = bool(self._guard(GUARD_FULL))
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -186,7 +198,7 @@ class BpfDatapath:
                 first.append(("pod_sources", bpfmaps.SourceKey(ep.host_ifindex, _be32(ip)), ident))
         leaf = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
                                     flags=(bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
-                                    | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._policy else 0))
+                                    | self._policy.get(ep.ip, 0))
         leaf.mac[:] = _mac(ep.mac)
         last: list[tuple[str, Any, Any]] = [("local_macs", _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))]
         if ":" not in ep.ip:  # an IPv6-only pod has no IPv4 endpoint: its frames take the kernel path
@@ -211,6 +223,7 @@ class BpfDatapath:
                 tc.detach(ipr, ifindex)
             bpfmaps.delete(self.maps["pod_counters"], ctypes.c_uint32(ifindex))
             bpfmaps.delete(self.maps["pod_refused"], ctypes.c_uint32(ifindex))
+            bpfmaps.delete(self.maps["policy_drops"], ctypes.c_uint32(ifindex))
             bpfmaps.delete(self.maps["pod_identity"], ctypes.c_uint32(ifindex))
             self._names.pop(ifindex, None)
         # Its sources, and its address wherever a sibling attachment was allowed it; a newer pod that
@@ -256,7 +269,7 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["local_macs"], key)
         live = {ep.host_ifindex for ep in eps}
         for name, value_type in (("pod_counters", bpfmaps.CounterValues), ("pod_refused", bpfmaps.RefusedValues),
-                                 ("pod_identity", bpfmaps.PodIdentity)):
+                                 ("pod_identity", bpfmaps.PodIdentity), ("policy_drops", ctypes.c_uint64)):
             for key, _ in bpfmaps.read_map(self.maps[name], ctypes.c_uint32, value_type):
                 if key not in live:
                     bpfmaps.delete(self.maps[name], ctypes.c_uint32(key))
@@ -269,21 +282,66 @@ class BpfDatapath:
         if self._syncing and self._cluster is not None:
             self._finish_sync()
 
-    def set_policy_endpoints(self, ips: set[str]) -> None:
-        """Flag exactly these endpoints ENDPOINT_POLICY: the programs leave their frames to the kernel path,
-        where sknf.policy.nft's rules are (called after those rules are in place)."""
-        self._policy = set(ips)
+    def set_policy(self, compiled: Compiled) -> None:
+        """Compile the selected endpoints' rules into policy_rules and flag each endpoint with the directions
+        the programs decide, or ENDPOINT_POLICY (kernel path) when its rules do not fit (called after the
+        nftables rules are in place). A changed endpoint's entries are written under its other generation,
+        then its flags flip in one update: the programs see its old rules or its new ones, never a mix."""
+        if self._policy_applied == (compiled.ingress, compiled.egress):
+            return
+        fd = self.maps["policy_rules"]
+        present: dict[tuple[int, int], dict[bytes, bytes]] = {}  # (endpoint, direction | gen): {key: value}
+        for key in bpfmaps.keys(fd, bpfmaps.PolicyKey):
+            value = bpfmaps.lookup(fd, key, bpfmaps.PolicyPorts)
+            if value is not None:
+                present.setdefault((key.endpoint, key.direction), {})[bytes(key)] = bytes(value)
+        fit, self.policy_kernel = bpfrules.compile_rules(compiled, bpfmaps.map_info(fd).max_entries // 2)
+        flags = dict.fromkeys(self.policy_kernel, bpfmaps.ENDPOINT_POLICY)
+        for ip, directions in fit.items():
+            endpoint, old = _be32(ip), self._policy.get(ip, 0)
+            gen = bpfmaps.POLICY_GEN if old & bpfmaps.ENDPOINT_POLICY_GEN else 0
+            dir_flags = sum(_DIRECTION_FLAG[_DIRECTION[d]] for d in directions)
+            want = {_DIRECTION[d] | gen: _policy_entries(endpoint, _DIRECTION[d] | gen, prefixes)
+                    for d, prefixes in directions.items()}
+            if old & ~bpfmaps.ENDPOINT_POLICY_GEN == dir_flags and \
+                    all(present.get((endpoint, d), {}) == entries for d, entries in want.items()):
+                flags[ip] = old
+                continue
+            gen ^= bpfmaps.POLICY_GEN
+            want = {_DIRECTION[d] | gen: _policy_entries(endpoint, _DIRECTION[d] | gen, prefixes)
+                    for d, prefixes in directions.items()}
+            try:
+                for d, entries in want.items():
+                    for key in present.pop((endpoint, d), {}):  # leftovers of a generation not live
+                        bpfmaps.delete(fd, bpfmaps.PolicyKey.from_buffer_copy(key))
+                    for key, value in entries.items():
+                        bpfmaps.update(fd, bpfmaps.PolicyKey.from_buffer_copy(key),
+                                       bpfmaps.PolicyPorts.from_buffer_copy(value))
+            except OSError as e:  # the map is full: nftables on the kernel path enforces it
+                self.policy_kernel[ip] = f"policy map: {e.strerror}"
+                flags[ip] = bpfmaps.ENDPOINT_POLICY
+                continue
+            flags[ip] = dir_flags | (bpfmaps.ENDPOINT_POLICY_GEN if gen else 0)
+        self._policy = flags
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
-            ip = _ip(key)
-            flags = entry.flags | bpfmaps.ENDPOINT_POLICY if ip in self._policy else \
-                entry.flags & ~bpfmaps.ENDPOINT_POLICY
-            if flags != entry.flags:
-                entry.flags = flags
+            want_flags = entry.flags & ~bpfmaps.POLICY_FLAGS | flags.get(_ip(key), 0)
+            if want_flags != entry.flags:
+                entry.flags = want_flags
                 bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
+        live = {(_be32(ip), d | (bpfmaps.POLICY_GEN if f & bpfmaps.ENDPOINT_POLICY_GEN else 0))
+                for ip, f in flags.items() if not f & bpfmaps.ENDPOINT_POLICY
+                for d in (bpfmaps.POLICY_INGRESS, bpfmaps.POLICY_EGRESS)}
+        for where, entries in present.items():
+            if where not in live:
+                for key in entries:
+                    bpfmaps.delete(fd, bpfmaps.PolicyKey.from_buffer_copy(key))
+        self._policy_applied = (compiled.ingress, compiled.egress)
+        for ip, why in sorted(self.policy_kernel.items()):
+            log.info("network policy: %s is enforced on the kernel path: %s", ip, why)
 
     def read_counters(self) -> dict[str, PodCounters]:
         return _pod_counters(self.maps["pod_identity"], self.maps["pod_counters"], self.maps["pod_refused"],
-                             self._names)
+                             self.maps["policy_drops"], self._names)
 
     def cleanup(self) -> None:
         self.close()
@@ -428,6 +486,7 @@ class BpfDatapath:
         while not self._stop.wait(self.sweep_interval):
             try:
                 self.sweep_flows()
+                sweep_policy_flows(self.maps["policy_flows"])
             except Exception:  # keep sweeping: a failed round only delays forgetting
                 log.exception("learned-flow sweep failed")
 
@@ -437,9 +496,26 @@ def read_pinned_counters(pin_dir: Path) -> dict[str, PodCounters]:
 
     Nothing is compiled or loaded (see bpfmaps); FileNotFoundError when the maps are not pinned.
     """
-    with (bpfmaps.pinned(pin_dir / "pod_identity") as identities,
-          bpfmaps.pinned(pin_dir / "pod_counters") as counters, bpfmaps.pinned(pin_dir / "pod_refused") as refused):
-        return _pod_counters(identities, counters, refused)
+    with (bpfmaps.pinned(pin_dir / "pod_identity") as identities, bpfmaps.pinned(pin_dir / "pod_counters") as counters,
+          bpfmaps.pinned(pin_dir / "pod_refused") as refused, bpfmaps.pinned(pin_dir / "policy_drops") as policy):
+        return _pod_counters(identities, counters, refused, policy)
+
+
+def sweep_policy_flows(fd: int, now_ns: int | None = None) -> int:
+    """Forget the allowed flows (policy_flows) idle for longer than conntrack would keep them; returns how
+    many went. Each is looked up again right before its delete: a frame in between keeps it."""
+    now = time.clock_gettime_ns(time.CLOCK_BOOTTIME) if now_ns is None else now_ns
+    timeouts = {proto: _ct_timeout(*what) for proto, what in CT_TIMEOUTS.items()}
+    closing, other = _ct_timeout(*CT_CLOSING), _ct_timeout(*CT_OTHER)
+    gone = 0
+    for key, flow in bpfmaps.read_map(fd, bpfmaps.FlowKey, bpfmaps.PolicyFlow):
+        limit = closing if flow.closing else timeouts.get(key.proto, other)
+        if now - flow.last_seen <= limit * 1_000_000_000:
+            continue
+        again = bpfmaps.lookup(fd, key, bpfmaps.PolicyFlow)
+        if again is not None and again.last_seen == flow.last_seen and bpfmaps.delete(fd, key):
+            gone += 1
+    return gone
 
 
 def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:
@@ -462,16 +538,18 @@ def _guard_slot(fd: int, slot: int) -> int:
     return value.value if value is not None else 0
 
 
-def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int,
+def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int, policy_fd: int,
                   names: Mapping[int, str] | None = None) -> dict[str, PodCounters]:
     """Every attached pod (a pod without traffic yet reads zero), per-CPU values summed, keyed by host veth;
-    drops include the kernel's for the link. Attached pods are those with an identity (an IPv6-only pod
-    has no IPv4 endpoint entry). `names`: host veths by ifindex, as far as known (others are resolved here)."""
+    drops include the kernel's for the link, the programs' NetworkPolicy drops are refused reason `policy`.
+    Attached pods are those with an identity (an IPv6-only pod has no IPv4 endpoint entry). `names`: host
+    veths by ifindex, as far as known (others are resolved here)."""
     names = names or {}
     with rtbulk.Rtnl() as nl:
         links = nl.link_stats()
     counted = dict(bpfmaps.read_map(counters_fd, ctypes.c_uint32, bpfmaps.CounterValues))
     refused = dict(bpfmaps.read_map(refused_fd, ctypes.c_uint32, bpfmaps.RefusedValues))
+    by_policy = {k: sum(v) for k, v in bpfmaps.read_map(policy_fd, ctypes.c_uint32, ctypes.c_uint64)}
     out = {}
     for key, _ in bpfmaps.read_map(identity_fd, ctypes.c_uint32, bpfmaps.PodIdentity):
         ifindex = int(key)
@@ -490,6 +568,8 @@ def _pod_counters(identity_fd: int, counters_fd: int, refused_fd: int,
         per_cpu = refused.get(ifindex)
         reasons = (bpfmaps.sum_cpus(per_cpu, bpfmaps.REFUSED_FIELDS) if per_cpu is not None
                    else dict.fromkeys(bpfmaps.REFUSED_FIELDS, 0))
+        if by_policy.get(ifindex):
+            reasons["policy"] = by_policy[ifindex]
         out[name] = PodCounters(**sums, refused=reasons)
     return out
 
@@ -542,6 +622,30 @@ def _max_flows(configured: int | None = None) -> int:
         return int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())
     except (OSError, ValueError):
         return DEFAULT_MAX_FLOWS
+
+
+_DIRECTION = {"ingress": bpfmaps.POLICY_INGRESS, "egress": bpfmaps.POLICY_EGRESS}
+_DIRECTION_FLAG = {bpfmaps.POLICY_INGRESS: bpfmaps.ENDPOINT_INGRESS, bpfmaps.POLICY_EGRESS: bpfmaps.ENDPOINT_EGRESS}
+
+
+def _policy_entries(endpoint: int, direction: int, prefixes: list[bpfrules.Prefix]) -> dict[bytes, bytes]:
+    """{policy_key: policy_ports} of one endpoint direction's prefixes (as bytes: comparable with the map's)."""
+    out = {}
+    for net, length, ports in prefixes:
+        key = bpfmaps.PolicyKey(prefixlen=bpfmaps.POLICY_KEY_BITS + length, endpoint=endpoint,
+                                direction=direction, peer=_be32(ipaddress.IPv4Address(net)))
+        value = bpfmaps.PolicyPorts(any=int(ports is None), count=len(ports or ()))
+        for i, (proto, first, last) in enumerate(ports or ()):
+            value.ranges[i] = bpfmaps.PortRange(proto=proto, first=first, last=last)
+        out[bytes(key)] = bytes(value)
+    return out
+
+
+def _ct_timeout(name: str, default: int) -> int:
+    try:
+        return int(Path(f"/proc/sys/net/netfilter/nf_conntrack_{name}").read_text())
+    except (OSError, ValueError):
+        return default
 
 
 def _source6(ifindex: int, addr: str) -> bpfmaps.Source6Key:

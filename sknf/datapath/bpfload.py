@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 
 # Dependency order: each file after everything it includes.
 UNITS = ("lib/common.h", "lib/maps.h", "lib/events.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h", "lib/guard.h",
-         "from_pod.c", "to_pod.c", "overlay.c")
+         "lib/policy.h", "from_pod.c", "to_pod.c", "overlay.c")
 PROGRAMS = ("from_pod", "from_shaped_pod", "to_pod", "from_overlay", "to_overlay")
 MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows", "flow_guard", "pod_identity",
-        "pod_sources", "pod_sources6", "pod_refused", "events", "events_enabled", "events_lost", "events_seen")
+        "pod_sources", "pod_sources6", "pod_refused", "events", "events_enabled", "events_lost", "events_seen",
+        "policy_rules", "policy_flows", "policy_drops")
 RETIRED_FLOWS = "kernel_flows_retired"  # a map of another size, until the agent copied it (bpffs: no dots)
 MARKER_PREFIX = "src-"
 FAILED = 3  # exit status: the reason is on stdout

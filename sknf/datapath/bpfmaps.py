@@ -37,7 +37,14 @@ class EndpointInfo(ctypes.Structure):
 
 
 ENDPOINT_SHAPED = 0x1  # endpoint_info.flags (bpf/lib/common.h): deliver through the bridge, never redirect
-ENDPOINT_POLICY = 0x2  # a NetworkPolicy selects it: to and from it, the kernel path (nftables enforces)
+ENDPOINT_POLICY = 0x2  # a NetworkPolicy selects it, too big for the maps: the kernel path (nftables enforces)
+ENDPOINT_INGRESS = 0x4  # the programs decide its ingress from policy_rules (bpf/lib/policy.h)
+ENDPOINT_EGRESS = 0x8  # and its egress
+ENDPOINT_POLICY_GEN = 0x10  # which generation of its policy_rules entries is live
+POLICY_FLAGS = ENDPOINT_POLICY | ENDPOINT_INGRESS | ENDPOINT_EGRESS | ENDPOINT_POLICY_GEN
+POLICY_INGRESS, POLICY_EGRESS, POLICY_GEN = 0, 1, 2  # policy_key.direction
+POLICY_KEY_BITS = 64  # policy_key: endpoint and direction before the peer's prefix
+POLICY_PORTS = 16  # SKNF_POLICY_PORTS
 
 
 class MacKey(ctypes.Structure):
@@ -65,6 +72,33 @@ class FlowState(ctypes.Structure):
     """struct flow_state: the kernel_flows map's value."""
 
     _fields_ = [("exempt", ctypes.c_uint32)]
+
+
+class PolicyKey(ctypes.Structure):
+    """struct policy_key: the policy_rules LPM trie's key; endpoint and peer in network order."""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("endpoint", ctypes.c_uint32), ("direction", ctypes.c_uint32),
+                ("peer", ctypes.c_uint32)]
+
+
+class PortRange(ctypes.Structure):
+    """struct port_range: destination ports first..last (host order) of one IP protocol."""
+
+    _fields_ = [("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("first", ctypes.c_uint16),
+                ("last", ctypes.c_uint16)]
+
+
+class PolicyPorts(ctypes.Structure):
+    """struct policy_ports: policy_rules' value, what a peer prefix may use."""
+
+    _fields_ = [("any", ctypes.c_uint8), ("count", ctypes.c_uint8), ("pad", ctypes.c_uint16),
+                ("ranges", PortRange * POLICY_PORTS)]
+
+
+class PolicyFlow(ctypes.Structure):
+    """struct policy_flow: the policy_flows map's value (key: struct flow_key, canonical)."""
+
+    _fields_ = [("last_seen", ctypes.c_uint64), ("closing", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class PodIdentity(ctypes.Structure):
@@ -122,6 +156,7 @@ def _libbpf() -> ctypes.CDLL:
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
     return lib
@@ -176,6 +211,21 @@ def read_map(fd: int, key_type: Any, value_type: Any) -> list[tuple[Any, Any]]:
             return entries
         token.value = next_token.value
         start = ctypes.byref(token)
+
+
+def keys(fd: int, key_type: Any) -> list[Any]:
+    """Every key of a map without batch lookups (an LPM trie), one syscall per key."""
+    lib = _libbpf()
+    out: list[Any] = []
+    prev = None
+    while True:
+        key = key_type()
+        if lib.bpf_map_get_next_key(fd, None if prev is None else ctypes.byref(prev), ctypes.byref(key)) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return out
+            raise _oserror("cannot read BPF map keys")
+        out.append(key)
+        prev = key
 
 
 def possible_cpus() -> int:

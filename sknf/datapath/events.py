@@ -30,7 +30,7 @@ RINGBUF_TYPE = 27  # BPF_MAP_TYPE_RINGBUF
 KINDS = {1: "flow", 2: "drop"}  # enum event_kind
 HOOKS = {1: "from-pod", 2: "to-pod", 3: "from-overlay"}  # enum event_hook
 PATHS = {1: "fast", 2: "kernel", 3: "dropped"}  # enum event_path
-DROP_REASONS = (*REFUSED_REASONS, "redirect")  # enum refused_reason, then DROP_REDIRECT
+DROP_REASONS = (*REFUSED_REASONS, "redirect", "policy")  # enum refused_reason, DROP_REDIRECT, DROP_POLICY
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 POLL_MS = 200  # how long a poll blocks: bounds how long stop() waits
 

@@ -1,13 +1,14 @@
-"""The agent's NetworkPolicy loop: source -> compiler -> nftables (+ the BPF datapath's kernel-path flag).
+"""The agent's NetworkPolicy loop: source -> compiler -> nftables (+ the BPF datapath's policy maps).
 
 Why it works this way:
 - Local endpoints are the node's IPAM leases (namespace, pod and address as the runtime gave them), so
   a pod is governed from its ADD on, before any API object shows its address: the agent applies right
   after each ADD, and whenever the source or the leases change (the reconcile).
-- Order on a change: nftables first, then the BPF datapath's flag that sends a selected endpoint's
-  frames to the kernel path where those rules are (sknf.datapath.bpf). A newly selected pod therefore
-  never runs on the fast path past rules that exist; a deselected one is fast-pathed again only once
-  its rules are gone, which loosens nothing that should hold.
+- Order on a change: nftables first, then the BPF datapath's policy maps and endpoint flags
+  (sknf.datapath.bpf set_policy: the programs decide the endpoint's fast-path flows, or leave them to
+  the kernel path where those rules are). A newly selected pod therefore never runs on the fast path
+  past rules that exist; a deselected one is fast-pathed unchecked again only once its rules are gone,
+  which loosens nothing that should hold.
 - Each compile problem is logged once, by object name (the compile repeats every reconcile).
 """
 
@@ -67,9 +68,9 @@ class Enforcer:
                 self._said = set(compiled.problems)
             if policy_nft.apply(compiled):
                 policy_nft.forget_drops({ip for ep in local for ip in (ep.ip, ep.ip6) if ip})
-            mark = getattr(self.datapath, "set_policy_endpoints", None)
-            if mark is not None:
-                mark(compiled.selected())
+            program = getattr(self.datapath, "set_policy", None)  # the BPF datapath's own maps
+            if program is not None:
+                program(compiled)
             if compiled.selected() != self.compiled.selected():
                 log.info("network policy: %d of %d local endpoints selected (%d policies)",
                          sum(ep.ip in compiled.selected() for ep in local), len(local), len(objects.policies))

@@ -14,7 +14,10 @@ Why it works this way:
   rules: pods with the same rules share one, and a change adds only chains that did not exist. Every
   change is one transaction: new chains, the maps' new elements, the old chains' removal, together.
 - Established and related flows are accepted first: replies of an allowed flow, and ICMP errors about
-  it. A policy change therefore applies to new flows; conntrack keeps established ones going.
+  it. A policy change therefore applies to new flows; conntrack keeps established ones going. So are
+  frames marked MARK_POLICY: the BPF datapath decided their flow itself (bpf/lib/policy.h) and sends
+  one of its frames here only when it must (an ICMP error about it, the fast path held off), frames of a
+  flow conntrack never saw begin. Only the programs set the bit (and clear it where a frame enters).
 - A per-endpoint chain returns when some allow matches (the forward chain then checks the other end's
   ingress), else counts the frame against the local endpoint's address in a dynamic set with counters
   (`dropped`, `dropped6`; reason `policy` in the stats) and drops it, the drop a rule of its own as in
@@ -41,6 +44,7 @@ COUNTED_MAX = 65535
 CHAIN_PREFIX = "ep_"
 BODY_VERSION = 2  # bump when chain_rules renders the same allows differently: chains get new names
 L4 = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+MARK_POLICY = 0x00400000  # SKNF_MARK_POLICY (bpf/lib/common.h): a flow the BPF programs allowed, netfilter never saw
 FAMILIES = (("", "ipv4_addr"), ("6", "ipv6_addr"))  # (suffix of the maps' and counters' names, key type)
 
 
@@ -76,13 +80,16 @@ def _port(lo: int, hi: int) -> Any:
 def _base() -> list[tuple[str, list[dict]]]:
     """(chain, expressions) of the fixed rules: each family's address looked up in its own maps."""
     established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    allowed = _match({"&": [{"meta": {"key": "mark"}}, MARK_POLICY]}, MARK_POLICY)
     vmap = lambda proto, field, name: {"vmap": {"key": _ip(field, proto), "data": f"@{name}"}}  # noqa: E731
     return [("forward", [established, {"accept": None}]),
+            ("forward", [allowed, {"accept": None}]),
             ("forward", [vmap("ip", "saddr", "egress")]),
             ("forward", [vmap("ip6", "saddr", "egress6")]),
             ("forward", [vmap("ip", "daddr", "ingress")]),
             ("forward", [vmap("ip6", "daddr", "ingress6")]),
             ("input", [established, {"accept": None}]),
+            ("input", [allowed, {"accept": None}]),
             ("input", [vmap("ip", "saddr", "egress")]),
             ("input", [vmap("ip6", "saddr", "egress6")])]
 

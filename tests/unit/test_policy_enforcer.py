@@ -11,6 +11,7 @@ import pytest
 
 from sknf.config import Config
 from sknf.ipam import Lease
+from sknf.policy import Compiled
 from sknf.policy import enforcer as policy_enforcer
 from sknf.policy import nft as policy_nft
 from sknf.policy.source import DirectorySource, Objects
@@ -28,8 +29,8 @@ class Datapath:
     def __init__(self, calls: list) -> None:
         self.calls = calls
 
-    def set_policy_endpoints(self, ips: set[str]) -> None:
-        self.calls.append(("flags", sorted(ips)))
+    def set_policy(self, compiled: Compiled) -> None:
+        self.calls.append(("flags", sorted(compiled.selected())))
 
 
 class Source:
