@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from leftovers import managed_lab
-from test_netpol import PROBE_TIMEOUT, _netns, apply, assert_flows, netpol, only
+from netpolrig import PROBE_TIMEOUT, apply, assert_flows, netns_of, netpol, only
 
 from sknf import api, nsutil
 from sknf.datapath import bpfmaps
@@ -127,7 +127,7 @@ def test_denied_in_bpf_replies_and_icmp_errors_pass(lab: Lab, policies: list[str
     events = drop_events(lab, "n1", seq)
     assert any(ev["reason"] == "policy" and ev["src"]["ip"] == pod(lab, "n2p1").ip for ev in events), events
 
-    with nsutil.entered(_netns(lab, "n1p2")):  # a closed port: n1p1 answers with an ICMP port unreachable
+    with nsutil.entered(netns_of(lab, "n1p2")):  # a closed port: n1p1 answers with an ICMP port unreachable
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(PROBE_TIMEOUT * 3)
@@ -154,7 +154,7 @@ def test_a_live_flow_keeps_its_state_and_its_replies_need_it(lab: Lab, policies:
         "podSelector": only("n1p1"), "policyTypes": ["Ingress", "Egress"],
         "ingress": [{"from": [{"podSelector": only("n1p2")}]}]}))
     assert_flows(lab, {("n1p2", "n1p1", "udp"): True, ("n1p1", "n1p2", "tcp"): False})
-    with nsutil.entered(_netns(lab, "n1p2")):
+    with nsutil.entered(netns_of(lab, "n1p2")):
         first = socket.create_connection((pod(lab, "n1p1").ip, SERVER_PORT), timeout=PROBE_TIMEOUT * 3)
         second = socket.create_connection((pod(lab, "n1p1").ip, SERVER_PORT), timeout=PROBE_TIMEOUT * 3)
     with first, second, bpfmaps.pinned(lab_pins(lab, "n1") / "policy_flows") as fd:
