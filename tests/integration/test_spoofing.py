@@ -233,7 +233,7 @@ def test_ipv6_and_rogue_router_advertisement(lab: Lab) -> None:
             assert in_node(n, "ip", "-6", "route", "show", "default").strip() == ""
 
 
-def vxlan_frame(inner_src_mac: str, victim: LabPod, payload: bytes, vni: int = 1) -> bytes:
+def vxlan_frame(victim: LabPod, inner_src_mac: str, payload: bytes, vni: int = 1) -> bytes:
     inner = ether(mac_of(victim), inner_src_mac, ETH_P_IP, udp4("10.244.2.250", victim.ip, payload))
     return struct.pack("!B3xI", 0x08, vni << 8) + inner
 
@@ -242,47 +242,55 @@ def fdb_has(n: LabNode, mac: str) -> bool:
     return mac in in_node(n, "bridge", "fdb", "show", "dev", VXLAN)
 
 
-def test_forged_vxlan_from_the_internet(lab: Lab) -> None:
-    victim = pod(lab, "n1p2")
-    n1 = node(lab, "n1")
+def assert_forged_vxlan_refused(lab: Lab, tool: str, frame: Callable[[LabPod, str, bytes], bytes],
+                                tag: str, mac_prefix: str) -> None:
+    """VXLAN sent to n1 from the Internet host (a host that is no node) with an inner frame for n1p2 from
+    `frame(victim, inner source MAC, payload)`: dropped by SKNF-INPUT (counted in `tool`'s counters), no
+    FDB learning; the negative control, without the INPUT jump, delivers it and learns its MAC; the
+    restarted agent restores the jump; the real overlay still works. Shared by the IPv4 and IPv6 underlays."""
+    victim, n1 = pod(lab, "n1p2"), node(lab, "n1")
+    family = socket.AF_INET6 if ":" in n1.underlay_ip else socket.AF_INET
 
     def forge(inner_mac: str, payload: bytes) -> None:
         with nsutil.entered(lab.inet):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family, socket.SOCK_DGRAM)
         with s:
-            s.sendto(vxlan_frame(inner_mac, victim, payload), (n1.underlay_ip, 4789))
+            s.sendto(frame(victim, inner_mac, payload), (n1.underlay_ip, 4789))
 
     def dropped() -> int:
-        out = in_node(n1, "iptables", "-w", "-t", "filter", "-L", "SKNF-INPUT", "-v", "-x", "-n")
+        out = in_node(n1, tool, "-w", "-t", "filter", "-L", "SKNF-INPUT", "-v", "-x", "-n")
         return sum(int(line.split()[0]) for line in out.splitlines() if "DROP" in line)
 
     before = dropped()
-    forged = marker("vxlan")
+    forged = marker(tag)
     with listening(victim.netns) as seen:
-        forge("02:66:00:00:00:01", forged)
+        forge(f"{mac_prefix}:01", forged)
         assert not seen(forged), "a VXLAN frame from a host that is no node reached a pod"
-    assert not fdb_has(n1, "02:66:00:00:00:01"), "the forged frame steered FDB learning"
+    assert not fdb_has(n1, f"{mac_prefix}:01"), "the forged frame steered FDB learning"
     assert dropped() > before
 
     def remove() -> None:
-        in_node(n1, "iptables", "-w", "-D", "INPUT", "-m", "comment", "--comment", "sknf", "-j", "SKNF-INPUT")
+        in_node(n1, tool, "-w", "-D", "INPUT", "-m", "comment", "--comment", "sknf", "-j", "SKNF-INPUT")
 
     try:
         with defence_removed(lab, n1, remove):
-            control = marker("vxlan-control")
+            control = marker(f"{tag}-control")
             with listening(victim.netns) as seen:
-                forge("02:66:00:00:00:02", control)
+                forge(f"{mac_prefix}:02", control)
                 assert seen(control), "negative control: without the rule the forged frame is delivered"
-            assert fdb_has(n1, "02:66:00:00:00:02"), "negative control: and its inner source MAC is learned"
+            assert fdb_has(n1, f"{mac_prefix}:02"), "negative control: and its inner source MAC is learned"
     finally:
-        in_node(n1, "bridge", "fdb", "del", "02:66:00:00:00:02", "dev", VXLAN, "dst", INTERNET_HOST, check=False)
-    again = marker("vxlan-again")
+        in_node(n1, "bridge", "fdb", "del", f"{mac_prefix}:02", "dev", VXLAN, "dst", lab.internet_host, check=False)
+    again = marker(f"{tag}-again")
     with listening(victim.netns) as seen:
-        forge("02:66:00:00:00:03", again)
-        assert not seen(again)
-    assert not fdb_has(n1, "02:66:00:00:00:03")
-    # The real overlay still works both ways.
-    assert who(victim.netns, pod(lab, "n2p1").ip) == (victim.ip, "n2p1")
+        forge(f"{mac_prefix}:03", again)
+        assert not seen(again), "the restarted agent did not restore the INPUT jump"
+    assert not fdb_has(n1, f"{mac_prefix}:03")
+    assert who(victim.netns, pod(lab, "n2p1").ip) == (victim.ip, "n2p1")  # the real overlay still works
+
+
+def test_forged_vxlan_from_the_internet(lab: Lab) -> None:
+    assert_forged_vxlan_refused(lab, "iptables", vxlan_frame, "vxlan", "02:66:00:00:00")
 
 
 # -- pod lifecycle --------------------------------------------------------------------------------------
