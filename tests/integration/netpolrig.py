@@ -106,9 +106,10 @@ def agent_pods(lab: Lab, node: str) -> dict[str, dict]:
     return {row["pod"]: row for row in reply["pods"]}
 
 
-def lab_fixture(prefix: str, **options: object) -> Callable[..., Iterator[Lab]]:
+def lab_fixture(prefix: str, datapaths: tuple[str, ...] = ("kernel", "bpf"),
+                **options: object) -> Callable[..., Iterator[Lab]]:
     """The module's `lab` fixture: the 2-node, 2-pods-per-node lab under `prefix`, once per datapath."""
-    @pytest.fixture(scope="module", params=["kernel", "bpf"])
+    @pytest.fixture(scope="module", params=list(datapaths))
     def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         with managed_lab(prefix, nodes=2, pods_per_node=2, datapath=request.param, **options) as built:
             yield built

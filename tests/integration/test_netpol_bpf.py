@@ -16,36 +16,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leftovers import managed_lab
-from netpolrig import PROBE_TIMEOUT, apply, assert_flows, netns_of, netpol, only
+from netpolrig import PROBE_TIMEOUT, apply, assert_flows, lab_fixture, netns_of, netpol, only, policies_fixture
 
 from sknf import api, nsutil
 from sknf.datapath import bpfmaps
 from sknf.datapath.bpf import sweep_policy_flows
-from sknf.lab import SERVER_PORT, Lab, LabNode, LabPod, manifests
+from sknf.lab import SERVER_PORT, Lab, LabNode, LabPod
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.bpf]
 
 PREFIX = "ska"
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with managed_lab(PREFIX, nodes=2, pods_per_node=2, datapath="bpf") as built:
-        yield built
-
-
-@pytest.fixture
-def policies(lab: Lab) -> Iterator[list[str]]:
-    written: list[str] = []
-    yield written
-    for name in written:
-        manifests.remove(lab.manifest_dir, name)
-    assert_flows(lab, {("n2p1", "n1p1", "tcp"): True, ("n1p1", "n2p1", "tcp"): True})
+lab = lab_fixture(PREFIX, datapaths=("bpf",))
+policies = policies_fixture({("n2p1", "n1p1", "tcp"): True, ("n1p1", "n2p1", "tcp"): True})
 
 
 def pod(lab: Lab, name: str) -> LabPod:
