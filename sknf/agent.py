@@ -241,6 +241,11 @@ class Agent:
                  f" ({self.datapath.reason})" if self.datapath.reason else "")
         log.info("iptables backend %s (%s)", self.iptables.mode, self.iptables.reason)
         self.reconcile()  # the first one must succeed: a node without its network must not serve
+        if self.flows is not None:
+            self.datapath.watch_events(self.flows.add)
+        # Metrics before the CNI socket: once STATUS answers (what the lab and the plugin call ready),
+        # everything the agent serves is up.
+        self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
         self._servers.append(api.serve(self.cfg.socket_path, {
             "cni": self.handle_cni,
             "stats": self.stats,
@@ -248,9 +253,6 @@ class Agent:
             "logs": lambda _req: {"lines": self.log_buffer.tail()},
             "flows": self.flows_handler(),
         }))
-        if self.flows is not None:
-            self.datapath.watch_events(self.flows.add)
-        self._servers.append(self.metrics.serve(self.cfg.metrics_host_port, self.ready))
         self.serving = True
         self.health.start()
         if self.cfg.install_cni:
