@@ -13,53 +13,87 @@ static __always_inline int is_local_mac(const __u8 *mac)
 	return local_macs.lookup(&key) != NULL;
 }
 
-/* Fast path for pod-to-pod IPv4: straight into a local pod, or straight to vxsknf for a pod on
- * another node. Everything else -- ARP, IPv6, the gateway, the Internet, Services, learned NAT
- * flows, pods this node does not know yet -- stays on the kernel path (TC_ACT_OK). */
-static __always_inline int forward_from_pod(struct __sk_buff *skb)
+/* A pod-to-pod frame for no local endpoint goes straight to vxsknf, unless it is local but unknown (the
+ * gateway, a pod not attached yet), routed (sent to the gateway's MAC), broadcast/multicast, or for a
+ * local pod's MAC (a pod routing for others): the bridge knows better. */
+static __always_inline int to_other_node(struct __sk_buff *skb, struct sknf_config *cfg, const __u8 *h_dest,
+					 int in_pod_net)
 {
-	struct sknf_config *cfg = node_config();
+	if (in_pod_net || mac_equal(h_dest, cfg->gateway_mac) || h_dest[0] & 1 || is_local_mac(h_dest))
+		return TC_ACT_OK;
+	skb->mark |= SKNF_MARK_FAST;
+	return bpf_redirect(cfg->vxlan_ifindex, 0);
+}
+
+/* Fast path for pod-to-pod IPv4: straight into a local pod, or straight to vxsknf for a pod on
+ * another node. Everything else -- ARP, the gateway, the Internet, Services, learned NAT flows, pods
+ * this node does not know yet -- stays on the kernel path (TC_ACT_OK). */
+static __always_inline int forward4_from_pod(struct __sk_buff *skb, struct sknf_config *cfg, struct packet *pkt)
+{
 	struct endpoint_info *ep, *src;
-	struct packet pkt = {};
 	int policy;
 
-	if (!cfg || parse_ipv4(skb, &pkt) < 0) {
-		policy_mark_icmp_error(skb);
-		return TC_ACT_OK;
-	}
 	/* A sender whose NetworkPolicy the programs cannot hold: its egress rules live on the kernel path
 	 * (flows the programs allowed before it came to that go on, marked). */
-	src = endpoints.lookup(&pkt.tuple.saddr);
+	src = endpoints.lookup(&pkt->tuple.saddr);
 	if (src && src->flags & ENDPOINT_POLICY) {
-		policy_mark_known(skb, &pkt.tuple);
+		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
-	if (!in_net(pkt.tuple.daddr, cfg->cluster_net, cfg->cluster_mask))
+	if (!in_net(pkt->tuple.daddr, cfg->cluster_net, cfg->cluster_mask))
 		return TC_ACT_OK;
-	if (is_kernel_flow(&pkt.tuple)) {
-		policy_mark_known(skb, &pkt.tuple);
+	if (is_kernel_flow(&pkt->tuple)) {
+		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
-	ep = endpoints.lookup(&pkt.tuple.daddr);
+	ep = endpoints.lookup(&pkt->tuple.daddr);
 	if (ep && ep->flags & ENDPOINT_POLICY) {
-		policy_mark_known(skb, &pkt.tuple);
+		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
-	policy = policy_verdict(skb, &pkt.tuple, src, ep, HOOK_FROM_POD);
+	policy = policy_verdict(skb, &pkt->tuple, src, ep, HOOK_FROM_POD);
 	if (policy == POLICY_DENIED)
 		return SKNF_ACT_POLICY;
 	if (policy == POLICY_KERNEL)
 		return TC_ACT_OK;
 	if (ep)
-		return deliver_to_pod(skb, &pkt, ep);
-	/* Local but unknown (the gateway, a pod not attached yet), routed (sent to the gateway's
-	 * MAC), broadcast/multicast, or for a local pod's MAC (a pod routing for others): the bridge
-	 * knows better. */
-	if (in_net(pkt.tuple.daddr, cfg->pod_net, cfg->pod_mask) || mac_equal(pkt.h_dest, cfg->gateway_mac) ||
-	    pkt.h_dest[0] & 1 || is_local_mac(pkt.h_dest))
+		return deliver_to_pod(skb, pkt->h_dest, ep);
+	return to_other_node(skb, cfg, pkt->h_dest, in_net(pkt->tuple.daddr, cfg->pod_net, cfg->pod_mask));
+}
+
+/* The same for pod-to-pod IPv6 that parse_ipv6 reads (TCP, UDP, SCTP, ICMPv6 echo). A pod a
+ * NetworkPolicy selects, as sender or receiver, keeps its IPv6 on the kernel path (nftables). */
+static __always_inline int forward6_from_pod(struct __sk_buff *skb, struct sknf_config *cfg,
+					     struct sknf_config6 *cfg6, struct packet6 *pkt)
+{
+	struct endpoint_info *ep, *src;
+
+	src = endpoints6.lookup(&pkt->tuple.saddr);
+	if (src && src->flags & ENDPOINT_POLICY)
 		return TC_ACT_OK;
-	skb->mark |= SKNF_MARK_FAST;
-	return bpf_redirect(cfg->vxlan_ifindex, 0);
+	if (!in_net6(&pkt->tuple.daddr, cfg6->cluster_net, cfg6->cluster_mask) || is_kernel_flow6(&pkt->tuple))
+		return TC_ACT_OK;
+	ep = endpoints6.lookup(&pkt->tuple.daddr);
+	if (ep)
+		return deliver_to_pod(skb, pkt->h_dest, ep);
+	return to_other_node(skb, cfg, pkt->h_dest, in_net6(&pkt->tuple.daddr, cfg6->pod_net, cfg6->pod_mask));
+}
+
+static __always_inline int forward_from_pod(struct __sk_buff *skb)
+{
+	struct sknf_config *cfg = node_config();
+	struct sknf_config6 *cfg6;
+	struct packet pkt = {};
+	struct packet6 pkt6 = {};
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &pkt) == 0)
+		return forward4_from_pod(skb, cfg, &pkt);
+	if ((cfg6 = node_config6()) && parse_ipv6(skb, &pkt6) == 0)
+		return forward6_from_pod(skb, cfg, cfg6, &pkt6);
+	policy_mark_icmp_error(skb);
+	return TC_ACT_OK;
 }
 
 /* Everything done to a frame the pod sent: source validation (lib/guard.h), then forwarding; every

@@ -7,37 +7,63 @@
 
 /* A frame from another node for a local pod goes straight into it unless its flow is a learned NAT
  * flow. */
-static __always_inline int forward_from_overlay(struct __sk_buff *skb)
+static __always_inline int forward4_from_overlay(struct __sk_buff *skb, struct packet *pkt)
 {
-	struct sknf_config *cfg = node_config();
 	struct endpoint_info *ep;
-	struct packet pkt = {};
 	int verdict;
 
-	if (skb->mark & SKNF_MARK_POLICY) /* only the programs of this node say so */
-		skb->mark &= ~SKNF_MARK_POLICY;
-	if (!cfg || parse_ipv4(skb, &pkt) < 0) {
-		policy_mark_icmp_error(skb);
+	if (is_kernel_flow(&pkt->tuple)) {
+		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
-	if (is_kernel_flow(&pkt.tuple)) {
-		policy_mark_known(skb, &pkt.tuple);
-		return TC_ACT_OK;
-	}
-	ep = endpoints.lookup(&pkt.tuple.daddr);
+	ep = endpoints.lookup(&pkt->tuple.daddr);
 	if (!ep)
 		return TC_ACT_OK;
 	if (ep->flags & ENDPOINT_POLICY) {
-		policy_mark_known(skb, &pkt.tuple);
+		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
-	verdict = policy_verdict(skb, &pkt.tuple, NULL, ep, HOOK_FROM_OVERLAY);
+	verdict = policy_verdict(skb, &pkt->tuple, NULL, ep, HOOK_FROM_OVERLAY);
 	if (verdict == POLICY_KERNEL)
 		return TC_ACT_OK;
-	verdict = verdict == POLICY_DENIED ? SKNF_ACT_POLICY : deliver_to_pod(skb, &pkt, ep);
+	verdict = verdict == POLICY_DENIED ? SKNF_ACT_POLICY : deliver_to_pod(skb, pkt->h_dest, ep);
 	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
 		count_received(ep->ifindex, skb->len, verdict);
 	return verdict;
+}
+
+/* The same for IPv6 (a pod a NetworkPolicy selects: the kernel path, see from_pod.c). */
+static __always_inline int forward6_from_overlay(struct __sk_buff *skb, struct packet6 *pkt)
+{
+	struct endpoint_info *ep;
+	int verdict;
+
+	if (is_kernel_flow6(&pkt->tuple))
+		return TC_ACT_OK;
+	ep = endpoints6.lookup(&pkt->tuple.daddr);
+	if (!ep)
+		return TC_ACT_OK;
+	verdict = deliver_to_pod(skb, pkt->h_dest, ep);
+	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
+		count_received(ep->ifindex, skb->len, verdict);
+	return verdict;
+}
+
+static __always_inline int forward_from_overlay(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	struct packet6 pkt6 = {};
+
+	if (skb->mark & SKNF_MARK_POLICY) /* only the programs of this node say so */
+		skb->mark &= ~SKNF_MARK_POLICY;
+	if (!node_config())
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &pkt) == 0)
+		return forward4_from_overlay(skb, &pkt);
+	if (node_config6() && parse_ipv6(skb, &pkt6) == 0)
+		return forward6_from_overlay(skb, &pkt6);
+	policy_mark_icmp_error(skb);
+	return TC_ACT_OK;
 }
 
 /* Hook: tc ingress of vxsknf (direction: other node -> this node, decapsulated). */

@@ -119,7 +119,8 @@ class Agent:
             rules.result()
         self.datapath.setup_node(NodeNet(bridge_ifindex=node.bridge_ifindex, vxlan_ifindex=node.vxlan_ifindex,
                                          gateway_ip=node.gateway_ip, gateway_mac=node.gateway_mac,
-                                         cluster_cidr=str(self.cfg.cluster_cidr), pod_cidr=str(self.pod_cidr)))
+                                         cluster_cidrs=tuple(map(str, self.cfg.cluster_cidrs)),
+                                         pod_cidrs=tuple(map(str, self.pod_cidrs))))
         if self.node is None or (self.node.underlay_ip, self.node.mtu) != (node.underlay_ip, node.mtu):
             # first round, DHCP moved the address, or the underlay MTU changed
             self.source.publish_self(Node(self.cfg.node_name, node.underlay_ip, join_subnets(self.pod_cidrs),
@@ -211,7 +212,7 @@ class Agent:
 
     def node_view(self) -> flowlog.NodeView:
         """What flow events are resolved against: this node's leases and the peers."""
-        return flowlog.NodeView(self.cfg.node_name, self.cfg.cluster_cidr, self.store.current(), list(self.peers))
+        return flowlog.NodeView(self.cfg.node_name, self.cfg.cluster_cidrs, self.store.current(), list(self.peers))
 
     def flows_handler(self) -> api.Handler:
         if self.flows is not None:

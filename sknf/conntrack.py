@@ -41,12 +41,14 @@ IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
 CT_NEW, CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_TIMEOUT, CTA_FILTER, CTA_STATUS_MASK = 1, 2, 3, 7, 25, 26
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_FILTER_ORIG_FLAGS = 1
 CTA_FILTER_F_PROTO_NUM = 1 << 3  # the kernel's CTA_FILTER_F_CTA_PROTO_NUM (libnetfilter_conntrack's too)
 IPS_SRC_NAT, IPS_DST_NAT = 1 << 4, 1 << 5
 PORT_PROTOS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_SCTP)
+# {family: (source attribute, destination attribute)} of CTA_TUPLE_IP
+_ADDRESS_ATTRS = {socket.AF_INET: (CTA_IP_V4_SRC, CTA_IP_V4_DST), socket.AF_INET6: (CTA_IP_V6_SRC, CTA_IP_V6_DST)}
 REPLY_ROOM = 8192  # receive-buffer bytes one queued reply may take: bounds a batch
 MAX_BATCH = 256  # requests per sendmsg (~40 KiB: well inside the default send buffer)
 
@@ -66,33 +68,39 @@ class ConntrackError(OSError):
     """ctnetlink refused a request (no nf_conntrack module, no permission, a bad request)."""
 
 
-def _request(payload: bytes) -> bytes:
-    """A ctnetlink request's body: the nfgenmsg header (IPv4), then its attributes."""
-    return _NFGEN.pack(socket.AF_INET, 0, 0) + payload
+def family_of(t: FlowTuple) -> int:
+    return socket.AF_INET6 if ":" in t[0] else socket.AF_INET
+
+
+def _request(payload: bytes, family: int = socket.AF_INET) -> bytes:
+    """A ctnetlink request's body: the nfgenmsg header (its address family), then its attributes."""
+    return _NFGEN.pack(family, 0, 0) + payload
 
 
 def _tuple_attr(kind: int, t: FlowTuple) -> bytes:
     saddr, daddr, sport, dport, proto = t
+    family = family_of(t)
+    src, dst = _ADDRESS_ATTRS[family]
     proto_attrs = [attr(CTA_PROTO_NUM, bytes([proto]))]
     if proto in PORT_PROTOS:
         proto_attrs += [attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
                         attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport))]
-    return nested(kind, nested(CTA_TUPLE_IP, attr(CTA_IP_V4_SRC, socket.inet_aton(saddr)),
-                                 attr(CTA_IP_V4_DST, socket.inet_aton(daddr))),
+    return nested(kind, nested(CTA_TUPLE_IP, attr(src, socket.inet_pton(family, saddr)),
+                                 attr(dst, socket.inet_pton(family, daddr))),
                    nested(CTA_TUPLE_PROTO, *proto_attrs))
 
 
 def _parse_tuple(data: memoryview) -> FlowTuple | None:
-    """A CTA_TUPLE_* payload as a FlowTuple; None for anything but IPv4."""
+    """A CTA_TUPLE_* payload as a FlowTuple (IPv4 or IPv6)."""
     saddr = daddr = None
     proto = sport = dport = 0
     for kind, payload in attrs(data):
         if kind == CTA_TUPLE_IP:
             for k, v in attrs(payload):
-                if k == CTA_IP_V4_SRC:
-                    saddr = socket.inet_ntoa(v)
-                elif k == CTA_IP_V4_DST:
-                    daddr = socket.inet_ntoa(v)
+                if k in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    saddr = socket.inet_ntop(socket.AF_INET if k == CTA_IP_V4_SRC else socket.AF_INET6, v)
+                elif k in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    daddr = socket.inet_ntop(socket.AF_INET if k == CTA_IP_V4_DST else socket.AF_INET6, v)
         elif kind == CTA_TUPLE_PROTO:
             for k, v in attrs(payload):
                 if k == CTA_PROTO_NUM:
@@ -136,7 +144,7 @@ class Conntrack(NetlinkSocket):
     def entries(self, tuples: Iterable[FlowTuple]) -> dict[FlowTuple, Entry | None]:
         """The entry of each tuple conntrack knows (in either direction); None if it cannot be parsed."""
         found: dict[FlowTuple, Entry | None] = {}
-        gets = ((t, CT_GET, 0, _request(_tuple_attr(CTA_TUPLE_ORIG, t))) for t in tuples)
+        gets = ((t, CT_GET, 0, _request(_tuple_attr(CTA_TUPLE_ORIG, t), family_of(t))) for t in tuples)
         for t, kind, msg in self.exchange(gets, answers=frozenset((NLMSG_ERROR, CT_NEW))):
             if kind == NLMSG_ERROR:
                 code = error_code(msg)
@@ -146,16 +154,16 @@ class Conntrack(NetlinkSocket):
                 found[t] = _parse_entry(msg)
         return found
 
-    def dump(self, status: int = 0, proto: int | None = None) -> Iterator[Entry]:
-        """IPv4 entries whose status has every bit of `status` set (kernel-filtered), optionally of one
-        protocol only; each entry decoded to its two tuples and status."""
+    def dump(self, status: int = 0, proto: int | None = None, family: int = socket.AF_INET) -> Iterator[Entry]:
+        """Entries of one address family whose status has every bit of `status` set (kernel-filtered),
+        optionally of one protocol only; each entry decoded to its two tuples and status."""
         payload = b""
         if status:
             payload += attr(CTA_STATUS, struct.pack("!I", status)) + attr(CTA_STATUS_MASK, struct.pack("!I", status))
         if proto is not None:
             payload += nested(CTA_TUPLE_ORIG, nested(CTA_TUPLE_PROTO, attr(CTA_PROTO_NUM, bytes([proto]))))
             payload += nested(CTA_FILTER, attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_F_PROTO_NUM)))
-        for reply in self.dump_messages(CT_GET, 0, _request(payload), "conntrack dump", ConntrackError):
+        for reply in self.dump_messages(CT_GET, 0, _request(payload, family), "conntrack dump", ConntrackError):
             entry = _parse_entry(reply)
             # The kernel matches status under the mask; a kernel without CTA_STATUS_MASK ignores it.
             if entry is not None and entry.status & status == status:
@@ -166,7 +174,7 @@ class Conntrack(NetlinkSocket):
         tests that need a populated table without traffic. Stops at the first refusal (EEXIST too)."""
         new = ((None, CT_NEW, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
                 _request(_tuple_attr(CTA_TUPLE_ORIG, orig) + _tuple_attr(CTA_TUPLE_REPLY, reply)
-                         + attr(CTA_TIMEOUT, struct.pack("!I", timeout))))
+                         + attr(CTA_TIMEOUT, struct.pack("!I", timeout)), family_of(orig)))
                for orig, reply in entries)
         for _, _, msg in self.exchange(new):
             if code := error_code(msg):

@@ -11,6 +11,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
 #include <uapi/linux/if_packet.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
@@ -42,6 +43,21 @@ struct sknf_config {
 	__u16 pad;
 };
 
+/* An IPv6 address as a map key (endpoints6). */
+struct addr6 {
+	__be32 a[4];
+};
+
+/* The node's IPv6 networks (dual-stack or IPv6-only), one slot beside sknf_config, written by the agent
+ * with it. Network byte order; an all-zero cluster mask means the cluster has no IPv6: every IPv6 frame
+ * then takes the kernel path. */
+struct sknf_config6 {
+	__be32 cluster_net[4];
+	__be32 cluster_mask[4];
+	__be32 pod_net[4]; /* this node's IPv6 pod CIDR */
+	__be32 pod_mask[4];
+};
+
 /* endpoint_info.flags: traffic to the pod is shaped by a qdisc on its host veth, which
  * bpf_redirect_peer would skip: frames for it take the kernel path (the bridge). */
 #define ENDPOINT_SHAPED 0x1
@@ -56,7 +72,7 @@ struct sknf_config {
 #define ENDPOINT_POLICY_GEN 0x10
 #define ENDPOINT_DECIDED (ENDPOINT_INGRESS | ENDPOINT_EGRESS)
 
-/* A local pod, keyed by its IPv4 address: where to deliver and which MAC frames for it carry. */
+/* A local pod, keyed by its IPv4 address (endpoints) or its IPv6 one (endpoints6): where to deliver and which MAC frames for it carry. */
 struct endpoint_info {
 	__u32 ifindex; /* the pod's host-side veth */
 	__u8 mac[ETH_ALEN]; /* the pod's eth0 */
@@ -129,6 +145,17 @@ struct flow_key {
 	__u8 pad[3];
 };
 
+/* One direction of an IPv6 flow (kernel_flows6), as flow_key for IPv4. A map per family, as Cilium keeps
+ * its ct4 and ct6 maps: the IPv4 maps' layouts stay as they were, so an upgrade keeps their live flows. */
+struct flow6_key {
+	struct addr6 saddr;
+	struct addr6 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 /* A flow whose packets must take the kernel path (its NAT lives in conntrack). The agent sets
  * exempt when conntrack no longer knows the flow and deletes the entry one sweep later; a packet
  * learned in between clears it again. */
@@ -177,9 +204,21 @@ struct packet {
 	struct flow_key tuple;
 };
 
+/* The same for an IPv6 frame. */
+struct packet6 {
+	__u8 h_dest[ETH_ALEN];
+	struct flow6_key tuple;
+};
+
 static __always_inline int in_net(__be32 addr, __be32 net, __be32 mask)
 {
 	return (addr & mask) == net;
+}
+
+static __always_inline int in_net6(const struct addr6 *addr, const __be32 *net, const __be32 *mask)
+{
+	return (addr->a[0] & mask[0]) == net[0] && (addr->a[1] & mask[1]) == net[1] &&
+	       (addr->a[2] & mask[2]) == net[2] && (addr->a[3] & mask[3]) == net[3];
 }
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
@@ -232,6 +271,44 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 		if ((void *)(type + 1) > data_end || is_icmp_error(*type))
 			return -1;
 	}
+	return 0;
+}
+
+/* Reads an IPv6 frame whose next header is TCP, UDP, SCTP or an ICMPv6 echo into pkt. Anything else
+ * (extension headers, fragments, ICMPv6 errors and NDP, headers the program cannot see) returns -1: no
+ * extension-header walking here, the kernel path handles what is not plain. */
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet6 *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + sizeof(*eth);
+	__u8 next;
+
+	if ((void *)(ip6 + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return -1;
+	next = ip6->nexthdr;
+	if (next == IPPROTO_TCP || next == IPPROTO_UDP || next == IPPROTO_SCTP) {
+		__be16 *ports = (void *)(ip6 + 1);
+
+		if ((void *)(ports + 2) > data_end)
+			return -1;
+		pkt->tuple.sport = ports[0];
+		pkt->tuple.dport = ports[1];
+	} else if (next == IPPROTO_ICMPV6) {
+		__u8 *type = (void *)(ip6 + 1);
+
+		if ((void *)(type + 1) > data_end || (*type != ICMPV6_ECHO_REQUEST && *type != ICMPV6_ECHO_REPLY))
+			return -1;
+		pkt->tuple.sport = 0;
+		pkt->tuple.dport = 0;
+	} else {
+		return -1;
+	}
+	__builtin_memcpy(pkt->h_dest, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(&pkt->tuple.saddr, &ip6->saddr, sizeof(struct addr6));
+	__builtin_memcpy(&pkt->tuple.daddr, &ip6->daddr, sizeof(struct addr6));
+	pkt->tuple.proto = next;
 	return 0;
 }
 

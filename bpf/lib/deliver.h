@@ -14,16 +14,15 @@ static __always_inline struct sknf_config *node_config(void)
 }
 
 /* Only frames addressed to the pod's own MAC (those the bridge would hand to its port) go straight
- * in, and none for a pod shaped on its host veth (ENDPOINT_SHAPED); bpf_redirect_peer lands them in the pod's netns, skipping the host veth's egress hook, so the
- * pod's rx is counted here. PACKET_HOST: older kernels drop peer-redirected frames still marked for
+ * in, and none for a pod shaped on its host veth (ENDPOINT_SHAPED); bpf_redirect_peer lands them in
+ * the pod's netns, skipping the host veth's egress hook, so the pod's rx is counted here. PACKET_HOST: older kernels drop peer-redirected frames still marked for
  * another host. Returns the verdict; the caller counts drops against the pod it accounts for. */
-static __always_inline int deliver_to_pod(struct __sk_buff *skb, struct packet *pkt,
-					  struct endpoint_info *ep)
+static __always_inline int deliver_to_pod(struct __sk_buff *skb, const __u8 *h_dest, struct endpoint_info *ep)
 {
 	__u32 len = skb->len;
 	int verdict;
 
-	if (!mac_equal(pkt->h_dest, ep->mac) || ep->flags & (ENDPOINT_SHAPED | ENDPOINT_POLICY))
+	if (!mac_equal(h_dest, ep->mac) || ep->flags & (ENDPOINT_SHAPED | ENDPOINT_POLICY))
 		return TC_ACT_OK;
 	bpf_skb_change_type(skb, PACKET_HOST);
 	verdict = bpf_redirect_peer(ep->ifindex, 0);

@@ -1,17 +1,17 @@
 /* Flow events: what `sknf flows` shows, handed to the agent through the `events` ring buffer.
  *
  * Two kinds, only while events_enabled's slot is set (the agent's flow_events setting):
- * - a new flow: the first IPv4 frame of a flow this node sees, where a frame enters the node's
+ * - a new flow: the first IPv4 or IPv6 frame of a flow this node sees, where a frame enters the node's
  *   datapath (from_pod: sent by a local pod; from_overlay: arriving from another node; to_pod: the
  *   kernel path delivering to a local pod, e.g. from the node itself or the Internet). "A flow" is a
  *   canonical 5-tuple: both directions are one flow, reported once, in the direction of its first
- *   frame. A frame whose tuple is a learned reply (kernel_flows, bpf/lib/flows.h) answers a flow that
+ *   frame. A frame whose tuple is a learned reply (kernel_flows/6, bpf/lib/flows.h) answers a flow that
  *   left through the node's stack, already reported there (a Service's reply arriving from the
  *   backend's node, un-NATed later): it starts no flow either, it marks its tuple seen.
- *   A flow counts as seen while its tuple is in events_seen, an LRU of SKNF_SEEN_FLOWS
+ *   A flow counts as seen while its tuple is in events_seen (events_seen6), an LRU of SKNF_SEEN_FLOWS
  *   tuples: a flow idle long enough to be evicted by newer ones is reported again when it resumes,
- *   and a tuple reused while still in the LRU is not reported. Frames parse_ipv4 leaves to the
- *   kernel (ARP, fragments, ICMP errors, IPv6) start no flow.
+ *   and a tuple reused while still in the LRU is not reported. Frames parse_ipv4 and parse_ipv6 leave
+ *   to the kernel (ARP, fragments, ICMP errors, NDP, IPv6 extension headers) start no flow.
  * - a drop: every frame the programs drop, with its reason (source validation's enum refused_reason,
  *   or DROP_REDIRECT when a redirect helper refused it).
  * Each costs one ring-buffer record (sizeof(struct flow_event) + 8 bytes). A full ring buffer refuses
@@ -121,6 +121,38 @@ static __always_inline void event_canonical(struct flow_key *key, struct flow_ke
 	key->proto = t->proto;
 }
 
+static __always_inline void event_tuple6(struct flow_event *ev, struct flow6_key *t)
+{
+	__builtin_memcpy(ev->saddr, &t->saddr, 16);
+	__builtin_memcpy(ev->daddr, &t->daddr, 16);
+	ev->sport = t->sport;
+	ev->dport = t->dport;
+	ev->proto = t->proto;
+	ev->ethertype = bpf_htons(ETH_P_IPV6);
+}
+
+/* -1, 0 or 1 as a sorts before, with or after b (in an order of their own: any total order will do). */
+static __always_inline int addr6_order(const struct addr6 *a, const struct addr6 *b)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		if (a->a[i] != b->a[i])
+			return a->a[i] < b->a[i] ? -1 : 1;
+	return 0;
+}
+
+static __always_inline void event_canonical6(struct flow6_key *key, struct flow6_key *t)
+{
+	int order = addr6_order(&t->saddr, &t->daddr);
+	int keep = order < 0 || (order == 0 && t->sport <= t->dport);
+
+	key->saddr = keep ? t->saddr : t->daddr;
+	key->daddr = keep ? t->daddr : t->saddr;
+	key->sport = keep ? t->sport : t->dport;
+	key->dport = keep ? t->dport : t->sport;
+	key->proto = t->proto;
+}
+
 /* A frame the programs dropped, with what can be read of its addresses (even a forged header). */
 static __always_inline void event_drop(struct __sk_buff *skb, int hook, int reason)
 {
@@ -185,7 +217,9 @@ static __always_inline void event_drop(struct __sk_buff *skb, int hook, int reas
 static __always_inline void event_forwarded(struct __sk_buff *skb, int hook, int verdict)
 {
 	struct packet pkt = {};
+	struct packet6 pkt6 = {};
 	struct flow_key key = {};
+	struct flow6_key key6 = {};
 	struct flow_event *ev;
 	__u64 now;
 
@@ -193,19 +227,29 @@ static __always_inline void event_forwarded(struct __sk_buff *skb, int hook, int
 		event_drop(skb, hook, DROP_REDIRECT);
 		return;
 	}
-	if (!events_on() || parse_ipv4(skb, &pkt) < 0)
+	if (!events_on())
 		return;
-	event_canonical(&key, &pkt.tuple);
-	if (events_seen.lookup(&key))
+	if (parse_ipv4(skb, &pkt) == 0) {
+		event_canonical(&key, &pkt.tuple);
+		if (events_seen.lookup(&key))
+			return;
+		now = bpf_ktime_get_boot_ns();
+		events_seen.update(&key, &now);
+		if (kernel_flows.lookup(&pkt.tuple) || !(ev = event_reserve(skb, EVENT_FLOW, hook)))
+			return;
+		event_tuple4(ev, &pkt.tuple);
+	} else if (parse_ipv6(skb, &pkt6) == 0) {
+		event_canonical6(&key6, &pkt6.tuple);
+		if (events_seen6.lookup(&key6))
+			return;
+		now = bpf_ktime_get_boot_ns();
+		events_seen6.update(&key6, &now);
+		if (kernel_flows6.lookup(&pkt6.tuple) || !(ev = event_reserve(skb, EVENT_FLOW, hook)))
+			return;
+		event_tuple6(ev, &pkt6.tuple);
+	} else {
 		return;
-	now = bpf_ktime_get_boot_ns();
-	events_seen.update(&key, &now);
-	if (kernel_flows.lookup(&pkt.tuple))
-		return;
-	ev = event_reserve(skb, EVENT_FLOW, hook);
-	if (!ev)
-		return;
-	event_tuple4(ev, &pkt.tuple);
+	}
 	ev->path = verdict == TC_ACT_REDIRECT ? PATH_FAST : PATH_KERNEL;
 	events.ringbuf_submit(ev, 0);
 }

@@ -4,9 +4,9 @@
  * would skip the reverse NAT and arrive from the backend's address. Every pod-sourced frame that
  * reaches a host veth's or vxsknf's egress hook without the fast-path mark came through the bridge
  * or the routing stack, i.e. possibly through NAT: its reply's tuple (the reversed tuple) is learned
- * here, and the fast path looks each frame's own tuple up before taking it. A learn the map refuses
- * (full) cannot say which flow it lost: it sets flow_guard's FULL slot, and while that (or the
- * agent's SYNCING) is set no frame takes the fast path at all.
+ * here (kernel_flows; kernel_flows6 for IPv6), and the fast path looks each frame's own tuple up before
+ * taking it. A learn the map refuses (full) cannot say which flow it lost: it sets flow_guard's FULL
+ * slot, and while that (or the agent's SYNCING) is set no frame takes the fast path at all.
  */
 #ifndef SKNF_FLOWS_H
 #define SKNF_FLOWS_H
@@ -47,27 +47,60 @@ static __always_inline int is_kernel_flow(struct flow_key *tuple)
 	return kernel_flows.lookup(tuple) != NULL;
 }
 
+static __always_inline int is_kernel_flow6(struct flow6_key *tuple)
+{
+	if (flows_guarded())
+		return 1;
+	return kernel_flows6.lookup(tuple) != NULL;
+}
+
+static __always_inline struct sknf_config6 *node_config6(void)
+{
+	__u32 slot = 0;
+	struct sknf_config6 *cfg6 = config6.lookup(&slot);
+
+	return cfg6 && cfg6->cluster_mask[0] ? cfg6 : NULL;
+}
+
+/* The learn of a pod-sourced frame: its reply tuple, unless learned already (and not exempt). One per
+ * family: BCC rewrites map calls in place, so a map cannot be a function's argument. */
+static __always_inline void learn_reply4(struct flow_key *t)
+{
+	struct flow_key reply = {.saddr = t->daddr, .daddr = t->saddr, .sport = t->dport, .dport = t->sport,
+				 .proto = t->proto};
+	struct flow_state live = {};
+	struct flow_state *known = kernel_flows.lookup(&reply);
+
+	if ((!known || known->exempt) && kernel_flows.update(&reply, &live) < 0)
+		flows_overflowed();
+}
+
+static __always_inline void learn_reply6(struct flow6_key *t)
+{
+	struct flow6_key reply = {.saddr = t->daddr, .daddr = t->saddr, .sport = t->dport, .dport = t->sport,
+				  .proto = t->proto};
+	struct flow_state live = {};
+	struct flow_state *known = kernel_flows6.lookup(&reply);
+
+	if ((!known || known->exempt) && kernel_flows6.update(&reply, &live) < 0)
+		flows_overflowed();
+}
+
 static __always_inline void learn_reply_flow(struct __sk_buff *skb, struct sknf_config *cfg)
 {
 	struct packet pkt = {};
-	struct flow_key reply = {};
-	struct flow_state live = {};
-	struct flow_state *known;
+	struct packet6 pkt6 = {};
+	struct sknf_config6 *cfg6;
 
-	if (skb->mark & SKNF_MARK_FAST || parse_ipv4(skb, &pkt) < 0)
+	if (skb->mark & SKNF_MARK_FAST)
 		return;
-	if (!in_net(pkt.tuple.saddr, cfg->cluster_net, cfg->cluster_mask))
-		return;
-	reply.saddr = pkt.tuple.daddr;
-	reply.daddr = pkt.tuple.saddr;
-	reply.sport = pkt.tuple.dport;
-	reply.dport = pkt.tuple.sport;
-	reply.proto = pkt.tuple.proto;
-	known = kernel_flows.lookup(&reply);
-	if (known && !known->exempt)
-		return;
-	if (kernel_flows.update(&reply, &live) < 0)
-		flows_overflowed();
+	if (parse_ipv4(skb, &pkt) == 0) {
+		if (in_net(pkt.tuple.saddr, cfg->cluster_net, cfg->cluster_mask))
+			learn_reply4(&pkt.tuple);
+	} else if ((cfg6 = node_config6()) && parse_ipv6(skb, &pkt6) == 0) {
+		if (in_net6(&pkt6.tuple.saddr, cfg6->cluster_net, cfg6->cluster_mask))
+			learn_reply6(&pkt6.tuple);
+	}
 }
 
 #endif

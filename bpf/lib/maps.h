@@ -18,8 +18,13 @@
 #endif
 
 BPF_TABLE_PINNED("array", __u32, struct sknf_config, config, 1, SKNF_PIN_DIR "/config");
+BPF_TABLE_PINNED("array", __u32, struct sknf_config6, config6, 1, SKNF_PIN_DIR "/config6");
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, endpoints, SKNF_MAX_ENDPOINTS,
 		 SKNF_PIN_DIR "/endpoints");
+/* The local pods by IPv6 address (dual-stack, IPv6-only); flags as endpoints' (ENDPOINT_POLICY for any
+ * pod a NetworkPolicy selects: policy_rules hold IPv4 peers only, so its IPv6 takes the kernel path). */
+BPF_TABLE_PINNED("hash", struct addr6, struct endpoint_info, endpoints6, SKNF_MAX_ENDPOINTS,
+		 SKNF_PIN_DIR "/endpoints6");
 /* The MACs of this node's pods (value: the host veth's ifindex): a frame for one of them belongs to
  * the bridge, whatever its IP destination (a pod that routes for others). */
 BPF_TABLE_PINNED("hash", struct mac_key, __u32, local_macs, SKNF_MAX_ENDPOINTS, SKNF_PIN_DIR "/local_macs");
@@ -40,6 +45,8 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct refused_counters, pod_refused, SKN
  * it. Entries go only when conntrack has forgotten the flow (see sknf/datapath/flows.py). */
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_state, kernel_flows, SKNF_MAX_FLOWS,
 		 SKNF_PIN_DIR "/kernel_flows", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct flow6_key, struct flow_state, kernel_flows6, SKNF_MAX_FLOWS,
+		 SKNF_PIN_DIR "/kernel_flows6", BPF_F_NO_PREALLOC);
 
 /* NetworkPolicy (bpf/lib/policy.h), written by the agent (sknf/datapath/bpf.py set_policy): the selected
  * endpoints' rules, both generations (each at most half); read by from_pod and from_overlay. The flows
@@ -93,7 +100,8 @@ struct events_table_t events = {.max_entries = SKNF_EVENT_PAGES * PAGE_SIZE};
 BPF_TABLE_PINNED("array", __u32, __u32, events_enabled, 1, SKNF_PIN_DIR "/events_enabled");
 /* Slot 0, per CPU: events the full ring buffer refused (lost). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, events_lost, 1, SKNF_PIN_DIR "/events_lost");
-/* Flows already reported as new, by canonical tuple (see events.h); value: when (boot-time ns). */
+/* Flows already reported as new, by canonical tuple (see events.h), per family; value: when (boot-time ns). */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, __u64, events_seen, SKNF_SEEN_FLOWS, SKNF_PIN_DIR "/events_seen");
+BPF_TABLE_PINNED("lru_hash", struct flow6_key, __u64, events_seen6, SKNF_SEEN_FLOWS, SKNF_PIN_DIR "/events_seen6");
 
 #endif

@@ -78,8 +78,8 @@ class NodeNet:
     vxlan_ifindex: int
     gateway_ip: str
     gateway_mac: str
-    cluster_cidr: str
-    pod_cidr: str
+    cluster_cidrs: tuple[str, ...]  # one network per family, IPv4 first
+    pod_cidrs: tuple[str, ...]  # this node's subnets, in the same order
 
 
 class Datapath(Protocol):

@@ -23,6 +23,7 @@ Why it works this way:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -54,13 +55,16 @@ POD_PROGRAMS = {"from_pod": tc.INGRESS, "to_pod": tc.EGRESS}  # on each pod's ho
 SHAPED_FROM_POD = "from_shaped_pod"  # in from_pod's place when the pod's sending is shaped
 OVERLAY_PROGRAMS = {"from_overlay": tc.INGRESS, "to_overlay": tc.EGRESS}  # on vxsknf
 PROGRAMS = bpfload.PROGRAMS  # what the loader pins: these four
-POD_MAPS = ("pod_identity", "pod_sources", "pod_sources6", "local_macs", "endpoints")  # what attach_pod writes
+POD_MAPS = ("pod_identity", "pod_sources", "pod_sources6", "local_macs", "endpoints", "endpoints6")  # attach_pod's
 # {map: (key type, value type)}: checked against each pinned map once, when the agent opens it.
 MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
+               "config6": (ctypes.c_uint32, bpfmaps.Config6),
                "endpoints": (ctypes.c_uint32, bpfmaps.EndpointInfo),
+               "endpoints6": (bpfmaps.Addr6, bpfmaps.EndpointInfo),
                "local_macs": (bpfmaps.MacKey, ctypes.c_uint32),
                "pod_counters": (ctypes.c_uint32, bpfmaps.CounterValues),
                "kernel_flows": (bpfmaps.FlowKey, bpfmaps.FlowState),
+               "kernel_flows6": (bpfmaps.Flow6Key, bpfmaps.FlowState),
                "pod_identity": (ctypes.c_uint32, bpfmaps.PodIdentity),
                "pod_sources": (bpfmaps.SourceKey, bpfmaps.PodIdentity),
                "pod_sources6": (bpfmaps.Source6Key, bpfmaps.PodIdentity),
@@ -69,6 +73,7 @@ MAP_LAYOUTS = {"config": (ctypes.c_uint32, bpfmaps.Config),
                "events_enabled": (ctypes.c_uint32, ctypes.c_uint32),
                "events_lost": (ctypes.c_uint32, ctypes.c_uint64),
                "events_seen": (bpfmaps.FlowKey, ctypes.c_uint64),
+               "events_seen6": (bpfmaps.Flow6Key, ctypes.c_uint64),
                "policy_rules": (bpfmaps.PolicyKey, bpfmaps.PolicyPorts),
                "policy_flows": (bpfmaps.FlowKey, bpfmaps.PolicyFlow),
                "policy_drops": (ctypes.c_uint32, ctypes.c_uint64)}
@@ -97,7 +102,8 @@ class BpfDatapath:
         self.flow_events = cfg.flow_events
         ensure_bpffs(self.pin_dir)
         max_flows = _max_flows(cfg.flow_map_capacity)
-        fresh = not (self.pin_dir / "kernel_flows").exists()  # the first BPF start here, or after the kernel path
+        # the first BPF start here, after the kernel path, or the first with IPv6 flows (an upgrade)
+        fresh = not all((self.pin_dir / name).exists() for name in bpfload.FLOW_MAPS)
         try:
             if not bpfload.pins_current(bpf_dir, self.pin_dir, max_flows):
                 _run_loader(bpf_dir, self.pin_dir, max_flows)
@@ -117,7 +123,7 @@ class BpfDatapath:
             self._tc_events = rtbulk.TcEvents()  # before any filter is checked
             _probe_tc(self.fds["from_pod"])
             self.capacity = bpfmaps.map_info(self.maps["kernel_flows"]).max_entries
-            self._syncing = fresh or (self.pin_dir / bpfload.RETIRED_FLOWS).exists()
+            self._syncing = fresh or any(self._retired())
             if self._syncing:  # before any filter runs these programs
                 self._set_guard(GUARD_SYNCING, 1)
         except (OSError, bpfmaps.LayoutMismatch, BpfUnavailable) as e:
@@ -125,13 +131,19 @@ class BpfDatapath:
             raise BpfUnavailable(str(e)) from None
         self._filters_verified: set[int] = set()  # pod veths whose filters were right, as of the last sync
         self._names: dict[int, str] = {}  # host veth names by ifindex, of the endpoints attached or synced
-        self._cluster: ipaddress.IPv4Network | None = None
+        self._clusters: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None  # from setup_node
         # {endpoint: its POLICY_FLAGS} of those a NetworkPolicy selects (set_policy); at start, what the
         # pinned entries say, so re-attaching pods before the policy source has answered keeps their rules.
         self._policy: dict[str, int] = {
             _ip(key): entry.flags & bpfmaps.POLICY_FLAGS
             for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
             if entry.flags & bpfmaps.POLICY_FLAGS}
+        # Endpoints (by their first address) a NetworkPolicy selects: their IPv6 takes the kernel path.
+        owners = self._owners()
+        self._selected: set[str] = set(self._policy) | {
+            owners.get(entry.ifindex, _ip6(key)) for key, entry in
+            bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo)
+            if entry.flags & bpfmaps.ENDPOINT_POLICY}
         self._policy_applied: tuple[Any, Any] | None = None  # the compiled rules set_policy last wrote
         self.policy_kernel: dict[str, str] = {}  # selected endpoints left to the kernel path: why
         self._full_seen = bool(self._guard(GUARD_FULL))
@@ -141,12 +153,19 @@ class BpfDatapath:
 
     # -- Datapath protocol ---------------------------------------------------------------------
     def setup_node(self, node: NodeNet) -> None:
-        cluster, pods = _ipv4_net(node.cluster_cidr), _ipv4_net(node.pod_cidr)
-        self._cluster = cluster
+        clusters = [ipaddress.ip_network(c) for c in node.cluster_cidrs]
+        cluster, pods = _family_net(node.cluster_cidrs, 4), _family_net(node.pod_cidrs, 4)
+        self._clusters = clusters
         leaf = bpfmaps.Config(cluster_net=_be32(cluster.network_address), cluster_mask=_be32(cluster.netmask),
                               pod_net=_be32(pods.network_address), pod_mask=_be32(pods.netmask),
                               vxlan_ifindex=node.vxlan_ifindex)
         leaf.gateway_mac[:] = _mac(node.gateway_mac)
+        cluster6, pods6 = _family_net(node.cluster_cidrs, 6), _family_net(node.pod_cidrs, 6)
+        leaf6 = bpfmaps.Config6()
+        for field, value in (("cluster_net", cluster6.network_address), ("cluster_mask", cluster6.netmask),
+                             ("pod_net", pods6.network_address), ("pod_mask", pods6.netmask)):
+            getattr(leaf6, field)[:] = value.packed
+        bpfmaps.update(self.maps["config6"], ctypes.c_uint32(0), leaf6)  # before config: vxlan_ifindex says "ready"
         bpfmaps.update(self.maps["config"], ctypes.c_uint32(0), leaf)
         bpfmaps.update(self.maps["events_enabled"], ctypes.c_uint32(0), ctypes.c_uint32(int(self.flow_events)))
         self._remove_kernel_guard()
@@ -201,8 +220,14 @@ class BpfDatapath:
                                     | self._policy.get(ep.ip, 0))
         leaf.mac[:] = _mac(ep.mac)
         last: list[tuple[str, Any, Any]] = [("local_macs", _mac_key(ep.mac), ctypes.c_uint32(ep.host_ifindex))]
-        if ":" not in ep.ip:  # an IPv6-only pod has no IPv4 endpoint: its frames take the kernel path
+        if ":" not in ep.ip:  # an IPv6-only pod has no IPv4 endpoint
             last.append(("endpoints", ctypes.c_uint32(_be32(ep.ip)), leaf))
+        if ip6 := _ip6_of(ep):
+            leaf6 = bpfmaps.EndpointInfo(ifindex=ep.host_ifindex,
+                                         flags=(bpfmaps.ENDPOINT_SHAPED if ep.shaped_to_pod else 0)
+                                         | (bpfmaps.ENDPOINT_POLICY if ep.ip in self._selected else 0))
+            leaf6.mac[:] = leaf.mac
+            last.append(("endpoints6", _addr6(ip6), leaf6))
         return first, last
 
     def detach_pod(self, ep: Endpoint) -> None:
@@ -235,6 +260,18 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
         if ifindex:
             self._drop_sources6(lambda key: key.ifindex == ifindex)
+        self._drop_endpoints6(lambda key, entry: entry.ifindex == ifindex if ifindex else bytes(key) == _packed6(ep))
+
+    def _drop_endpoints6(self, unwanted: Callable[[bpfmaps.Addr6, bpfmaps.EndpointInfo], bool]) -> None:
+        """Delete the endpoints6 entries `unwanted` picks."""
+        for key, entry in bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo):
+            if unwanted(key, entry):
+                bpfmaps.delete(self.maps["endpoints6"], bpfmaps.Addr6.from_buffer_copy(key))
+
+    def _owners(self) -> dict[int, str]:
+        """{host veth ifindex: first address} of the endpoints with an IPv4 entry."""
+        return {entry.ifindex: _ip(key) for key, entry in
+                bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)}
 
     def _drop_sources6(self, unwanted: Callable[[bpfmaps.Source6Key], bool]) -> None:
         """Delete the pod_sources6 entries `unwanted` picks."""
@@ -263,6 +300,8 @@ class BpfDatapath:
         for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
             if wanted.get(key) != entry.ifindex:
                 bpfmaps.delete(self.maps["endpoints"], ctypes.c_uint32(key))
+        wanted6 = {bytes(_addr6(ip6)): ep.host_ifindex for ep in eps if (ip6 := _ip6_of(ep))}
+        self._drop_endpoints6(lambda key, entry: wanted6.get(bytes(key)) != entry.ifindex)
         macs = {bytes(_mac_key(ep.mac)) for ep in eps}
         for key, _ in bpfmaps.read_map(self.maps["local_macs"], bpfmaps.MacKey, ctypes.c_uint32):
             if bytes(key) not in macs:
@@ -279,7 +318,7 @@ class BpfDatapath:
                 bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
         sources6 = {bytes(_source6(ep.host_ifindex, ip)) for ep in eps for ip in ep.sources if ":" in ip}
         self._drop_sources6(lambda key: bytes(key) not in sources6)
-        if self._syncing and self._cluster is not None:
+        if self._syncing and self._clusters is not None:
             self._finish_sync()
 
     def set_policy(self, compiled: Compiled) -> None:
@@ -328,6 +367,14 @@ class BpfDatapath:
             if want_flags != entry.flags:
                 entry.flags = want_flags
                 bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
+        self._selected = compiled.selected()
+        owners = self._owners()
+        for key, entry in bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo):
+            selected = owners.get(entry.ifindex, _ip6(key)) in self._selected
+            want_flags = entry.flags & ~bpfmaps.ENDPOINT_POLICY | (bpfmaps.ENDPOINT_POLICY if selected else 0)
+            if want_flags != entry.flags:
+                entry.flags = want_flags
+                bpfmaps.update(self.maps["endpoints6"], bpfmaps.Addr6.from_buffer_copy(key), entry)
         live = {(_be32(ip), d | (bpfmaps.POLICY_GEN if f & bpfmaps.ENDPOINT_POLICY_GEN else 0))
                 for ip, f in flags.items() if not f & bpfmaps.ENDPOINT_POLICY
                 for d in (bpfmaps.POLICY_INGRESS, bpfmaps.POLICY_EGRESS)}
@@ -370,14 +417,13 @@ class BpfDatapath:
         """Every filter runs these programs now, and they learn every new flow: take over the retired
         map's entries and conntrack's NATed flows (those that began before), then let the fast path go."""
         refused = 0
-        retired = self.pin_dir / bpfload.RETIRED_FLOWS
-        if retired.exists():
+        for name, retired in self._retired():
             with bpfmaps.pinned(retired) as old:
-                entries = bpfmaps.read_map(old, bpfmaps.FlowKey, bpfmaps.FlowState)
+                entries = bpfmaps.read_map(old, *MAP_LAYOUTS[name])
             refused += self._learn(entries)
             retired.unlink()
-            log.info("learned-flow map resized to %d entries: %d entries copied", self.capacity, len(entries))
-        seeds = flows.nat_reply_tuples(self._cluster) or set()
+            log.info("learned-flow map %s resized to %d entries: %d entries copied", name, self.capacity, len(entries))
+        seeds = flows.nat_reply_tuples(self._clusters or []) or set()
         refused += self._learn((_flow_key(t), bpfmaps.FlowState(0)) for t in seeds)
         if refused:
             self._set_guard(GUARD_FULL, 1)
@@ -387,12 +433,17 @@ class BpfDatapath:
                  f", {refused} did not fit" if refused else "")
         self._note_full()
 
-    def _learn(self, entries: Iterable[tuple[bpfmaps.FlowKey, bpfmaps.FlowState]]) -> int:
-        """Write entries into the learned-flow map; returns how many the full map refused."""
+    def _retired(self) -> list[tuple[str, Path]]:
+        """(flow map, its retired pin) of each flow map the loader resized and whose entries are not copied yet."""
+        retired = [(name, self.pin_dir / (name + bpfload.RETIRED)) for name in bpfload.FLOW_MAPS]
+        return [(name, path) for name, path in retired if path.exists()]
+
+    def _learn(self, entries: Iterable[tuple[bpfmaps.FlowKey | bpfmaps.Flow6Key, bpfmaps.FlowState]]) -> int:
+        """Write entries into the learned-flow map of their family; returns how many the full map refused."""
         refused = 0
         for key, state in entries:
             try:
-                bpfmaps.update(self.maps["kernel_flows"], key, state)
+                bpfmaps.update(self.maps[_flow_map(key)], key, state)
             except OSError as e:
                 if e.errno != errno.E2BIG:
                     raise
@@ -409,20 +460,23 @@ class BpfDatapath:
         """Clear FULL once there is room again. The flows whose learn failed are unknown, but all that
         matter are NATed and in conntrack: seed those first, and clear only if the map then has room
         and no learn failed in the meantime (else its flow might have missed the seeding)."""
-        if not self._guard(GUARD_FULL) or self._cluster is None:
+        if not self._guard(GUARD_FULL) or self._clusters is None:
             return
         failed = self._guard(GUARD_FAILED_LEARNS)
-        fd, limit = self.maps["kernel_flows"], ROOM * self.capacity
-        if bpfmaps.count(fd) > limit:
+        if self._fullest() > ROOM * self.capacity:
             return
-        seeds = flows.nat_reply_tuples(self._cluster)
+        seeds = flows.nat_reply_tuples(self._clusters)
         if seeds is None or self._learn((_flow_key(t), bpfmaps.FlowState(0)) for t in seeds):
             return
-        if bpfmaps.count(fd) > limit:
+        if self._fullest() > ROOM * self.capacity:
             return
         self._set_guard(GUARD_FULL, 0)
         if self._guard(GUARD_FAILED_LEARNS) != failed:
             self._set_guard(GUARD_FULL, 1)
+
+    def _fullest(self) -> int:
+        """The entries of the fuller learned-flow map (each family's has the same capacity)."""
+        return max(bpfmaps.count(self.maps[name]) for name in bpfload.FLOW_MAPS)
 
     def _note_full(self) -> None:
         """One log line each time the map fills up or has room again."""
@@ -432,12 +486,12 @@ class BpfDatapath:
                         "until there is room", self.capacity, self._guard(GUARD_FAILED_LEARNS))
         elif self._full_seen and not full:
             log.warning("learned-flow map has room again (%d of %d entries): fast path back on",
-                        bpfmaps.count(self.maps["kernel_flows"]), self.capacity)
+                        self._fullest(), self.capacity)
         self._full_seen = full
 
     def flow_table(self) -> flows.FlowTable:
         """The learned-flow map's occupancy and guard, for metrics and `sknf stats`."""
-        return _flow_table(self.maps["kernel_flows"], self.maps["flow_guard"])
+        return _flow_table([self.maps[name] for name in bpfload.FLOW_MAPS], self.maps["flow_guard"])
 
     def watch_events(self, sink: Callable[[events.RawEvent], None]) -> None:
         """Hand every flow event the programs report to sink, from a thread of its own, until close()."""
@@ -450,7 +504,7 @@ class BpfDatapath:
 
     def learned_flows(self) -> dict[flows.FlowTuple, bool]:
         """{tuple: exempt} of the kernel_flows map."""
-        return {_flow_tuple(k): bool(v.exempt) for k, v in self._flow_entries()}
+        return {_flow_tuple(k): bool(v.exempt) for _, k, v in self._flow_entries()}
 
     def sweep_flows(self) -> tuple[int, int]:
         """One sweep of the learned-flow map against conntrack, then FULL cleared if there is room;
@@ -459,28 +513,29 @@ class BpfDatapath:
         The map is read before conntrack: an entry is learned only after its conntrack entry
         exists, so a fresh flow can never look dead.
         """
-        fd = self.maps["kernel_flows"]
         snapshot = self._flow_entries()
-        keys = {_flow_tuple(k): k for k, _ in snapshot}
-        learned = {_flow_tuple(k): bool(v.exempt) for k, v in snapshot}
+        keys = {_flow_tuple(k): (self.maps[name], k) for name, k, _ in snapshot}
+        learned = {_flow_tuple(k): bool(v.exempt) for _, k, v in snapshot}
         alive = flows.alive(learned)
         if alive is None:
             return 0, 0
         plan = flows.plan_sweep(learned, alive)
         for t, exempt in [(t, 1) for t in plan.mark] + [(t, 0) for t in plan.unmark]:
-            bpfmaps.update(fd, keys[t], bpfmaps.FlowState(exempt))
+            bpfmaps.update(*keys[t], bpfmaps.FlowState(exempt))
         for t in plan.delete:
-            state = bpfmaps.lookup(fd, keys[t], bpfmaps.FlowState)
+            state = bpfmaps.lookup(*keys[t], bpfmaps.FlowState)
             if state is not None and state.exempt:  # not re-learned while conntrack was being read
-                bpfmaps.delete(fd, keys[t])
+                bpfmaps.delete(*keys[t])
         if plan.mark or plan.delete:
             log.debug("learned flows: %d marked exempt, %d deleted", len(plan.mark), len(plan.delete))
         self._relieve()
         self._note_full()
         return len(plan.mark), len(plan.delete)
 
-    def _flow_entries(self) -> list[tuple[bpfmaps.FlowKey, bpfmaps.FlowState]]:
-        return bpfmaps.read_map(self.maps["kernel_flows"], bpfmaps.FlowKey, bpfmaps.FlowState)
+    def _flow_entries(self) -> list[tuple[str, Any, bpfmaps.FlowState]]:
+        """(map, key, state) of both families' learned flows."""
+        return [(name, key, state) for name in bpfload.FLOW_MAPS
+                for key, state in bpfmaps.read_map(self.maps[name], *MAP_LAYOUTS[name])]
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.sweep_interval):
@@ -520,14 +575,20 @@ def sweep_policy_flows(fd: int, now_ns: int | None = None) -> int:
 
 def read_pinned_flow_table(pin_dir: Path) -> flows.FlowTable:
     """The learned-flow map of a node whose agent is not running, from the pins; FileNotFoundError without."""
-    with bpfmaps.pinned(pin_dir / "kernel_flows") as table, bpfmaps.pinned(pin_dir / "flow_guard") as guard:
-        bpfmaps.check_layout(table, *MAP_LAYOUTS["kernel_flows"])
+    with contextlib.ExitStack() as pins_open:
+        tables = [pins_open.enter_context(bpfmaps.pinned(pin_dir / name)) for name in bpfload.FLOW_MAPS]
+        guard = pins_open.enter_context(bpfmaps.pinned(pin_dir / "flow_guard"))
+        for name, fd in zip(bpfload.FLOW_MAPS, tables, strict=True):
+            bpfmaps.check_layout(fd, *MAP_LAYOUTS[name])
         bpfmaps.check_layout(guard, *MAP_LAYOUTS["flow_guard"])
-        return _flow_table(table, guard)
+        return _flow_table(tables, guard)
 
 
-def _flow_table(table_fd: int, guard_fd: int) -> flows.FlowTable:
-    return flows.FlowTable(entries=bpfmaps.count(table_fd), capacity=bpfmaps.map_info(table_fd).max_entries,
+def _flow_table(table_fds: list[int], guard_fd: int) -> flows.FlowTable:
+    """The fuller of the two families' maps (what fills first sends every pod frame to the kernel path); each
+    map holds `capacity`."""
+    return flows.FlowTable(entries=max(map(bpfmaps.count, table_fds)),
+                           capacity=bpfmaps.map_info(table_fds[0]).max_entries,
                            full=bool(_guard_slot(guard_fd, GUARD_FULL)),
                            syncing=bool(_guard_slot(guard_fd, GUARD_SYNCING)),
                            failed_learns=_guard_slot(guard_fd, GUARD_FAILED_LEARNS))
@@ -654,13 +715,32 @@ def _source6(ifindex: int, addr: str) -> bpfmaps.Source6Key:
     return key
 
 
-NO_IPV4 = ipaddress.IPv4Network("0.0.0.0/32")  # an IPv6-only cluster's IPv4 network: no destination is a pod
+# A family the cluster does not have: for IPv4 a /32 no pod holds, for IPv6 an all-zero mask (config6 off).
+NO_NET = {4: ipaddress.IPv4Network("0.0.0.0/32"), 6: ipaddress.IPv6Network("::/0")}
 
 
-def _ipv4_net(cidr: str) -> ipaddress.IPv4Network:
-    """The IPv4 network the programs match (they parse IPv4 only); NO_IPV4 for an IPv6 one."""
-    net = ipaddress.ip_network(cidr)
-    return net if isinstance(net, ipaddress.IPv4Network) else NO_IPV4
+def _family_net(cidrs: Iterable[str], family: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network of that family among cidrs, else NO_NET's."""
+    return next((net for net in map(ipaddress.ip_network, cidrs) if net.version == family), NO_NET[family])
+
+
+def _ip6_of(ep: Endpoint) -> str:
+    """The pod's own IPv6 address (dual-stack: ip6; IPv6-only: ip), or ""."""
+    return ep.ip6 or (ep.ip if ":" in ep.ip else "")
+
+
+def _addr6(addr: str) -> bpfmaps.Addr6:
+    key = bpfmaps.Addr6()
+    key.a[:] = socket.inet_pton(socket.AF_INET6, addr)
+    return key
+
+
+def _packed6(ep: Endpoint) -> bytes:
+    return bytes(_addr6(ip6)) if (ip6 := _ip6_of(ep)) else b""
+
+
+def _ip6(key: Any) -> str:
+    return socket.inet_ntop(socket.AF_INET6, bytes(key))
 
 
 def _be32(addr: str | ipaddress.IPv4Address) -> int:
@@ -688,11 +768,20 @@ def _mac_key(text: str) -> bpfmaps.MacKey:
     return key
 
 
+def _flow_map(key: Any) -> str:
+    return "kernel_flows6" if isinstance(key, bpfmaps.Flow6Key) else "kernel_flows"
+
+
 def _flow_tuple(key: Any) -> flows.FlowTuple:
-    return _ip(key.saddr), _ip(key.daddr), _port(key.sport), _port(key.dport), key.proto
+    addr = _ip6 if isinstance(key, bpfmaps.Flow6Key) else _ip
+    return addr(key.saddr), addr(key.daddr), _port(key.sport), _port(key.dport), key.proto
 
 
-def _flow_key(t: flows.FlowTuple) -> bpfmaps.FlowKey:
+def _flow_key(t: flows.FlowTuple) -> bpfmaps.FlowKey | bpfmaps.Flow6Key:
     saddr, daddr, sport, dport, proto = t
+    if ":" in saddr:
+        key = bpfmaps.Flow6Key(sport=_port(sport), dport=_port(dport), proto=proto)
+        key.saddr[:], key.daddr[:] = (socket.inet_pton(socket.AF_INET6, a) for a in (saddr, daddr))
+        return key
     return bpfmaps.FlowKey(saddr=_be32(saddr), daddr=_be32(daddr), sport=_port(sport), dport=_port(dport),
                            proto=proto)

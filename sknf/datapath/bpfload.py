@@ -12,9 +12,10 @@ alone (bpfmaps for map entries, tc attach by program fd) and never imports bcc.
   the real file and line; each file still compiles on its own.
 - A marker directory `src-<digest>` (bpffs holds no regular files) records which sources and flags
   the pinned programs were built from: a restart with unchanged sources needs no compile at all.
-- The learned-flow map's size is fixed when it is created, and BCC reuses a pin of any size: a pinned
-  kernel_flows of another size is moved aside to RETIRED_FLOWS first, so the new programs get a map
-  of the wanted size; the agent copies the old entries over once every filter runs the new programs.
+- The learned-flow maps' size is fixed when they are created, and BCC reuses a pin of any size: a pinned
+  kernel_flows (or kernel_flows6) of another size is moved aside to its name + RETIRED first, so the new
+  programs get a map of the wanted size; the agent copies the old entries over once every filter runs
+  the new programs.
 - On failure the process prints the reason (clang's first error or the verifier's complaint) as its
   stdout and exits with FAILED; the agent reports it as its fallback reason.
 """
@@ -39,10 +40,11 @@ log = logging.getLogger(__name__)
 UNITS = ("lib/common.h", "lib/maps.h", "lib/events.h", "lib/counters.h", "lib/flows.h", "lib/deliver.h", "lib/guard.h",
          "lib/policy.h", "from_pod.c", "to_pod.c", "overlay.c")
 PROGRAMS = ("from_pod", "from_shaped_pod", "to_pod", "from_overlay", "to_overlay")
-MAPS = ("config", "endpoints", "local_macs", "pod_counters", "kernel_flows", "flow_guard", "pod_identity",
-        "pod_sources", "pod_sources6", "pod_refused", "events", "events_enabled", "events_lost", "events_seen",
-        "policy_rules", "policy_flows", "policy_drops")
-RETIRED_FLOWS = "kernel_flows_retired"  # a map of another size, until the agent copied it (bpffs: no dots)
+MAPS = ("config", "config6", "endpoints", "endpoints6", "local_macs", "pod_counters", "kernel_flows", "kernel_flows6",
+        "flow_guard", "pod_identity", "pod_sources", "pod_sources6", "pod_refused", "events", "events_enabled",
+        "events_lost", "events_seen", "events_seen6", "policy_rules", "policy_flows", "policy_drops")
+FLOW_MAPS = ("kernel_flows", "kernel_flows6")  # learned flows, IPv4 and IPv6: sized by max_flows
+RETIRED = "_retired"  # a flow map of another size is pinned as its name + this until the agent copied it
 MARKER_PREFIX = "src-"
 FAILED = 3  # exit status: the reason is on stdout
 
@@ -112,19 +114,20 @@ def load(bpf_dir: Path, pin_dir: Path, max_flows: int) -> None:
 
 
 def retire_resized_flows(pin_dir: Path, max_flows: int) -> None:
-    """Move a pinned kernel_flows of another size than max_flows aside (see the module docstring)."""
-    path = pin_dir / "kernel_flows"
-    if not path.exists():
-        return
-    with bpfmaps.pinned(path) as fd:
-        if bpfmaps.map_info(fd).max_entries == max_flows:
-            return
-    if (pin_dir / RETIRED_FLOWS).exists():
-        # An earlier resize whose copy has not happened yet: that map still holds the older entries,
-        # this one only flows learned since, which conntrack re-seeds (NATed flows are all that matter).
-        path.unlink()
-    else:
-        path.rename(pin_dir / RETIRED_FLOWS)
+    """Move each pinned flow map of another size than max_flows aside (see the module docstring)."""
+    for name in FLOW_MAPS:
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        with bpfmaps.pinned(path) as fd:
+            if bpfmaps.map_info(fd).max_entries == max_flows:
+                continue
+        if (pin_dir / (name + RETIRED)).exists():
+            # An earlier resize whose copy has not happened yet: that map still holds the older entries,
+            # this one only flows learned since, which conntrack re-seeds (NATed flows are all that matter).
+            path.unlink()
+        else:
+            path.rename(pin_dir / (name + RETIRED))
 
 
 @contextlib.contextmanager

@@ -61,10 +61,30 @@ class Config(ctypes.Structure):
                 ("gateway_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
+class Config6(ctypes.Structure):
+    """struct sknf_config6: the one-slot config6 map's value (key: 0); network order, all zero without IPv6."""
+
+    _fields_ = [("cluster_net", ctypes.c_uint8 * 16), ("cluster_mask", ctypes.c_uint8 * 16),
+                ("pod_net", ctypes.c_uint8 * 16), ("pod_mask", ctypes.c_uint8 * 16)]
+
+
+class Addr6(ctypes.Structure):
+    """struct addr6: the endpoints6 map's key, an IPv6 address (network order)."""
+
+    _fields_ = [("a", ctypes.c_uint8 * 16)]
+
+
 class FlowKey(ctypes.Structure):
     """struct flow_key: the kernel_flows map's key; addresses and ports in network order."""
 
     _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class Flow6Key(ctypes.Structure):
+    """struct flow6_key: the kernel_flows6 map's key; as FlowKey, with IPv6 addresses."""
+
+    _fields_ = [("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16), ("sport", ctypes.c_uint16),
                 ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
 
 

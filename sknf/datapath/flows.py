@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class FlowTable:
     """The learned-flow map as metrics and `sknf stats` show it."""
 
-    entries: int
+    entries: int  # of the fuller learned-flow map (IPv4 or IPv6), each of `capacity` entries
     capacity: int
     full: bool  # a learn was refused: pod traffic on the kernel path until the agent made room
     syncing: bool  # the agent is seeding the map (mode transition): pod traffic on the kernel path
@@ -81,8 +82,8 @@ def alive(learned: Iterable[FlowTuple]) -> set[FlowTuple] | None:
     try:
         with conntrack.Conntrack() as ct:
             found = ct.lookup(t for t in learned if t[4] in PORT_PROTOS)
-            for proto in {t[4] for t in portless}:
-                for entry in ct.dump(proto=proto):
+            for family, proto in {(conntrack.family_of(t), t[4]) for t in portless}:
+                for entry in ct.dump(proto=proto, family=family):
                     found.update({entry.orig, entry.reply} & portless)
         return found
     except OSError as e:
@@ -90,18 +91,21 @@ def alive(learned: Iterable[FlowTuple]) -> set[FlowTuple] | None:
         return None
 
 
-def nat_reply_tuples(cluster: ipaddress.IPv4Network) -> set[FlowTuple] | None:
+def nat_reply_tuples(clusters: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> set[FlowTuple] | None:
     """What the programs would have learned from conntrack's NATed flows: each one's reply tuple whose
     destination is a pod (the post-NAT pod-sourced frame's reverse), or None when conntrack cannot be
-    read. One kernel-filtered dump per NAT kind: the Python side only sees NATed entries.
+    read. One kernel-filtered dump per NAT kind and cluster network's family: the Python side only sees
+    NATed entries.
     """
     seeds = set()
     try:
         with conntrack.Conntrack() as ct:
-            for status in (conntrack.IPS_DST_NAT, conntrack.IPS_SRC_NAT):
-                for entry in ct.dump(status=status):
-                    if ipaddress.IPv4Address(entry.reply[1]) in cluster:
-                        seeds.add(entry.reply)
+            for cluster in clusters:
+                family = socket.AF_INET6 if cluster.version == 6 else socket.AF_INET
+                for status in (conntrack.IPS_DST_NAT, conntrack.IPS_SRC_NAT):
+                    for entry in ct.dump(status=status, family=family):
+                        if ipaddress.ip_address(entry.reply[1]) in cluster:
+                            seeds.add(entry.reply)
         return seeds
     except OSError as e:
         log.warning("cannot read conntrack (%s): no learned flows seeded", errno.errorcode.get(e.errno, e))

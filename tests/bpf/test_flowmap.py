@@ -57,11 +57,17 @@ def test_lookup_finds_entries_by_either_direction(cluster: Cluster) -> None:
             found = ct.lookup([orig, reply, unknown])
             batch = ct.lookup([r for _, r in many] + [o for o, _ in many])
             icmp = {("10.9.0.1", "10.9.255.1", 0, 0, socket.IPPROTO_ICMP)}
-            return found, batch, flows.alive([*icmp, reply, unknown])
-    found, batch, alive = node.call(run)
+            alive = flows.alive([*icmp, reply, unknown])
+            ct.create([(orig6, reply6)], timeout=60)
+            return found, batch, alive, ct.lookup([orig6, unknown6]), flows.alive([reply6, unknown6])
+    orig6 = ("fd00:10:244:2::b", "fd00:10:96::7", 41000, 80, socket.IPPROTO_TCP)
+    reply6 = ("fd00:10:244:2::c", "fd00:10:244:2::b", 8080, 41000, socket.IPPROTO_TCP)
+    unknown6 = ("fd00:10:244:2::c", "fd00:10:244:2::b", 8080, 41001, socket.IPPROTO_TCP)
+    found, batch, alive, found6, alive6 = node.call(run)
     assert found == {orig, reply}
     assert len(batch) == 1200
     assert alive == {reply}  # no ICMP entry: the filtered dump finds none
+    assert found6 == {orig6} and alive6 == {reply6}  # IPv6 tuples: the same lookups
 
 
 def _fill(dp: BpfDatapath, n: int) -> None:

@@ -95,7 +95,7 @@ class Node:
     def nodenet(self) -> NodeNet:
         n = self.net
         return NodeNet(bridge_ifindex=n.bridge_ifindex, vxlan_ifindex=n.vxlan_ifindex, gateway_ip=n.gateway_ip,
-                       gateway_mac=n.gateway_mac, cluster_cidr=str(CLUSTER), pod_cidr=str(n.pod_cidr))
+                       gateway_mac=n.gateway_mac, cluster_cidrs=(str(CLUSTER),), pod_cidrs=(str(n.pod_cidr),))
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with nsutil.entered(self.netns):

@@ -16,7 +16,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +24,19 @@ from frames import ETH_P_IPV6, checksum, ether, listening, mac_bytes, mac_of, ma
 from leftovers import assert_lab_gone
 from test_doctor import assert_all_ok, run_doctor
 from test_spoofing import defence_removed, in_node, node, pod, refused, remove_pod_guard, wait_counted
+from test_transitions import BLOCK, ServedStream
 
-from sknf import doctor, netlink, nsutil, stats
+from sknf import api, doctor, netlink, nsutil, stats
 from sknf.config import BRIDGE, VXLAN
-from sknf.datapath import link_local
+from sknf.datapath import bpfmaps, link_local
+from sknf.datapath.bpf import _flow_key, _flow_tuple
 from sknf.lab import Lab, LabPod, bulk, cni_exec, ipv6_rows, who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PREFIX = "sk6"
 PORT = 9
+UPGRADE_PORT = 9110  # and the next: our own servers', DNATed from a ClusterIP (the lab's servers own 8080)
 
 
 def ip6(src: str, dst: str, nh: int, body: bytes, hops: int = 64) -> bytes:
@@ -220,6 +223,133 @@ def test_ipv6_traffic_is_counted_like_ipv4(lab: Lab) -> None:
     received = after_b["rx_bytes"] - before_b["rx_bytes"]
     assert nbytes <= sent <= nbytes * 1.08, (sent, nbytes)
     assert nbytes <= received <= nbytes * 1.08, (received, nbytes)
+
+
+def hop_by_hop(packet: bytes) -> bytes:
+    """The IPv6 packet with an empty hop-by-hop options header (PadN) before its upper-layer header."""
+    nh, length = packet[6], struct.unpack("!H", packet[4:6])[0]
+    return packet[:4] + struct.pack("!HBB", length + 8, 0, packet[7]) + packet[8:40] + \
+        bytes([nh, 0, 1, 4, 0, 0, 0, 0]) + packet[40:]
+
+
+def counted(lab: Lab, p: LabPod, before: dict, enough: Callable[[dict], bool]) -> dict:
+    """The pod's counters minus `before`, once `enough` says they hold (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        now = rows(lab, p.node)[p.name]
+        delta = {k: now[k] - before[k] for k in ("tx_packets", "rx_packets", "fast_packets", "kernel_packets")}
+        if enough(delta) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.2)
+
+
+def test_ipv6_takes_the_fast_path_as_ipv4_does(lab: Lab) -> None:
+    """BPF: IPv6 TCP to a pod on the node and on another goes by the fast path (nearly every frame counted fast
+    at both ends); a frame with an extension header takes the kernel path, as everything parse_ipv6 does not
+    read; an IPv6 ClusterIP connection's reply tuple is learned into kernel_flows6 on the client's node (the
+    backend's replies must meet conntrack's reverse NAT there: the matrix's ClusterIP rows fail without it).
+    The kernel datapath has no fast path, and its rows say so."""
+    a = pod(lab, "n1p1")
+    if lab.state.datapath == "kernel":
+        assert rows(lab, a.node)[a.name]["fast_packets"] is None
+        return
+    for b in (pod(lab, "n1p2"), pod(lab, "n2p1")):
+        before_a, before_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+        ok, detail = bulk(a.netns, b.ip6, 4 << 20)
+        assert ok, detail
+        for p, before in ((a, before_a), (b, before_b)):
+            delta = counted(lab, p, before, lambda d: d["fast_packets"] >= 0.9 * (d["tx_packets"] + d["rx_packets"]))
+            assert delta["tx_packets"] + delta["rx_packets"] > 40, (p.name, delta)  # GSO: up to 64 KiB a frame
+            assert delta["fast_packets"] >= 0.9 * (delta["tx_packets"] + delta["rx_packets"]), (p.name, b.name, delta)
+
+    b = pod(lab, "n2p1")
+    frames = [ether(mac_of(b), mac_of(a), ETH_P_IPV6, hop_by_hop(udp6(a.ip6, b.ip6, marker(f"hbh{i}"))))
+              for i in range(20)]
+    before_a = rows(lab, a.node)[a.name]
+    send(a.netns, *frames)
+    delta = counted(lab, a, before_a, lambda d: d["kernel_packets"] >= 20)
+    assert delta["kernel_packets"] >= 20 and delta["fast_packets"] < 20, delta
+
+    svc = next(s for s in lab.services() if s.family == 6 and s.proto == "tcp" and s.endpoints[0][2] != a.node)
+    backend_ip, backend_port = svc.endpoints[0][0], svc.endpoints[0][1]
+    assert who(a.netns, svc.cluster_ip, svc.port)[0] == a.ip6
+    with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{a.node}") / "kernel_flows6") as fd:
+        learned = [_flow_tuple(k) for k, _ in bpfmaps.read_map(fd, bpfmaps.Flow6Key, bpfmaps.FlowState)]
+    assert any(t[:3] == (backend_ip, a.ip6, backend_port) and t[4] == socket.IPPROTO_TCP for t in learned), learned
+
+
+def flow_events(lab: Lab, n: str, **req: object) -> dict:
+    reply = api.request(lab.node_dir(n) / "run" / "sknf.sock", {"op": "flows", **req})
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def test_ipv6_flows_are_reported_with_both_ends_named(lab: Lab) -> None:
+    """BPF: an IPv6 connection across nodes is a flow event on the sender's node, fast path, its ends the
+    pods by name (the IPv6 lease and the peer's IPv6 subnet). The kernel datapath has no flow events."""
+    a, b = pod(lab, "n1p2"), pod(lab, "n2p2")
+    if lab.state.datapath == "kernel":
+        assert flow_events(lab, a.node)["unavailable"]
+        return
+    since = flow_events(lab, a.node, last=0)["next"]
+    assert who(a.netns, b.ip6) == (a.ip6, b.name)
+    deadline, seen = time.monotonic() + 5, []
+    while time.monotonic() < deadline:
+        reply = flow_events(lab, a.node, after=since, wait=1)
+        seen += reply["events"]
+        since = reply["next"]
+        if any(e["kind"] == "flow" and e["dst"]["ip"] == b.ip6 for e in seen):
+            break
+    (ev,) = [e for e in seen if e["kind"] == "flow" and e["dst"]["ip"] == b.ip6 and e["src"]["ip"] == a.ip6]
+    assert (ev["protocol"], ev["path"], ev["hook"]) == ("tcp", "fast", "from-pod")
+    assert (ev["src"]["kind"], ev["src"]["pod"]) == ("pod", a.name)
+    assert (ev["dst"]["kind"], ev["dst"]["node"]) == ("remote-pod", b.node)
+
+
+def program_id(pins: Path) -> int:
+    with bpfmaps.pinned(pins / "prog_from_pod") as fd:
+        return bpfmaps.prog_id(fd)
+
+
+def test_an_upgrade_that_adds_the_ipv6_flow_map_keeps_live_ipv6_service_flows(lab: Lab) -> None:
+    """BPF: agents from before the IPv6 fast path had no kernel_flows6. With it gone from the pins (the loader
+    then builds the programs again and creates it empty), quiet IPv6 connections through a ClusterIP whose
+    backend is on another node live on: their reply tuples are seeded from conntrack before any frame takes
+    the fast path. Negative control: one of them loses its seeded entry and breaks (the backend's reply goes
+    straight to the client, un-NATed). Kernel datapath: no programs, nothing to upgrade."""
+    client, n1 = pod(lab, "n1p2"), node(lab, "n1")
+    pins = Path(f"/sys/fs/bpf/{PREFIX}-n1")
+    if lab.state.datapath == "kernel":
+        assert not pins.exists()
+        return
+    svc = next(s for s in lab.services() if s.name == "pod-n2p1" and s.proto == "tcp" and s.family == 6)
+    backend = pod(lab, "n2p1")
+    nat = ["PREROUTING", "-d", f"{svc.cluster_ip}/128", "-p", "tcp", "--dport", f"{UPGRADE_PORT}:{UPGRADE_PORT + 1}",
+           "-j", "DNAT", "--to-destination", f"[{backend.ip6}]"]
+    in_node(n1, "ip6tables", "-w", "-t", "nat", "-I", *nat)
+    streams: list[ServedStream] = []
+    try:
+        for port in (UPGRADE_PORT, UPGRADE_PORT + 1):
+            streams.append(ServedStream(client, backend, svc.cluster_ip, port, quiet=True))
+        assert all(s.wait_received(BLOCK) for s in streams)
+        before = program_id(pins)
+        (pins / "kernel_flows6").unlink()
+        lab.restart_agent(n1)
+        assert program_id(pins) != before  # loaded again, over a new, empty kernel_flows6
+        keys = [_flow_key((backend.ip6, client.ip6, s.server_port, s.client_port, socket.IPPROTO_TCP)) for s in streams]
+        with bpfmaps.pinned(pins / "kernel_flows6") as fd:
+            assert all(bpfmaps.lookup(fd, k, bpfmaps.FlowState) is not None for k in keys)  # seeded
+            assert bpfmaps.delete(fd, keys[1])  # the negative control
+        for s in streams:
+            s.flowing.set()
+        assert streams[0].wait_received(streams[0].nsent + 8 * BLOCK), streams[0]
+        assert not streams[1].wait_received(streams[1].nsent + 8 * BLOCK, timeout=4), "an unseeded flow survived"
+    finally:
+        for s in streams:
+            s.finish()
+        in_node(n1, "ip6tables", "-w", "-t", "nat", "-D", *nat)
+    assert streams[0].intact(), streams[0]
+    assert not streams[1].intact()
 
 
 def test_the_reconcile_restores_ipv6_after_the_mtu_went_below_1280(lab: Lab) -> None:

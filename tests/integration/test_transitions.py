@@ -38,7 +38,8 @@ BLOCK = 16 << 10
 
 
 class ServedStream:
-    """One connection client -> ClusterIP:port -> backend:port, data from the backend to the client.
+    """One connection client -> ClusterIP:port -> backend:port, data from the backend to the client (IPv6 when
+    the ClusterIP is).
 
     The server (a socket in the backend pod's namespace, served from this process) sends pseudo-random
     blocks, paced, while `flowing` is set; a quiet stream sends one block, then waits for it. Both
@@ -54,15 +55,16 @@ class ServedStream:
         self.nsent = self.nreceived = 0
         self.error: OSError | None = None
         self.backend, self.vip, self.server_port = backend, vip, port
+        family, ip = (socket.AF_INET6, backend.ip6) if ":" in vip else (socket.AF_INET, backend.ip)
         with nsutil.entered(backend.netns):
-            self._listener = socket.socket()
+            self._listener = socket.socket(family)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((backend.ip, port))
+        self._listener.bind((ip, port))
         self._listener.listen(1)
         self._server = threading.Thread(target=self._serve, daemon=True)
         self._server.start()
         with nsutil.entered(client.netns):
-            self.client = socket.socket()
+            self.client = socket.socket(family)
         self.client.settimeout(15)
         self.client.connect((vip, port))
         self.client.settimeout(None)  # a quiet stream's reader waits as long as the transition takes

@@ -40,6 +40,11 @@ def test_ctnetlink_entries_decode_to_flow_tuples() -> None:
     ping = ("10.244.1.11", "10.244.2.11", 0, 0, ICMP)  # sent without ICMP ids: keyed without ports
     back = ("10.244.2.11", "10.244.1.11", 0, 0, ICMP)
     assert conntrack._parse_entry(memoryview(_entry_message(ping, back, 0))) == conntrack.Entry(ping, back, 0)
+    dnat6 = ("fd00:10:244:1::b", "fd00:10:96::a", 40000, 53, UDP)  # IPv6: CTA_IP_V6_* attributes
+    reply6 = ("fd00:10:244:2::b", "fd00:10:244:1::b", 53, 40000, UDP)
+    assert b"\xfd\x00\x00\x10" in conntrack._tuple_attr(conntrack.CTA_TUPLE_ORIG, dnat6)
+    assert conntrack._parse_entry(memoryview(_entry_message(dnat6, reply6, conntrack.IPS_DST_NAT))) == \
+        conntrack.Entry(dnat6, reply6, conntrack.IPS_DST_NAT)
 
 
 def test_network_order_round_trips() -> None:
