@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from sknf import api, cni, conntrack, stats
-from sknf.config import Config
+from sknf.config import Config, Network
 from sknf.datapath.events import RawEvent
-from sknf.peers import Node
+from sknf.peers import Node, pod_subnets
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class NodeView:
     """What the agent knows about the cluster, for resolving addresses."""
 
     node: str
-    cluster: ipaddress.IPv4Network
+    clusters: tuple[Network, ...]  # one per family
     leases: list  # sknf.ipam.Lease
     peers: list[Node]  # this node included
 
@@ -127,10 +127,10 @@ class Resolver:
     def __init__(self, view: Callable[[], NodeView]) -> None:
         self._view = view
         self._read_at = -REFRESH
-        self._cluster: ipaddress.IPv4Network | None = None
+        self._clusters: tuple[Network, ...] = ()
         self._node = ""
         self._known: dict[str, Party] = {}
-        self._subnets: list[tuple[ipaddress.IPv4Network, str]] = []
+        self._subnets: list[tuple[Network, str]] = []
         self._devices: dict[int, str] = {}
         self._cache: dict[str, Party] = {}
 
@@ -145,19 +145,18 @@ class Resolver:
         except Exception as e:  # a lease store being rebuilt: resolve with what was read before
             log.warning("flow events: cannot read the node's leases and peers (%s); names may be stale", e)
             return False
-        self._node, self._cluster = view.node, view.cluster
+        self._node, self._clusters = view.node, view.clusters
         known: dict[str, Party] = {}
         subnets = []
         for peer in view.peers:
             known[peer.underlay_ip] = Party(peer.underlay_ip, "node", node=peer.name)
-            if peer.pod_cidr:
-                net = ipaddress.IPv4Network(peer.pod_cidr)
+            for net in pod_subnets(peer.pod_cidr):  # one per family
                 gateway = str(net.network_address + 1)
                 known[gateway] = Party(gateway, "node", node=peer.name)
                 subnets.append((net, peer.name))
         for lease in view.leases:
-            ip = str(lease.ip)
-            known[ip] = Party(ip, "pod", lease.namespace, lease.pod or lease.container_id[:12], view.node)
+            for ip in filter(None, (str(lease.ip), str(lease.ip6 or ""))):
+                known[ip] = Party(ip, "pod", lease.namespace, lease.pod or lease.container_id[:12], view.node)
         self._known, self._subnets, self._cache = known, subnets, {}
         self._devices = dict(socket.if_nameindex())
         return True
@@ -182,12 +181,11 @@ class Resolver:
         if not ip:
             return Party("", "")
         addr = ipaddress.ip_address(ip)
-        if addr.version == 4:
-            for net, node in self._subnets:
-                if addr in net:
-                    return Party(ip, "pod" if node == self._node else "remote-pod", node=node)
-            if self._cluster is not None and addr in self._cluster:
-                return Party(ip, "cluster")
+        for net, node in self._subnets:
+            if addr in net:
+                return Party(ip, "pod" if node == self._node else "remote-pod", node=node)
+        if any(addr in net for net in self._clusters):
+            return Party(ip, "cluster")
         return Party(ip, "world")
 
     def device(self, ifindex: int) -> str:

@@ -2,7 +2,7 @@
 take, measured side by side in one run, with the datapath targets of issue 4 as ratios.
 
 What runs, all in namespaces this command makes (nothing touches the host's network):
-- a 2-node, 2-pods-per-node lab (`sknf.lab`) on the eBPF datapath, with realistic nodes: br_netfilter
+- a 2-node, 2-pods-per-node dual-stack lab (`sknf.lab`) on the eBPF datapath, with realistic nodes: br_netfilter
   on, conntrack active, sknf's own MASQUERADE/FORWARD rules, and --services (1,000) extra kube-proxy-style
   ClusterIP services on top of the lab's own (a DNAT rule per service and protocol);
 - the same-node limit: two namespaces joined by one plain veth at the pods' MTU. Nothing sits between
@@ -25,6 +25,9 @@ The lab's nodes are switched between five datapaths; the pods, veths and rules s
 The agents are stopped while measuring (programs, maps and pins stay, as after any agent exit),
 because a running agent's reconcile would put back within seconds what the switch removes. They are
 restarted before the lab is torn down. The switch re-attaches the agent's own pinned programs.
+
+IPv6 pod-to-pod paths are measured in the bridge and fast path states too, throughput only (this sockperf
+has no IPv6), against the same limits and against IPv4 in the same state.
 
 Each round measures throughput (iperf3, one TCP stream, the receiver's rate), then RTT (sockperf UDP
 ping-pong, p50), client and server pinned to one CPU: first the six same-node paths back to back
@@ -78,6 +81,10 @@ COUNT_SAME, COUNT_CROSS = "counting, same node", "counting, cross node"
 FAST_SAME, FAST_CROSS = "fast path, same node", "fast path, cross node"
 EVENTS_SAME, EVENTS_CROSS = "fast path + events, same node", "fast path + events, cross node"
 TRACKED_SAME, TRACKED_CROSS = "fast path+conntrack, same node", "fast path+conntrack, cross node"
+# IPv6 (the lab is dual-stack): throughput only, this sockperf has no IPv6
+BRIDGE6_SAME, BRIDGE6_CROSS = "IPv6 bridge, same node", "IPv6 bridge+VXLAN, cross node"
+FAST6_SAME, FAST6_CROSS = "IPv6 fast path, same node", "IPv6 fast path, cross node"
+IPV6_STATES = {BRIDGE: (BRIDGE6_SAME, BRIDGE6_CROSS), FAST: (FAST6_SAME, FAST6_CROSS)}
 
 
 class BenchError(RuntimeError):
@@ -99,6 +106,7 @@ class Pair:
     server: str
     ip: str
     limit: str
+    metrics: tuple[str, ...] = ("gbit", "rtt")
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ TARGETS = (
     Target("flow events cost, same node: RTT p50 / fast path", "rtt", EVENTS_SAME, FAST_SAME, 1.03),
     Target("flow events cost, cross node: throughput / fast path", "gbit", EVENTS_CROSS, FAST_CROSS, 0.97),
     Target("flow events cost, cross node: RTT p50 / fast path", "rtt", EVENTS_CROSS, FAST_CROSS, 1.03),
+    Target("IPv6 same-node fast path throughput / IPv4's", "gbit", FAST6_SAME, FAST_SAME, 0.95),
+    Target("IPv6 cross-node fast path throughput / IPv4's", "gbit", FAST6_CROSS, FAST_CROSS, 0.95),
+    Target("IPv6 cross-node fast path throughput / IPv6 bridge+VXLAN", "gbit", FAST6_CROSS, BRIDGE6_CROSS, 1.25),
 )
 
 
@@ -150,13 +161,17 @@ def _preexec(netns: str, cpu: int) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def servers(pairs: list[Pair], cpu: int) -> Iterator[None]:
-    """An iperf3 and a sockperf server at every server address; killed by PID on exit."""
+    """An iperf3 server at every server address, and a sockperf one where RTT is measured; killed by PID on
+    exit."""
     procs: list[tuple[subprocess.Popen, str, int]] = []
     try:
-        for netns, ip in dict.fromkeys((p.server, p.ip) for p in pairs):
-            for argv, proto, port in ((["iperf3", "-s", "-B", ip, "-p", str(IPERF_PORT)], "tcp", IPERF_PORT),
-                                      (["sockperf", "server", "-i", ip, "-p", str(SOCKPERF_PORT)], "udp",
-                                       SOCKPERF_PORT)):
+        for netns, ip, metrics in dict.fromkeys((p.server, p.ip, p.metrics) for p in pairs):
+            table = "6" if ":" in ip else ""  # /proc/net/tcp6 lists IPv6 sockets
+            wanted = [(["iperf3", "-s", "-B", ip, "-p", str(IPERF_PORT)], "tcp" + table, IPERF_PORT)]
+            if "rtt" in metrics:
+                wanted.append((["sockperf", "server", "-i", ip, "-p", str(SOCKPERF_PORT)], "udp" + table,
+                               SOCKPERF_PORT))
+            for argv, proto, port in wanted:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, preexec_fn=_preexec(netns, cpu))
                 procs.append((proc, proto, port))
@@ -341,6 +356,10 @@ def lab_pairs(lab: Lab, direct: tuple[str, str]) -> list[Pair]:
                                          (EVENTS, EVENTS_SAME, EVENTS_CROSS)):
         pairs += [Pair(same_name, state, src.netns, same.netns, same.ip, DIRECT),
                   Pair(cross_name, state, src.netns, cross.netns, cross.ip, UNDERLAY)]
+        if state in IPV6_STATES:
+            same6, cross6 = IPV6_STATES[state]
+            pairs += [Pair(same6, state, src.netns, same.netns, same.ip6, DIRECT, ("gbit",)),
+                      Pair(cross6, state, src.netns, cross.netns, cross.ip6, UNDERLAY, ("gbit",))]
     return pairs
 
 
@@ -374,7 +393,9 @@ def measure(pairs: list[Pair], switch: Switch, probe: LabPod, args: argparse.Nam
     are seconds apart. The order of the groups rotates between rounds. sknf's own counters for the probe
     pod, per state, show that each state is what it claims to be."""
     res = Results({p.name: {"gbit": [], "rtt": []} for p in pairs}, {state: [0, 0] for state in STATES}, [])
-    by_group = {(p.group, p.limit): p for p in pairs}
+    by_group: dict[tuple[str, str], list[Pair]] = {}
+    for p in pairs:
+        by_group.setdefault((p.group, p.limit), []).append(p)
     tests: dict[str, Callable[[Pair], float]] = {
         "gbit": lambda pair: throughput(pair, args.seconds, args.cpu),
         "rtt": lambda pair: rtt_p50_retried(pair, args.seconds, args.cpu, res.stalls),
@@ -383,8 +404,8 @@ def measure(pairs: list[Pair], switch: Switch, probe: LabPod, args: argparse.Nam
         k = r % len(GROUPS)
         for metric, test in tests.items():
             for limit in (DIRECT, UNDERLAY):
-                for group in GROUPS[k:] + GROUPS[:k]:
-                    pair = by_group[(group, limit)]
+                for pair in [p for g in GROUPS[k:] + GROUPS[:k] for p in by_group[(g, limit)] if metric in p.metrics]:
+                    group = pair.group
                     if group in STATES:
                         switch.set(group)
                         before = switch.frames(probe)
@@ -415,10 +436,13 @@ def report(pairs: list[Pair], res: Results, facts: list[str], mtus: tuple[int, i
         print(f"node {line}")
     print(f"\n{'path':<31} {'Gbit/s':>7} {'RTT p50 µs':>11} {'Gbit/s / limit':>15} {'RTT / limit':>12}")
     for p in pairs:
-        m = {metric: statistics.median(values) for metric, values in samples[p.name].items()}
-        print(f"{p.name:<31} {m['gbit']:>7.2f} {m['rtt']:>11.1f} "
-              f"{statistics.median(paired(samples, p.name, p.limit, 'gbit')):>15.2f} "
-              f"{statistics.median(paired(samples, p.name, p.limit, 'rtt')):>12.2f}")
+        gbit = statistics.median(samples[p.name]["gbit"])
+        gbit_ratio = statistics.median(paired(samples, p.name, p.limit, "gbit"))
+        rtt = rtt_ratio = "-"
+        if "rtt" in p.metrics:
+            rtt = f"{statistics.median(samples[p.name]['rtt']):.1f}"
+            rtt_ratio = f"{statistics.median(paired(samples, p.name, p.limit, 'rtt')):.2f}"
+        print(f"{p.name:<31} {gbit:>7.2f} {rtt:>11} {gbit_ratio:>15.2f} {rtt_ratio:>12}")
     shares = ", ".join(f"{state}: {fast / counted:.1%} of {counted}" if counted else f"{state}: none counted"
                        for state, (counted, fast) in res.frames.items())
     print(f"\nframes sknf counted for {probe.name} (on the fast path, of all): {shares}")
@@ -455,7 +479,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sknf bench datapath: needs {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        with Lab(prefix=args.prefix, nodes=2, pods_per_node=2, datapath="bpf", extra_services=args.services) as lab, \
+        with Lab(prefix=args.prefix, nodes=2, pods_per_node=2, datapath="bpf", extra_services=args.services,
+                 dual_stack=True) as lab, \
                 contextlib.ExitStack() as stack:
             for node in lab.state.nodes:
                 lab.stop_agent(node)

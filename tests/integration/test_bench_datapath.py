@@ -35,6 +35,9 @@ def test_one_short_round_prints_every_path_ratio_and_target(capsys: pytest.Captu
                  bench_datapath.FAST_SAME, bench_datapath.FAST_CROSS, bench_datapath.TRACKED_SAME,
                  bench_datapath.TRACKED_CROSS, bench_datapath.EVENTS_SAME, bench_datapath.EVENTS_CROSS):
         assert re.search(rf"^{re.escape(path)} +{number} +{number} +{number} +{number}$", out, re.MULTILINE), path
+    for path in (bench_datapath.BRIDGE6_SAME, bench_datapath.BRIDGE6_CROSS, bench_datapath.FAST6_SAME,
+                 bench_datapath.FAST6_CROSS):  # IPv6: throughput only (no IPv6 in this sockperf)
+        assert re.search(rf"^{re.escape(path)} +{number} +- +{number} +-$", out, re.MULTILINE), path
     for target in bench_datapath.TARGETS:
         assert re.search(rf"^{re.escape(target.label)} +{number} +{number}-{number} +[<>]= {number}  (PASS|MISS)$",
                          out, re.MULTILINE), target.label

@@ -65,10 +65,14 @@ def test_decode_refuses_a_short_record() -> None:
 
 
 def view() -> flowlog.NodeView:
-    leases = [Lease(ipaddress.IPv4Address("10.244.1.2"), "c" * 64, "eth0", "default", "web", "sknf1"),
+    """A dual-stack node: its peers' subnets one per family, a lease with both addresses."""
+    leases = [Lease(ipaddress.IPv4Address("10.244.1.2"), "c" * 64, "eth0", "default", "web", "sknf1",
+                    ip6=ipaddress.IPv6Address("fd00:10:244:1::2")),
               Lease(ipaddress.IPv4Address("10.244.1.3"), "d" * 64, "eth0")]
-    peers = [Node("n1", "198.51.100.11", "10.244.1.0/24"), Node("n2", "198.51.100.12", "10.244.2.0/24")]
-    return flowlog.NodeView("n1", ipaddress.IPv4Network("10.244.0.0/16"), leases, peers)
+    peers = [Node("n1", "198.51.100.11", "10.244.1.0/24,fd00:10:244:1::/64"),
+             Node("n2", "198.51.100.12", "10.244.2.0/24,fd00:10:244:2::/64")]
+    return flowlog.NodeView("n1", (ipaddress.IPv4Network("10.244.0.0/16"), ipaddress.IPv6Network("fd00:10:244::/56")),
+                            leases, peers)
 
 
 @pytest.mark.parametrize(("ip", "kind", "label"), [
@@ -81,6 +85,10 @@ def view() -> flowlog.NodeView:
     ("10.244.9.9", "cluster", "10.244.9.9:80 (cluster)"),  # no node holds that subnet
     ("203.0.113.10", "world", "203.0.113.10:80 (world)"),
     ("fe80::1", "world", "fe80::1:80 (world)"),
+    ("fd00:10:244:1::2", "pod", "default/web:80"),  # the same pod by its IPv6 lease
+    ("fd00:10:244:2::7", "remote-pod", "fd00:10:244:2::7:80 (pod on n2)"),
+    ("fd00:10:244:2::1", "node", "fd00:10:244:2::1:80 (node n2)"),
+    ("fd00:10:244:9::9", "cluster", "fd00:10:244:9::9:80 (cluster)"),
 ])
 def test_resolution(ip: str, kind: str, label: str) -> None:
     party = flowlog.Resolver(view).party(ip)
