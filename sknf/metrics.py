@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -273,6 +274,12 @@ class _Server(ThreadingHTTPServer):
         self.exposition = exposition
         self.ready = ready
         super().__init__(bind, _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address (socket.getfqdn): on a node whose resolver
+        does not answer yet, it held the agent's start for the resolver's 5 s timeout."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from ipaddress import IPv4Address
@@ -194,3 +195,18 @@ def test_failed_read_is_a_failed_scrape(served) -> None:
     status, body = get(base + "/metrics")
     assert status == 500 and "scrape failed" in body
     assert get(base + "/healthz")[0] == 200
+
+
+def test_serving_asks_no_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPServer looks its address up in DNS when it binds; on a node whose resolver does not answer yet that
+    held the agent's start for the resolver's timeout. Any lookup fails this test."""
+    def no_dns(*_: object) -> None:
+        raise AssertionError("the metrics server asked the resolver")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    monkeypatch.setattr(socket, "gethostbyaddr", no_dns)
+    server = Metrics("n1", Node().snapshot).serve(("127.0.0.1", 0), lambda: True)
+    try:
+        assert get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
+    finally:
+        server.shutdown()
