@@ -816,6 +816,12 @@ def ipv6_rows(lab: Lab) -> list[tuple]:
             flow = "IPv6 node->pod (own)" if p.node == n.name else "IPv6 node->pod (other)"
             rows.append((flow + ", source kept", n.name, p.name, lambda n=n, p=p: who(n.netns, p.ip6),
                          (n.gateway_ip6, p.name)))
+    if len(st.nodes) > 1:
+        a, b = (next(p for p in st.pods if p.node == n.name) for n in st.nodes[:2])
+        payload = _mtu(a.netns) - 48  # less the IPv6 (40) and UDP (8) headers
+        rows.append(("IPv6 full-MTU datagram across nodes", a.name, b.name,
+                     lambda: who_udp(a.netns, b.ip6, SERVER_PORT, payload),
+                     (a.ip6, b.name, payload, f"{b.ip6}:{SERVER_PORT}")))
     return rows
 
 

@@ -106,8 +106,10 @@ def test_the_whole_matrix_runs_for_both_families(lab: Lab) -> None:
     flows = {r.flow for r in results}
     assert {"IPv6 pod->pod same node", "IPv6 pod->pod across nodes", "IPv6 pod->Internet (SNAT)",
             "IPv6 node->pod (own), source kept", "IPv6 node->pod (other), source kept",
-            "IPv6 pod->ClusterIP TCP same node", "IPv6 pod->ClusterIP UDP across nodes"} <= flows
-    assert len(ipv6_rows(lab)) == 12 + 4 + 12 + 8  # pairs, Internet per pod, Services not its own, node x pod
+            "IPv6 pod->ClusterIP TCP same node", "IPv6 pod->ClusterIP UDP across nodes",
+            "IPv6 full-MTU datagram across nodes"} <= flows
+    # pairs, Internet per pod, Services not its own, node x pod, the full-MTU datagram
+    assert len(ipv6_rows(lab)) == 12 + 4 + 12 + 8 + 1
     # Nothing honest was refused: not the kernel's own IPv6 (DAD, MLD, NDP) since each pod came up, either.
     for p in lab.state.pods:
         assert not any(refused(lab, p).values()), (p.name, refused(lab, p))
