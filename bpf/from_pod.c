@@ -79,6 +79,8 @@ static __always_inline int forward6_from_pod(struct __sk_buff *skb, struct sknf_
 	return to_other_node(skb, cfg, pkt->h_dest, in_net6(&pkt->tuple.daddr, cfg6->pod_net, cfg6->pod_mask));
 }
 
+/* Frames neither parser reads, or all before the agent set the node up, take the kernel path; an ICMP
+ * error among them is marked when it belongs to a flow the programs allowed (bpf/lib/policy.h). */
 static __always_inline int forward_from_pod(struct __sk_buff *skb)
 {
 	struct sknf_config *cfg = node_config();
@@ -86,11 +88,9 @@ static __always_inline int forward_from_pod(struct __sk_buff *skb)
 	struct packet pkt = {};
 	struct packet6 pkt6 = {};
 
-	if (!cfg)
-		return TC_ACT_OK;
-	if (parse_ipv4(skb, &pkt) == 0)
+	if (cfg && parse_ipv4(skb, &pkt) == 0)
 		return forward4_from_pod(skb, cfg, &pkt);
-	if ((cfg6 = node_config6()) && parse_ipv6(skb, &pkt6) == 0)
+	if (cfg && (cfg6 = node_config6()) && parse_ipv6(skb, &pkt6) == 0)
 		return forward6_from_pod(skb, cfg, cfg6, &pkt6);
 	policy_mark_icmp_error(skb);
 	return TC_ACT_OK;

@@ -49,6 +49,8 @@ static __always_inline int forward6_from_overlay(struct __sk_buff *skb, struct p
 	return verdict;
 }
 
+/* Frames neither parser reads, or all before the agent set the node up, take the kernel path; an ICMP
+ * error among them is marked when it belongs to a flow the programs allowed (bpf/lib/policy.h). */
 static __always_inline int forward_from_overlay(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
@@ -56,8 +58,10 @@ static __always_inline int forward_from_overlay(struct __sk_buff *skb)
 
 	if (skb->mark & SKNF_MARK_POLICY) /* only the programs of this node say so */
 		skb->mark &= ~SKNF_MARK_POLICY;
-	if (!node_config())
+	if (!node_config()) {
+		policy_mark_icmp_error(skb);
 		return TC_ACT_OK;
+	}
 	if (parse_ipv4(skb, &pkt) == 0)
 		return forward4_from_overlay(skb, &pkt);
 	if (node_config6() && parse_ipv6(skb, &pkt6) == 0)
