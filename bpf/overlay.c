@@ -5,6 +5,14 @@
 #include "lib/flows.h"
 #include "lib/policy.h"
 
+/* A delivery the programs refused (policy, or a redirect that failed) counts against the pod it was for. */
+static __always_inline int counted(struct __sk_buff *skb, struct endpoint_info *ep, int verdict)
+{
+	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
+		count_received(ep->ifindex, skb->len, verdict);
+	return verdict;
+}
+
 /* A frame from another node for a local pod goes straight into it unless its flow is a learned NAT
  * flow. */
 static __always_inline int forward4_from_overlay(struct __sk_buff *skb, struct packet *pkt)
@@ -26,27 +34,20 @@ static __always_inline int forward4_from_overlay(struct __sk_buff *skb, struct p
 	verdict = policy_verdict(skb, &pkt->tuple, NULL, ep, HOOK_FROM_OVERLAY);
 	if (verdict == POLICY_KERNEL)
 		return TC_ACT_OK;
-	verdict = verdict == POLICY_DENIED ? SKNF_ACT_POLICY : deliver_to_pod(skb, pkt->h_dest, ep);
-	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
-		count_received(ep->ifindex, skb->len, verdict);
-	return verdict;
+	return counted(skb, ep, verdict == POLICY_DENIED ? SKNF_ACT_POLICY : deliver_to_pod(skb, pkt->h_dest, ep));
 }
 
 /* The same for IPv6 (a pod a NetworkPolicy selects: the kernel path, see from_pod.c). */
 static __always_inline int forward6_from_overlay(struct __sk_buff *skb, struct packet6 *pkt)
 {
 	struct endpoint_info *ep;
-	int verdict;
 
 	if (is_kernel_flow6(&pkt->tuple))
 		return TC_ACT_OK;
 	ep = endpoints6.lookup(&pkt->tuple.daddr);
 	if (!ep)
 		return TC_ACT_OK;
-	verdict = deliver_to_pod(skb, pkt->h_dest, ep);
-	if (verdict != TC_ACT_OK && verdict != TC_ACT_REDIRECT)
-		count_received(ep->ifindex, skb->len, verdict);
-	return verdict;
+	return counted(skb, ep, deliver_to_pod(skb, pkt->h_dest, ep));
 }
 
 /* Frames neither parser reads, or all before the agent set the node up, take the kernel path; an ICMP

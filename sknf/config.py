@@ -129,6 +129,11 @@ class Config:
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as URLs and metrics_bind write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 ENV_PREFIX = "SKNF_"
 LEGACY_ENV = ("cluster_cidr", "host_physical_if", "node_name")  # also read without the prefix
 

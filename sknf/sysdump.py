@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sknf import api
-from sknf.config import HOST_VETH_PREFIX, VXLAN, Config, ConfigError, load
+from sknf.config import HOST_VETH_PREFIX, VXLAN, Config, ConfigError, host_port, load
 
 MAX_MEMBER = 16 << 20  # bytes per member: a full 262,144-entry flow map dump stays readable, not unbounded
 COMMAND_TIMEOUT = 30.0
@@ -176,7 +176,7 @@ def _agent(cfg: Config, op: str) -> Any:
 def _metrics(cfg: Config) -> str:
     host, port = cfg.metrics_host_port
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    url = f"http://{host_port(host, port)}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
             return resp.read().decode(errors="replace")

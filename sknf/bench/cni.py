@@ -39,6 +39,7 @@ from pathlib import Path
 from pyroute2 import netns as pnetns
 
 from sknf import nsutil
+from sknf.config import host_port
 from sknf.lab import METRICS_PORT, REFERENCE_PLUGINS, Lab, LabError
 
 BARE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -118,7 +119,7 @@ def quantile(values: list[float], q: float) -> float:
 def agent_handler_seconds(lab: Lab) -> dict[str, tuple[float, float]]:
     """command -> (sum, count) of successful requests from the agent's own histogram."""
     node = lab.state.nodes[0]
-    url = f"http://{node.underlay_ip}:{METRICS_PORT}/metrics"
+    url = f"http://{host_port(node.underlay_ip, METRICS_PORT)}/metrics"
     with nsutil.entered(node.netns), urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
     out: dict[str, list[float]] = {}

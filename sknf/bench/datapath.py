@@ -449,12 +449,13 @@ def report(pairs: list[Pair], res: Results, facts: list[str], mtus: tuple[int, i
     if res.stalls:
         print(f"ping-pong tests repeated after a lost datagram stalled them: {len(res.stalls)} "
               f"({', '.join(sorted(set(res.stalls)))})")
-    print(f"\n{'target (median of per-round ratios)':<54} {'ratio':>6} {'rounds':>10} {'want':>7}")
+    width = max(len(t.label) for t in TARGETS)
+    print(f"\n{'target (median of per-round ratios)':<{width}} {'ratio':>6} {'rounds':>10} {'want':>7}")
     for t in TARGETS:
         per_round = paired(samples, t.path, t.reference, t.metric)
         ratio = statistics.median(per_round)
         want = f"{'>=' if t.metric == 'gbit' else '<='} {t.bound:.2f}"
-        print(f"{t.label:<54} {ratio:>6.3f} {f'{min(per_round):.2f}-{max(per_round):.2f}':>10} {want:>7}  "
+        print(f"{t.label:<{width}} {ratio:>6.3f} {f'{min(per_round):.2f}-{max(per_round):.2f}':>10} {want:>7}  "
               f"{'PASS' if t.met(ratio) else 'MISS'}")
 
 

@@ -134,12 +134,11 @@ class BpfDatapath:
         self._clusters: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None  # from setup_node
         # {endpoint: its POLICY_FLAGS} of those a NetworkPolicy selects (set_policy); at start, what the
         # pinned entries say, so re-attaching pods before the policy source has answered keeps their rules.
-        self._policy: dict[str, int] = {
-            _ip(key): entry.flags & bpfmaps.POLICY_FLAGS
-            for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
-            if entry.flags & bpfmaps.POLICY_FLAGS}
+        endpoints = bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
+        self._policy: dict[str, int] = {_ip(key): entry.flags & bpfmaps.POLICY_FLAGS
+                                        for key, entry in endpoints if entry.flags & bpfmaps.POLICY_FLAGS}
         # Endpoints (by their first address) a NetworkPolicy selects: their IPv6 takes the kernel path.
-        owners = self._owners()
+        owners = _owners(endpoints)
         self._selected: set[str] = set(self._policy) | {
             owners.get(entry.ifindex, _ip6(key)) for key, entry in
             bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo)
@@ -255,29 +254,19 @@ class BpfDatapath:
         # already holds the address (GC releases before detaching) keeps its own entry.
         owner = entry.ifindex if entry is not None else 0
         addr = key.value
-        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
-            if key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner):
-                bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
+        self._prune("pod_sources", lambda key, _: key.ifindex == ifindex or (key.addr == addr and key.ifindex != owner))
         if ifindex:
-            self._drop_sources6(lambda key: key.ifindex == ifindex)
-        self._drop_endpoints6(lambda key, entry: entry.ifindex == ifindex if ifindex else bytes(key) == _packed6(ep))
+            self._prune("pod_sources6", lambda key, _: key.ifindex == ifindex)
+        packed6 = _packed6(ep)
+        self._prune("endpoints6", lambda key, entry: entry.ifindex == ifindex if ifindex else bytes(key) == packed6)
 
-    def _drop_endpoints6(self, unwanted: Callable[[bpfmaps.Addr6, bpfmaps.EndpointInfo], bool]) -> None:
-        """Delete the endpoints6 entries `unwanted` picks."""
-        for key, entry in bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo):
-            if unwanted(key, entry):
-                bpfmaps.delete(self.maps["endpoints6"], bpfmaps.Addr6.from_buffer_copy(key))
-
-    def _owners(self) -> dict[int, str]:
-        """{host veth ifindex: first address} of the endpoints with an IPv4 entry."""
-        return {entry.ifindex: _ip(key) for key, entry in
-                bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)}
-
-    def _drop_sources6(self, unwanted: Callable[[bpfmaps.Source6Key], bool]) -> None:
-        """Delete the pod_sources6 entries `unwanted` picks."""
-        for key, _ in bpfmaps.read_map(self.maps["pod_sources6"], bpfmaps.Source6Key, bpfmaps.PodIdentity):
-            if unwanted(key):
-                bpfmaps.delete(self.maps["pod_sources6"], bpfmaps.Source6Key.from_buffer_copy(key))
+    def _prune(self, name: str, unwanted: Callable[[Any, Any], bool]) -> None:
+        """Delete the entries of map `name` that `unwanted(key, value)` picks: one batch read, a delete each."""
+        key_type, value_type = MAP_LAYOUTS[name]
+        for key, value in bpfmaps.read_map(self.maps[name], key_type, value_type):
+            if unwanted(key, value):
+                key = key_type(key) if isinstance(key, int) else key_type.from_buffer_copy(key)
+                bpfmaps.delete(self.maps[name], key)
 
     def sync_endpoints(self, eps: list[Endpoint]) -> None:
         """Pods' filters are dumped and checked only where tc changed since the last round (tc's
@@ -297,27 +286,18 @@ class BpfDatapath:
         self._filters_verified = {ep.host_ifindex for ep in eps}
         self._names = {ep.host_ifindex: ep.host_ifname for ep in eps}
         wanted = {_be32(ep.ip): ep.host_ifindex for ep in eps if ":" not in ep.ip}
-        for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
-            if wanted.get(key) != entry.ifindex:
-                bpfmaps.delete(self.maps["endpoints"], ctypes.c_uint32(key))
+        self._prune("endpoints", lambda key, entry: wanted.get(key) != entry.ifindex)
         wanted6 = {bytes(_addr6(ip6)): ep.host_ifindex for ep in eps if (ip6 := _ip6_of(ep))}
-        self._drop_endpoints6(lambda key, entry: wanted6.get(bytes(key)) != entry.ifindex)
+        self._prune("endpoints6", lambda key, entry: wanted6.get(bytes(key)) != entry.ifindex)
         macs = {bytes(_mac_key(ep.mac)) for ep in eps}
-        for key, _ in bpfmaps.read_map(self.maps["local_macs"], bpfmaps.MacKey, ctypes.c_uint32):
-            if bytes(key) not in macs:
-                bpfmaps.delete(self.maps["local_macs"], key)
+        self._prune("local_macs", lambda key, _: bytes(key) not in macs)
         live = {ep.host_ifindex for ep in eps}
-        for name, value_type in (("pod_counters", bpfmaps.CounterValues), ("pod_refused", bpfmaps.RefusedValues),
-                                 ("pod_identity", bpfmaps.PodIdentity), ("policy_drops", ctypes.c_uint64)):
-            for key, _ in bpfmaps.read_map(self.maps[name], ctypes.c_uint32, value_type):
-                if key not in live:
-                    bpfmaps.delete(self.maps[name], ctypes.c_uint32(key))
+        for name in ("pod_counters", "pod_refused", "pod_identity", "policy_drops"):
+            self._prune(name, lambda key, _: key not in live)
         sources = {(ep.host_ifindex, _be32(ip)) for ep in eps for ip in ep.sources if ":" not in ip}
-        for key, _ in bpfmaps.read_map(self.maps["pod_sources"], bpfmaps.SourceKey, bpfmaps.PodIdentity):
-            if (key.ifindex, key.addr) not in sources:
-                bpfmaps.delete(self.maps["pod_sources"], bpfmaps.SourceKey(key.ifindex, key.addr))
+        self._prune("pod_sources", lambda key, _: (key.ifindex, key.addr) not in sources)
         sources6 = {bytes(_source6(ep.host_ifindex, ip)) for ep in eps for ip in ep.sources if ":" in ip}
-        self._drop_sources6(lambda key: bytes(key) not in sources6)
+        self._prune("pod_sources6", lambda key, _: bytes(key) not in sources6)
         if self._syncing and self._clusters is not None:
             self._finish_sync()
 
@@ -362,13 +342,14 @@ class BpfDatapath:
                 continue
             flags[ip] = dir_flags | (bpfmaps.ENDPOINT_POLICY_GEN if gen else 0)
         self._policy = flags
-        for key, entry in bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo):
+        endpoints = bpfmaps.read_map(self.maps["endpoints"], ctypes.c_uint32, bpfmaps.EndpointInfo)
+        for key, entry in endpoints:
             want_flags = entry.flags & ~bpfmaps.POLICY_FLAGS | flags.get(_ip(key), 0)
             if want_flags != entry.flags:
                 entry.flags = want_flags
                 bpfmaps.update(self.maps["endpoints"], ctypes.c_uint32(key), entry)
         self._selected = compiled.selected()
-        owners = self._owners()
+        owners = _owners(endpoints)
         for key, entry in bpfmaps.read_map(self.maps["endpoints6"], bpfmaps.Addr6, bpfmaps.EndpointInfo):
             selected = owners.get(entry.ifindex, _ip6(key)) in self._selected
             want_flags = entry.flags & ~bpfmaps.ENDPOINT_POLICY | (bpfmaps.ENDPOINT_POLICY if selected else 0)
@@ -752,6 +733,11 @@ def _be32(addr: str | ipaddress.IPv4Address) -> int:
 
 def _ip(be32: int) -> str:
     return socket.inet_ntop(socket.AF_INET, be32.to_bytes(4, sys.byteorder))
+
+
+def _owners(endpoints: list[tuple[int, bpfmaps.EndpointInfo]]) -> dict[int, str]:
+    """{host veth ifindex: first address} of the endpoints with an IPv4 entry (the endpoints map's entries)."""
+    return {entry.ifindex: _ip(key) for key, entry in endpoints}
 
 
 def _port(be16: int) -> int:

@@ -49,7 +49,7 @@ import yaml
 from pyroute2 import netns as pnetns
 
 from sknf import netlink, nsutil
-from sknf.config import VXLAN_OVERHEAD
+from sknf.config import VXLAN_OVERHEAD, host_port
 from sknf.lab import kubeproxy, manifests
 from sknf.lab.kubeproxy import Service
 from sknf.lab.runtime import LabError, bandwidth, cni_exec, run_chain, with_runtime_config
@@ -359,7 +359,7 @@ class Lab:
             "peer_source": "static", "peers_file": str(self.root / "peers.yaml"),
             "state_dir": str(d / "state"), "run_dir": str(d / "run"),
             "bpf_pin_dir": f"/sys/fs/bpf/{self.prefix}-{name}", "datapath": self.state.datapath,
-            "metrics_bind": f"[{underlay_ip}]:{METRICS_PORT}" if only6 else f"{underlay_ip}:{METRICS_PORT}",
+            "metrics_bind": host_port(underlay_ip, METRICS_PORT),
             "reconcile_interval": 2,
             "install_cni": True, "cni_bin_dir": str(self.root / "bin"), "cni_conf_dir": str(d / "net.d"),
             "cni_conf_name": CONFLIST, "policy_dir": str(self.manifest_dir),

@@ -13,6 +13,9 @@ observer n2p2 shares the attacker's node.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import signal
 import socket
 import struct
 import time
@@ -245,6 +248,10 @@ def counted(lab: Lab, p: LabPod, before: dict, enough: Callable[[dict], bool]) -
         time.sleep(0.2)
 
 
+def mostly_fast(delta: dict) -> bool:
+    return delta["fast_packets"] >= 0.9 * (delta["tx_packets"] + delta["rx_packets"])
+
+
 def test_ipv6_takes_the_fast_path_as_ipv4_does(lab: Lab) -> None:
     """BPF: IPv6 TCP to a pod on the node and on another goes by the fast path (nearly every frame counted fast
     at both ends); a frame with an extension header takes the kernel path, as everything parse_ipv6 does not
@@ -260,9 +267,9 @@ def test_ipv6_takes_the_fast_path_as_ipv4_does(lab: Lab) -> None:
         ok, detail = bulk(a.netns, b.ip6, 4 << 20)
         assert ok, detail
         for p, before in ((a, before_a), (b, before_b)):
-            delta = counted(lab, p, before, lambda d: d["fast_packets"] >= 0.9 * (d["tx_packets"] + d["rx_packets"]))
+            delta = counted(lab, p, before, mostly_fast)
             assert delta["tx_packets"] + delta["rx_packets"] > 40, (p.name, delta)  # GSO: up to 64 KiB a frame
-            assert delta["fast_packets"] >= 0.9 * (delta["tx_packets"] + delta["rx_packets"]), (p.name, b.name, delta)
+            assert mostly_fast(delta), (p.name, b.name, delta)
 
     b = pod(lab, "n2p1")
     frames = [ether(mac_of(b), mac_of(a), ETH_P_IPV6, hop_by_hop(udp6(a.ip6, b.ip6, marker(f"hbh{i}"))))
@@ -278,6 +285,46 @@ def test_ipv6_takes_the_fast_path_as_ipv4_does(lab: Lab) -> None:
     with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{a.node}") / "kernel_flows6") as fd:
         learned = [_flow_tuple(k) for k, _ in bpfmaps.read_map(fd, bpfmaps.Flow6Key, bpfmaps.FlowState)]
     assert any(t[:3] == (backend_ip, a.ip6, backend_port) and t[4] == socket.IPPROTO_TCP for t in learned), learned
+
+
+def test_ipv6_to_a_node_whose_programs_lack_ipv6_takes_its_kernel_path(lab: Lab) -> None:
+    """BPF, mid-upgrade: a node whose programs do not fast-path IPv6 (its config6 empty: programs from before
+    the IPv6 fast path, or before its agent set the node up) still exchanges IPv6 with a node whose programs
+    do. Its agent paused (its reconcile would write config6 back), IPv6 TCP from the other node is delivered
+    through its bridge: every frame at its end is counted on the kernel path, while the sender's end is fast.
+    Resumed, the reconcile restores config6 and the receiver's end goes fast too. Kernel datapath: no
+    programs."""
+    a, b = pod(lab, "n1p1"), pod(lab, "n2p1")
+    pins = Path(f"/sys/fs/bpf/{PREFIX}-{b.node}")
+    if lab.state.datapath == "kernel":
+        assert not pins.exists()
+        return
+    agent = node(lab, b.node).agent_pid
+    before_a, before_b = rows(lab, a.node)[a.name], rows(lab, b.node)[b.name]
+    with bpfmaps.pinned(pins / "config6") as fd:
+        config6 = bytes(bpfmaps.lookup(fd, ctypes.c_uint32(0), bpfmaps.Config6))
+        assert any(config6)
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            bpfmaps.update(fd, ctypes.c_uint32(0), bpfmaps.Config6())
+            ok, detail = bulk(a.netns, b.ip6, 4 << 20)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        assert ok, detail
+        delta_a = counted(lab, a, before_a, mostly_fast)
+        delta_b = counted(lab, b, before_b, lambda d: d["kernel_packets"] >= 40)
+        assert mostly_fast(delta_a), delta_a
+        assert delta_b["kernel_packets"] >= 0.9 * (delta_b["tx_packets"] + delta_b["rx_packets"]) > 36, delta_b
+        assert delta_b["fast_packets"] < 0.1 * (delta_b["tx_packets"] + delta_b["rx_packets"]), delta_b
+        deadline = time.monotonic() + 15
+        while bytes(bpfmaps.lookup(fd, ctypes.c_uint32(0), bpfmaps.Config6)) != config6:
+            assert time.monotonic() < deadline, "the reconcile did not restore config6"
+            time.sleep(0.2)
+    before_b = rows(lab, b.node)[b.name]
+    ok, detail = bulk(a.netns, b.ip6, 4 << 20)
+    assert ok, detail
+    delta_b = counted(lab, b, before_b, mostly_fast)
+    assert mostly_fast(delta_b), delta_b
 
 
 def flow_events(lab: Lab, n: str, **req: object) -> dict:
