@@ -42,7 +42,7 @@ static __always_inline int forward4_from_pod(struct __sk_buff *skb, struct sknf_
 	}
 	if (!in_net(pkt->tuple.daddr, cfg->cluster_net, cfg->cluster_mask))
 		return TC_ACT_OK;
-	if (is_kernel_flow(&pkt->tuple)) {
+	if (is_kernel_flow(&pkt->tuple) || shares_kernel_flow(&pkt->tuple)) {
 		policy_mark_known(skb, &pkt->tuple);
 		return TC_ACT_OK;
 	}
@@ -71,7 +71,8 @@ static __always_inline int forward6_from_pod(struct __sk_buff *skb, struct sknf_
 	src = endpoints6.lookup(&pkt->tuple.saddr);
 	if (src && src->flags & ENDPOINT_POLICY)
 		return TC_ACT_OK;
-	if (!in_net6(&pkt->tuple.daddr, cfg6->cluster_net, cfg6->cluster_mask) || is_kernel_flow6(&pkt->tuple))
+	if (!in_net6(&pkt->tuple.daddr, cfg6->cluster_net, cfg6->cluster_mask) || is_kernel_flow6(&pkt->tuple) ||
+	    shares_kernel_flow6(&pkt->tuple))
 		return TC_ACT_OK;
 	ep = endpoints6.lookup(&pkt->tuple.daddr);
 	if (ep)

@@ -5,8 +5,9 @@
  * reaches a host veth's or vxsknf's egress hook without the fast-path mark came through the bridge
  * or the routing stack, i.e. possibly through NAT: its reply's tuple (the reversed tuple) is learned
  * here (kernel_flows; kernel_flows6 for IPv6), and the fast path looks each frame's own tuple up before
- * taking it. A learn the map refuses (full) cannot say which flow it lost: it sets flow_guard's FULL
- * slot, and while that (or the agent's SYNCING) is set no frame takes the fast path at all.
+ * taking it (a pod's frame its reply tuple too: shares_kernel_flow). A learn the map refuses (full)
+ * cannot say which flow it lost: it sets flow_guard's FULL slot, and while that (or the agent's
+ * SYNCING) is set no frame takes the fast path at all.
  */
 #ifndef SKNF_FLOWS_H
 #define SKNF_FLOWS_H
@@ -62,28 +63,51 @@ static __always_inline struct sknf_config6 *node_config6(void)
 	return cfg6 && cfg6->cluster_mask[0] ? cfg6 : NULL;
 }
 
-/* The learn of a pod-sourced frame: its reply tuple, unless learned already (and not exempt). One per
- * family: BCC rewrites map calls in place, so a map cannot be a function's argument. */
-static __always_inline void learn_reply4(struct flow_key *t)
+/* A learn: the tuple, unless learned already (and not exempt). One per family: BCC rewrites map calls
+ * in place, so a map cannot be a function's argument. */
+static __always_inline void learn4(struct flow_key *key)
 {
-	struct flow_key reply = {.saddr = t->daddr, .daddr = t->saddr, .sport = t->dport, .dport = t->sport,
-				 .proto = t->proto};
 	struct flow_state live = {};
-	struct flow_state *known = kernel_flows.lookup(&reply);
+	struct flow_state *known = kernel_flows.lookup(key);
 
-	if ((!known || known->exempt) && kernel_flows.update(&reply, &live) < 0)
+	if ((!known || known->exempt) && kernel_flows.update(key, &live) < 0)
 		flows_overflowed();
 }
 
-static __always_inline void learn_reply6(struct flow6_key *t)
+static __always_inline void learn6(struct flow6_key *key)
 {
-	struct flow6_key reply = {.saddr = t->daddr, .daddr = t->saddr, .sport = t->dport, .dport = t->sport,
-				  .proto = t->proto};
 	struct flow_state live = {};
-	struct flow_state *known = kernel_flows6.lookup(&reply);
+	struct flow_state *known = kernel_flows6.lookup(key);
 
-	if ((!known || known->exempt) && kernel_flows6.update(&reply, &live) < 0)
+	if ((!known || known->exempt) && kernel_flows6.update(key, &live) < 0)
 		flows_overflowed();
+}
+
+#define REVERSED(t) {.saddr = (t)->daddr, .daddr = (t)->saddr, .sport = (t)->dport, .dport = (t)->sport, \
+		      .proto = (t)->proto}
+
+/* A pod's frame whose reply tuple is a learned flow shares that tuple with a NATed one: a connection
+ * straight to a Service's backend from the port of the pod's connection through the Service. Only
+ * conntrack tells the two apart (it moves this one to another port), so it takes the kernel path, and
+ * its own tuple is learned: the rest of it stays there, also once the Service's flow is gone. */
+static __always_inline int shares_kernel_flow(struct flow_key *t)
+{
+	struct flow_key reply = REVERSED(t);
+
+	if (!kernel_flows.lookup(&reply))
+		return 0;
+	learn4(t);
+	return 1;
+}
+
+static __always_inline int shares_kernel_flow6(struct flow6_key *t)
+{
+	struct flow6_key reply = REVERSED(t);
+
+	if (!kernel_flows6.lookup(&reply))
+		return 0;
+	learn6(t);
+	return 1;
 }
 
 static __always_inline void learn_reply_flow(struct __sk_buff *skb, struct sknf_config *cfg)
@@ -95,11 +119,15 @@ static __always_inline void learn_reply_flow(struct __sk_buff *skb, struct sknf_
 	if (skb->mark & SKNF_MARK_FAST)
 		return;
 	if (parse_ipv4(skb, &pkt) == 0) {
+		struct flow_key reply = REVERSED(&pkt.tuple);
+
 		if (in_net(pkt.tuple.saddr, cfg->cluster_net, cfg->cluster_mask))
-			learn_reply4(&pkt.tuple);
+			learn4(&reply);
 	} else if ((cfg6 = node_config6()) && parse_ipv6(skb, &pkt6) == 0) {
+		struct flow6_key reply = REVERSED(&pkt6.tuple);
+
 		if (in_net6(&pkt6.tuple.saddr, cfg6->cluster_net, cfg6->cluster_mask))
-			learn_reply6(&pkt6.tuple);
+			learn6(&reply);
 	}
 }
 

@@ -70,8 +70,8 @@ BPF_TABLE_PINNED("percpu_hash", __u32, __u64, policy_drops, SKNF_MAX_ENDPOINTS, 
 #define FLOW_GUARD_SLOTS 3
 
 /* Hooks: read by from_pod (tc ingress, pod -> node) and from_overlay (tc ingress of vxsknf, other
- * node -> this node) before any fast-path decision; written by learn_reply_flow (to_pod, to_overlay:
- * tc egress) when a learn fails, and by the agent. Slots: FLOW_GUARD_* above. */
+ * node -> this node) before any fast-path decision; written by learn4/learn6 (lib/flows.h) when a learn
+ * fails, and by the agent. Slots: FLOW_GUARD_* above. */
 BPF_TABLE_PINNED("array", __u32, __u64, flow_guard, FLOW_GUARD_SLOTS, SKNF_PIN_DIR "/flow_guard");
 
 /* Flow events (bpf/lib/events.h): the ring buffer the programs hand events to the agent through, the

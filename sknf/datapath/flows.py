@@ -93,9 +93,10 @@ def alive(learned: Iterable[FlowTuple]) -> set[FlowTuple] | None:
 
 def nat_reply_tuples(clusters: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> set[FlowTuple] | None:
     """What the programs would have learned from conntrack's NATed flows: each one's reply tuple whose
-    destination is a pod (the post-NAT pod-sourced frame's reverse), or None when conntrack cannot be
-    read. One kernel-filtered dump per NAT kind and cluster network's family: the Python side only sees
-    NATed entries.
+    destination is a pod (the post-NAT pod-sourced frame's reverse), and the original tuple of a pod
+    to pod flow conntrack moved to another port (its tuple clashed with a Service flow's, see
+    shares_kernel_flow in bpf/lib/flows.h); or None when conntrack cannot be read. One kernel-filtered
+    dump per NAT kind and cluster network's family: the Python side only sees NATed entries.
     """
     seeds = set()
     try:
@@ -106,6 +107,8 @@ def nat_reply_tuples(clusters: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Ne
                     for entry in ct.dump(status=status, family=family):
                         if ipaddress.ip_address(entry.reply[1]) in cluster:
                             seeds.add(entry.reply)
+                            if ipaddress.ip_address(entry.orig[1]) in cluster:
+                                seeds.add(entry.orig)
         return seeds
     except OSError as e:
         log.warning("cannot read conntrack (%s): no learned flows seeded", errno.errorcode.get(e.errno, e))

@@ -26,6 +26,7 @@ import pytest
 from frames import ETH_P_IPV6, checksum, ether, listening, mac_bytes, mac_of, marker, router_advertisement, send
 from leftovers import assert_lab_gone
 from test_doctor import assert_all_ok, run_doctor
+from test_lab import direct_from_a_service_port
 from test_spoofing import defence_removed, in_node, node, pod, refused, remove_pod_guard, wait_counted
 from test_transitions import BLOCK, ServedStream
 
@@ -399,6 +400,13 @@ def test_an_upgrade_that_adds_the_ipv6_flow_map_keeps_live_ipv6_service_flows(la
         in_node(n1, "ip6tables", "-w", "-t", "nat", "-D", *nat)
     assert streams[0].intact(), streams[0]
     assert not streams[1].intact()
+
+
+@pytest.mark.parametrize("where", ["same node", "across nodes"])
+def test_a_direct_ipv6_connection_from_a_service_connections_port(lab: Lab, where: str) -> None:
+    """As test_lab's IPv4 test: an IPv6 connection straight to a backend from the port of the pod's open
+    connection through the backend's IPv6 ClusterIP works (conntrack moves it to another port)."""
+    direct_from_a_service_port(lab, where, "open", family=6)
 
 
 def test_the_reconcile_restores_ipv6_after_the_mtu_went_below_1280(lab: Lab) -> None:

@@ -20,7 +20,17 @@ from leftovers import managed_lab
 
 from sknf import netlink, nsutil, overlay
 from sknf.ipam import Store
-from sknf.lab import METRICS_PORT, SERVICE_FLOWS, Lab, LabNode, _alive, kubeproxy, underlay_pod_frames
+from sknf.lab import (
+    METRICS_PORT,
+    SERVER_PORT,
+    SERVICE_FLOWS,
+    Lab,
+    LabNode,
+    LabPod,
+    _alive,
+    kubeproxy,
+    underlay_pod_frames,
+)
 from sknf.lab import who as lab_who
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -202,6 +212,58 @@ def test_a_frame_for_a_local_pods_mac_stays_on_the_bridge(lab: Lab) -> None:
             ipr.route("del", dst=f"{routed}/32", gateway=router.ip)
         with netlink.route(nsutil.netns_path(router.netns)) as ipr:
             ipr.addr("del", index=netlink.link_index(ipr, "lo"), address=routed, prefixlen=32)
+
+
+def connected(pod: LabPod, port: int, to: tuple[str, int]) -> socket.socket:
+    """A TCP connection from the pod's address and `port` (0: any), which other sockets may share."""
+    with nsutil.entered(pod.netns):
+        sock = socket.socket(socket.AF_INET6 if ":" in to[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((pod.ip6 if ":" in to[0] else pod.ip, port))
+    sock.connect(to)
+    return sock
+
+
+def ask_who(sock: socket.socket) -> list[str]:
+    with sock:
+        sock.sendall(b"WHO\n")
+        return sock.makefile().readline().split()
+
+
+@pytest.mark.parametrize("service", ["open", "closed"])
+@pytest.mark.parametrize("where", ["same node", "across nodes"])
+def test_a_direct_connection_from_a_service_connections_port(lab: Lab, where: str, service: str) -> None:
+    """A pod connects to a ClusterIP, then straight to the backend it was given, from the same source
+    port (nothing in the pod forbids it). After the DNAT the two share one tuple: conntrack tells them
+    apart and moves the second to another port. The fast path must not carry the second past conntrack
+    while conntrack un-NATs the replies to that tuple: they would reach the first connection instead
+    (an ephemeral port that a recent Service connection used does that by chance)."""
+    direct_from_a_service_port(lab, where, service, family=4)
+
+
+def direct_from_a_service_port(lab: Lab, where: str, service: str, family: int) -> None:
+    """The test above, for one address family (test_dualstack runs IPv6's)."""
+    n1, n2 = lab.state.nodes
+    backend = next(p for p in lab.state.pods if p.node == (n1 if where == "same node" else n2).name)
+    client = next(p for p in lab.state.pods if p.node == n1.name and p is not backend)
+    svc = next(s for s in lab.services() if s.name == f"pod-{backend.name}" and s.proto == "tcp"
+               and s.family == family)
+    client_ip, backend_ip = (client.ip6, backend.ip6) if family == 6 else (client.ip, backend.ip)
+
+    first = connected(client, 0, (svc.cluster_ip, svc.port))
+    port = first.getsockname()[1]
+    if service == "closed":
+        assert ask_who(first) == [client_ip, backend.name]  # the server closes: conntrack's TIME_WAIT
+    else:
+        first.sendall(b"SINK 1\n")  # the server waits for a byte: the connection stays open
+    try:
+        assert ask_who(connected(client, port, (backend_ip, SERVER_PORT))) == [client_ip, backend.name]
+        if service == "open":
+            first.sendall(b"x")
+            assert first.makefile().readline().split()[0] == "1"
+    finally:
+        first.close()
 
 
 def mtus(lab: Lab, node: LabNode) -> set[int]:

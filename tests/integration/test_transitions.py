@@ -65,6 +65,7 @@ class ServedStream:
         self._server.start()
         with nsutil.entered(client.netns):
             self.client = socket.socket(family)
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its port may be shared (_clashing)
         self.client.settimeout(15)
         self.client.connect((vip, port))
         self.client.settimeout(None)  # a quiet stream's reader waits as long as the transition takes
@@ -74,8 +75,9 @@ class ServedStream:
 
     def _serve(self) -> None:
         try:
-            self._listener.settimeout(15)
-            conn, _ = self._listener.accept()
+            with self._listener:  # one connection: the port is free for another listener after it
+                self._listener.settimeout(15)
+                conn, _ = self._listener.accept()
             with conn:
                 i = 0
                 self._send_block(conn, i)
@@ -87,8 +89,6 @@ class ServedStream:
                     time.sleep(0.005)  # ~3 MB/s: steady, leaves the CPU to the agents
         except OSError as e:  # a reset or a timeout: intact() reports it
             self.error = e
-        finally:
-            self._listener.close()
 
     def _send_block(self, conn: socket.socket, i: int) -> None:
         block = hashlib.sha256(i.to_bytes(8, "big")).digest() * (BLOCK // 32)
@@ -186,9 +186,34 @@ def _streams(lab: Lab, quiet: int = 2) -> Iterator[tuple[list[ServedStream], lis
 def _flow_entry(lab: Lab, node: LabNode, s: ServedStream) -> bool:
     """Is the stream's reply tuple (backend -> client) in the node's learned-flow map?"""
     pods = {p.name: p for p in lab.state.pods}
-    key = _flow_key((s.backend.ip, pods["n1p2"].ip, s.server_port, s.client_port, socket.IPPROTO_TCP))
+    return _learned(node, (s.backend.ip, pods["n1p2"].ip, s.server_port, s.client_port, socket.IPPROTO_TCP))
+
+
+def _learned(node: LabNode, tuple_: tuple) -> bool:
     with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{node.name}") / "kernel_flows") as fd:
-        return bpfmaps.lookup(fd, key, bpfmaps.FlowState) is not None
+        return bpfmaps.lookup(fd, _flow_key(tuple_), bpfmaps.FlowState) is not None
+
+
+@contextlib.contextmanager
+def _clashing(lab: Lab, s: ServedStream) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(server end, client end) of a connection from the stream's client port straight to its backend's
+    port: after the DNAT the stream has the same tuple, so conntrack moves this one to another port."""
+    client = next(p for p in lab.state.pods if p.name == "n1p2")
+    with nsutil.entered(s.backend.netns):
+        listener = socket.socket()
+    with nsutil.entered(client.netns):
+        sock = socket.socket()
+    with listener, sock:
+        for end in (listener, sock):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            end.settimeout(15)
+        listener.bind((s.backend.ip, s.server_port))
+        listener.listen(1)
+        sock.bind((client.ip, s.client_port))
+        sock.connect((s.backend.ip, s.server_port))
+        conn, _ = listener.accept()
+        with conn:
+            yield conn, sock
 
 
 def _forget(lab: Lab, node: LabNode, s: ServedStream) -> None:
@@ -209,10 +234,15 @@ def _after_transition(flowing: list[ServedStream], silent: list[ServedStream]) -
 def test_kernel_to_bpf_keeps_live_service_flows(lab: Lab) -> None:
     n1 = lab.state.nodes[0]
     assert _mode(lab, n1) == "kernel"
-    with _streams(lab, quiet=2) as (flowing, silent):
+    with _streams(lab, quiet=2) as (flowing, silent), _clashing(lab, silent[0]) as (server, client):
         _set(lab, n1, datapath="bpf")
         assert _mode(lab, n1) == "bpf"
         assert all(_flow_entry(lab, n1, s) for s in silent)  # silent since the restart: seeded from conntrack
+        # the clashing connection's own tuple is seeded too: it stays where conntrack moves its port
+        (src, sport), (dst, dport) = client.getsockname(), client.getpeername()
+        assert _learned(n1, (src, dst, sport, dport, socket.IPPROTO_TCP))
+        server.sendall(b"after")
+        assert client.recv(5) == b"after"
         # Negative control: one quiet same-node and one cross-node connection lose their seeded entry.
         broken = [silent[1], silent[3]]
         for s in broken:
