@@ -54,7 +54,7 @@ class ServedStream:
         self.sent, self.received = hashlib.sha256(), hashlib.sha256()
         self.nsent = self.nreceived = 0
         self.error: OSError | None = None
-        self.backend, self.vip, self.server_port = backend, vip, port
+        self.pod, self.backend, self.vip, self.server_port = client, backend, vip, port
         family, ip = (socket.AF_INET6, backend.ip6) if ":" in vip else (socket.AF_INET, backend.ip)
         with nsutil.entered(backend.netns):
             self._listener = socket.socket(family)
@@ -183,25 +183,33 @@ def _streams(lab: Lab, quiet: int = 2) -> Iterator[tuple[list[ServedStream], lis
             s.finish()
 
 
-def _flow_entry(lab: Lab, node: LabNode, s: ServedStream) -> bool:
-    """Is the stream's reply tuple (backend -> client) in the node's learned-flow map?"""
-    pods = {p.name: p for p in lab.state.pods}
-    return _learned(node, (s.backend.ip, pods["n1p2"].ip, s.server_port, s.client_port, socket.IPPROTO_TCP))
+def _reply(s: ServedStream) -> tuple:
+    """The stream's reply tuple (backend -> client), as the programs learn it."""
+    return s.backend.ip, s.pod.ip, s.server_port, s.client_port, socket.IPPROTO_TCP
+
+
+def _kernel_flows(node: LabNode) -> Path:
+    return Path(f"/sys/fs/bpf/{PREFIX}-{node.name}") / "kernel_flows"
 
 
 def _learned(node: LabNode, tuple_: tuple) -> bool:
-    with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{node.name}") / "kernel_flows") as fd:
+    """Is the tuple in the node's learned-flow map?"""
+    with bpfmaps.pinned(_kernel_flows(node)) as fd:
         return bpfmaps.lookup(fd, _flow_key(tuple_), bpfmaps.FlowState) is not None
 
 
+def _forget(node: LabNode, s: ServedStream) -> None:
+    with bpfmaps.pinned(_kernel_flows(node)) as fd:
+        assert bpfmaps.delete(fd, _flow_key(_reply(s)))
+
+
 @contextlib.contextmanager
-def _clashing(lab: Lab, s: ServedStream) -> Iterator[tuple[socket.socket, socket.socket]]:
+def _clashing(s: ServedStream) -> Iterator[tuple[socket.socket, socket.socket]]:
     """(server end, client end) of a connection from the stream's client port straight to its backend's
     port: after the DNAT the stream has the same tuple, so conntrack moves this one to another port."""
-    client = next(p for p in lab.state.pods if p.name == "n1p2")
     with nsutil.entered(s.backend.netns):
         listener = socket.socket()
-    with nsutil.entered(client.netns):
+    with nsutil.entered(s.pod.netns):
         sock = socket.socket()
     with listener, sock:
         for end in (listener, sock):
@@ -209,18 +217,11 @@ def _clashing(lab: Lab, s: ServedStream) -> Iterator[tuple[socket.socket, socket
             end.settimeout(15)
         listener.bind((s.backend.ip, s.server_port))
         listener.listen(1)
-        sock.bind((client.ip, s.client_port))
+        sock.bind((s.pod.ip, s.client_port))
         sock.connect((s.backend.ip, s.server_port))
         conn, _ = listener.accept()
         with conn:
             yield conn, sock
-
-
-def _forget(lab: Lab, node: LabNode, s: ServedStream) -> None:
-    pods = {p.name: p for p in lab.state.pods}
-    key = _flow_key((s.backend.ip, pods["n1p2"].ip, s.server_port, s.client_port, socket.IPPROTO_TCP))
-    with bpfmaps.pinned(Path(f"/sys/fs/bpf/{PREFIX}-{node.name}") / "kernel_flows") as fd:
-        assert bpfmaps.delete(fd, key)
 
 
 def _after_transition(flowing: list[ServedStream], silent: list[ServedStream]) -> None:
@@ -234,10 +235,10 @@ def _after_transition(flowing: list[ServedStream], silent: list[ServedStream]) -
 def test_kernel_to_bpf_keeps_live_service_flows(lab: Lab) -> None:
     n1 = lab.state.nodes[0]
     assert _mode(lab, n1) == "kernel"
-    with _streams(lab, quiet=2) as (flowing, silent), _clashing(lab, silent[0]) as (server, client):
+    with _streams(lab, quiet=2) as (flowing, silent), _clashing(silent[0]) as (server, client):
         _set(lab, n1, datapath="bpf")
         assert _mode(lab, n1) == "bpf"
-        assert all(_flow_entry(lab, n1, s) for s in silent)  # silent since the restart: seeded from conntrack
+        assert all(_learned(n1, _reply(s)) for s in silent)  # silent since the restart: seeded from conntrack
         # the clashing connection's own tuple is seeded too: it stays where conntrack moves its port
         (src, sport), (dst, dport) = client.getsockname(), client.getpeername()
         assert _learned(n1, (src, dst, sport, dport, socket.IPPROTO_TCP))
@@ -246,7 +247,7 @@ def test_kernel_to_bpf_keeps_live_service_flows(lab: Lab) -> None:
         # Negative control: one quiet same-node and one cross-node connection lose their seeded entry.
         broken = [silent[1], silent[3]]
         for s in broken:
-            _forget(lab, n1, s)
+            _forget(n1, s)
         kept = [s for s in silent if s not in broken]
         for s in broken:
             s.flowing.set()
@@ -283,6 +284,6 @@ def test_an_upgrade_that_changes_the_programs_keeps_live_service_flows(lab: Lab)
         assert {m.name for m in pins.glob("src-*")}.isdisjoint(before)  # rebuilt
         with bpfmaps.pinned(pins / "kernel_flows") as fd:
             assert bpfmaps.map_info(fd).max_entries == 4096
-        assert all(_flow_entry(lab, n1, s) for s in silent)  # copied from the old map (and seeded)
+        assert all(_learned(n1, _reply(s)) for s in silent)  # copied from the old map (and seeded)
         _after_transition(flowing, silent)
     assert all(s.intact() for s in flowing + silent), [(s.vip, s.error) for s in flowing + silent]
