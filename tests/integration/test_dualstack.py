@@ -164,11 +164,17 @@ def test_check_verifies_both_families(lab: Lab) -> None:
 
 
 def test_doctor_checks_the_gateway_of_each_family(lab: Lab) -> None:
+    """The agent is stopped while doctor looks: its reconcile would put the address back under doctor
+    (pod-subnet reads the lease store, no agent needed); restarted, it does."""
     n = node(lab, "n1")
     assert_all_ok(n)
-    in_node(n, "ip", "-6", "addr", "del", f"{n.gateway_ip6}/56", "dev", BRIDGE)  # the reconcile puts it back
-    _, found = run_doctor(n)
-    assert found["pod-subnet"].status == doctor.FAIL and n.gateway_ip6 in found["pod-subnet"].message
+    lab.stop_agent(n)
+    try:
+        in_node(n, "ip", "-6", "addr", "del", f"{n.gateway_ip6}/56", "dev", BRIDGE)
+        _, found = run_doctor(n)
+        assert found["pod-subnet"].status == doctor.FAIL and n.gateway_ip6 in found["pod-subnet"].message
+    finally:
+        lab.restart_agent(n)
     deadline = time.monotonic() + 10
     while n.gateway_ip6 not in in_node(n, "ip", "-6", "addr", "show", "dev", BRIDGE) and time.monotonic() < deadline:
         time.sleep(0.2)
